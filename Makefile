@@ -37,5 +37,34 @@ lint: venv
 bench: venv
 	$(PY) -m bench.run
 
+# ---- images and test bed (owned by the images/test-bed work) ----
+images: deps
+	@echo "images: not yet"
+
+base-image: deps
+	@echo "base-image: not yet"
+
+testbed-up: deps
+	@echo "testbed-up: not yet"
+
+testbed-down:
+	@echo "testbed-down: not yet"
+
+# ---- cluster (owned by the deployctl work) ----
+cluster-up: deps
+	@echo "cluster-up: not yet"
+
+cluster-down: venv
+	@echo "cluster-down: not yet"
+
+scale: venv
+	@echo "scale: not yet"
+
+logs: venv
+	@echo "logs: not yet"
+
+status: venv
+	@echo "status: not yet"
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
