@@ -1,0 +1,439 @@
+"""The client: ``multiprocessing.Pool``'s shape, spanning machines.
+
+Submissions are buffered and sent in batches (on a full buffer, a few milliseconds
+after the last call, or when you wait for a result). Outcomes are pushed back to a
+per-client session by one long-polling thread, so ``get()`` costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import pickle
+import queue
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import cloudpickle
+
+from . import settings
+from .errors import ConnectError, JobFailed, SchedulerError, SubmitError
+from .job import JobSpec, State
+from .transport import Link, connect
+
+FLUSH_DELAY = 0.002
+_UNSET = object()
+
+
+class AsyncResult:
+    """The handle of one submitted job, like ``multiprocessing.pool.AsyncResult``."""
+
+    __slots__ = ("_client", "_id", "_event", "_outcome", "_value", "_notify", "_callbacks")
+
+    def __init__(self, client: Client, notify: queue.SimpleQueue | None = None,
+                 callbacks: tuple | None = None) -> None:  # fmt: skip
+        self._client = client
+        self._id: int | None = None
+        self._event = threading.Event()
+        self._outcome: tuple | None = None  # (state, result, error, exit_code)
+        self._value: Any = _UNSET
+        self._notify = notify
+        self._callbacks = callbacks
+
+    @property
+    def id(self) -> int:
+        """The job id (sends the job now if it is still buffered)."""
+        if self._id is None:
+            self._client.flush()
+        if self._id is None:
+            self._raise()
+        return self._id  # type: ignore[return-value]
+
+    @property
+    def state(self) -> str | None:
+        return self._outcome[0] if self._outcome else None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"job {self._id} is not ready")
+        return self.state == State.SUCCEEDED
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._id is None and not self._event.is_set():
+            self._client.flush()
+        return self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The job's return value (stdout for a shell job); raises JobFailed if it failed."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"job {self._id} not finished after {timeout}s")
+        if self.state != State.SUCCEEDED:
+            self._raise()
+        if self._value is _UNSET:
+            result = self._outcome[1]  # type: ignore[index]
+            self._value = pickle.loads(result) if isinstance(result, bytes) else result
+        return self._value
+
+    def _raise(self) -> None:
+        state, _, error, exit_code = self._outcome or ("failed", None, "not submitted", None)
+        if state == "refused":
+            raise SubmitError(error)
+        raise JobFailed(self._id or 0, state, error, exit_code)
+
+    def _set(self, state: str, result: Any, error: str | None, exit_code: int | None) -> None:
+        self._outcome = (state, result, error, exit_code)
+        self._event.set()
+        if self._notify is not None:
+            self._notify.put(self)
+        if self._callbacks:
+            callback, error_callback = self._callbacks
+            try:
+                if state == State.SUCCEEDED and callback:
+                    callback(self.get())
+                elif state != State.SUCCEEDED and error_callback:
+                    error_callback(JobFailed(self._id or 0, state, error, exit_code))
+            except Exception:  # a user's callback must not kill the result thread
+                pass
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult job={self._id} state={self.state or 'pending'}>"
+
+
+def _apply_chunk(func: Callable, chunk: list, star: bool) -> list:
+    return [func(*item) if star else func(item) for item in chunk]
+
+
+class Client:
+    """Submit jobs to a master and collect their results.
+
+    ``master`` is ``"host:port"`` (default ``SCHEDULER_MASTER``, then 127.0.0.1:8888);
+    ``authkey`` defaults to ``SCHEDULER_AUTHKEY``.
+    """
+
+    def __init__(
+        self,
+        master: str | tuple[str, int] | None = None,
+        authkey: str | bytes | None = None,
+        *,
+        batch_size: int = 1000,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        where = master or env.get("SCHEDULER_MASTER") or "127.0.0.1:8888"
+        self.address = settings.parse_address(where, "master") if isinstance(where, str) else where
+        key = settings.authkey_from(
+            authkey if authkey is not None else env.get("SCHEDULER_AUTHKEY")
+        )
+        self._authkey = key.reveal()
+        self._proxy = connect(self.address, self._authkey)
+        self.batch_size = batch_size
+        self._session = uuid.uuid4().hex
+        self._lock = threading.Condition()
+        self._submit_lock = threading.Lock()
+        self._buffer: list[tuple[JobSpec, AsyncResult]] = []
+        self._buffer_funcs: dict[str, bytes] = {}
+        self._pending: dict[int, AsyncResult] = {}
+        self._early: dict[int, tuple] = {}  # outcomes that beat their submit() reply
+        self._funcs: OrderedDict[int, tuple[Any, str, bytes]] = OrderedDict()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    # -- Pool-shaped API -------------------------------------------------------
+
+    def apply_async(
+        self,
+        func: Callable,
+        args: tuple = (),
+        kwds: Mapping[str, Any] | None = None,
+        callback: Callable[[Any], None] | None = None,
+        error_callback: Callable[[BaseException], None] | None = None,
+        *,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> AsyncResult:
+        digest = self._func(func)
+        payload = (digest, self._pickle_args(args, dict(kwds or {})))
+        spec = JobSpec("python", payload, name or _name_of(func), labels, timeout, max_attempts)
+        callbacks = (callback, error_callback) if callback or error_callback else None
+        return self._enqueue(spec, AsyncResult(self, callbacks=callbacks))
+
+    def apply(self, func: Callable, args: tuple = (), kwds: Mapping[str, Any] | None = None) -> Any:
+        return self.apply_async(func, args, kwds).get()
+
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        """Ordered results of ``func`` over ``iterable``; blocks until all are done."""
+        return self._map(func, iterable, chunksize, star=False)
+
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        return self._map(func, iterable, chunksize, star=True)
+
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+        """Results in the order they finish."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        handles = self._submit_chunks(func, list(iterable), chunksize, False, done)
+        for _ in handles:
+            handle = done.get()
+            yield from (handle.get() if chunksize > 1 else [handle.get()])
+
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+        """Results in order, as soon as each is available."""
+        for handle in self._submit_chunks(func, list(iterable), chunksize, False, None):
+            yield from (handle.get() if chunksize > 1 else [handle.get()])
+
+    # -- shell jobs and job control --------------------------------------------
+
+    def submit_shell(
+        self,
+        command: list[str] | str,
+        *,
+        shell: bool = False,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> AsyncResult:
+        """Run a command: an argv list, or a string given to ``/bin/sh`` when ``shell=True``.
+
+        ``get()`` returns the tail of its stdout and raises JobFailed on a non-zero exit.
+        """
+        if isinstance(command, str) and not shell:
+            raise SubmitError("a command string needs shell=True; or pass an argv list")
+        if not command or (isinstance(command, list) and not all(command)):
+            raise SubmitError("empty command; give at least the program to run")
+        cmd = command if shell else [str(part) for part in command]
+        spec = JobSpec("shell", (cmd, shell), name or "", labels, timeout, max_attempts)
+        return self._enqueue(spec, AsyncResult(self))
+
+    def result(self, job_id: int) -> AsyncResult:
+        """A handle on an existing job, by id."""
+        handle = AsyncResult(self)
+        handle._id = job_id
+        with self._lock:
+            self._pending[job_id] = handle
+        if not self._proxy.watch(self._session, [job_id]):
+            with self._lock:
+                self._pending.pop(job_id, None)
+            self._proxy.get(job_id)  # raises UnknownJob with its message
+        self._start_threads()
+        return handle
+
+    def wait(self, ids: Iterable[int] | None = None, timeout: float | None = None) -> list[dict]:
+        """Wait until the given jobs (default: every job not finished) end; return them."""
+        self.flush()
+        if ids is None:
+            ids = [j["id"] for s in ("queued", "running") for j in self.jobs(state=s)]
+        handles = [self.result(i) for i in ids]
+        for handle in handles:
+            if not handle.wait(timeout):
+                raise TimeoutError(f"job {handle._id} not finished after {timeout}s")
+        return [self.job(h._id) for h in handles]  # type: ignore[arg-type]
+
+    def job(self, job_id: int) -> dict:
+        return self._proxy.get(job_id)
+
+    def jobs(self, state: str | None = None, limit: int | None = None) -> list[dict]:
+        return self._proxy.jobs(state, limit)
+
+    def cancel(self, job_id: int) -> dict:
+        return self._proxy.cancel(job_id)
+
+    def status(self) -> dict:
+        return self._proxy.status()
+
+    def ping(self) -> dict:
+        return self._proxy.ping()
+
+    # -- batching --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send buffered jobs now."""
+        with self._submit_lock:
+            with self._lock:
+                batch, funcs = self._buffer, self._buffer_funcs
+                self._buffer, self._buffer_funcs = [], {}
+            if batch:
+                self._send(batch, funcs)
+
+    def _send(self, batch: list[tuple[JobSpec, AsyncResult]], funcs: dict[str, bytes]) -> None:
+        try:
+            first, count = self._proxy.submit([spec for spec, _ in batch], funcs, self._session)
+        except SchedulerError as exc:
+            for _, handle in batch:
+                handle._set("refused", None, str(exc), None)
+            raise
+        except (OSError, EOFError) as exc:
+            for _, handle in batch:
+                handle._set("refused", None, f"lost the master while submitting: {exc}", None)
+            raise ConnectError(
+                f"lost the master at {self._where()} while submitting: {type(exc).__name__}; "
+                "check `scheduler jobs` before resubmitting"
+            ) from exc
+        early = []
+        with self._lock:
+            for i, (_, handle) in enumerate(batch):
+                handle._id = first + i
+                outcome = self._early.pop(first + i, None) if self._early else None
+                if outcome is None:
+                    self._pending[first + i] = handle
+                else:
+                    early.append((handle, outcome))
+            self._lock.notify_all()
+        for handle, outcome in early:
+            handle._set(*outcome)
+
+    def _enqueue(self, spec: JobSpec, handle: AsyncResult) -> AsyncResult:
+        if self._closed:
+            raise SchedulerError("client is closed")
+        self._start_threads()
+        with self._lock:
+            self._buffer.append((spec, handle))
+            full = len(self._buffer) >= self.batch_size
+            self._lock.notify_all()
+        if full:
+            self.flush()
+        return handle
+
+    def _func(self, func: Callable) -> str:
+        """Digest of the pickled function; each function is pickled once per client."""
+        entry = self._funcs.get(id(func))
+        if entry is None or entry[0] is not func:
+            try:
+                body = cloudpickle.dumps(func)
+            except Exception as exc:
+                raise SubmitError(f"cannot pickle {_name_of(func)!r}: {exc}") from exc
+            entry = (func, hashlib.blake2b(body, digest_size=16).hexdigest(), body)
+            self._funcs[id(func)] = entry
+            if len(self._funcs) > 256:
+                self._funcs.popitem(last=False)
+        with self._lock:
+            self._buffer_funcs[entry[1]] = entry[2]
+        return entry[1]
+
+    @staticmethod
+    def _pickle_args(args: tuple, kwds: dict) -> bytes:
+        try:
+            return pickle.dumps((tuple(args), kwds), protocol=5)
+        except Exception:
+            try:
+                return cloudpickle.dumps((tuple(args), kwds))
+            except Exception as exc:
+                raise SubmitError(f"cannot pickle the job's arguments: {exc}") from exc
+
+    def _map(self, func: Callable, iterable: Iterable, chunksize: int | None, star: bool) -> list:
+        items = list(iterable)
+        if chunksize is None:
+            slots = sum(w.get("concurrency", 1) for w in self.status()["workers"]) or 1
+            chunksize = max(1, math.ceil(len(items) / (slots * 4)))
+        handles = self._submit_chunks(func, items, chunksize, star, None)
+        self.flush()
+        results: list = []
+        for handle in handles:
+            results.extend(handle.get() if chunksize > 1 else [handle.get()])
+        return results
+
+    def _submit_chunks(self, func: Callable, items: list, chunksize: int, star: bool,
+                       notify: queue.SimpleQueue | None) -> list[AsyncResult]:  # fmt: skip
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        handles = []
+        if chunksize == 1:
+            digest, name = self._func(func), _name_of(func)
+            for item in items:
+                args = tuple(item) if star else (item,)
+                spec = JobSpec("python", (digest, self._pickle_args(args, {})), name)
+                handles.append(self._enqueue(spec, AsyncResult(self, notify)))
+        else:
+            runner = functools.partial(_apply_chunk, func, star=star)
+            digest, name = self._func(runner), _name_of(func)
+            for i in range(0, len(items), chunksize):
+                payload = (digest, self._pickle_args((items[i : i + chunksize],), {}))
+                spec = JobSpec("python", payload, name)
+                handles.append(self._enqueue(spec, AsyncResult(self, notify)))
+        self.flush()
+        return handles
+
+    # -- background threads ------------------------------------------------------
+
+    def _start_threads(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            self._threads = [
+                threading.Thread(target=self._flush_loop, name="scheduler-flush", daemon=True),
+                threading.Thread(target=self._collect_loop, name="scheduler-collect", daemon=True),
+            ]
+        for thread in self._threads:
+            thread.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._buffer and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                self._lock.wait(FLUSH_DELAY)  # let a burst fill the batch
+            try:
+                self.flush()
+            except SchedulerError:
+                pass  # already set on the handles; the caller sees it from get()
+
+    def _collect_loop(self) -> None:
+        link = Link(self.address, self._authkey, stopping=lambda: self._closed)
+        while True:
+            with self._lock:
+                while not self._pending and not self._buffer and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+            try:
+                outcomes = link.call("collect", self._session, 1.0)
+                if outcomes is None:  # the master restarted: ask again for what we wait on
+                    with self._lock:
+                        ids = list(self._pending)
+                    link.call("watch", self._session, ids)
+                    continue
+            except SchedulerError:
+                return
+            for job_id, *outcome in outcomes:
+                with self._lock:
+                    handle = self._pending.pop(job_id, None)
+                    if handle is None:
+                        self._early[job_id] = tuple(outcome)
+                if handle is not None:
+                    handle._set(*outcome)
+
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    # -- lifetime --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send what is buffered and stop the background threads; jobs keep running."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._lock.notify_all()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _name_of(func: Callable) -> str:
+    func = getattr(func, "func", func)  # functools.partial
+    return getattr(func, "__qualname__", None) or type(func).__name__

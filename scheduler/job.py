@@ -1,0 +1,149 @@
+"""The job record, its states, and the spec a client submits."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .errors import SubmitError
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+KINDS = ("shell", "python")
+
+
+class JobSpec(NamedTuple):
+    """What a client submits. ``payload`` depends on ``kind``.
+
+    shell:  ``(command, use_shell)`` where command is an argv list, or a string when use_shell.
+    python: ``(func_digest, args_blob)``; the function bytes travel once per batch, by digest.
+    """
+
+    kind: str
+    payload: tuple
+    name: str = ""
+    labels: dict[str, str] | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+
+def validate(spec: Any, funcs: dict[str, bytes]) -> JobSpec:
+    """Check a spec from the wire; raise SubmitError with a message a user can act on."""
+    if not isinstance(spec, tuple) or len(spec) != len(JobSpec._fields):
+        raise SubmitError(
+            f"malformed job spec {type(spec).__name__}; submit through scheduler.Client"
+        )
+    spec = JobSpec(*spec)
+    if spec.kind not in KINDS:
+        raise SubmitError(f"unknown job kind {spec.kind!r}; use one of {', '.join(KINDS)}")
+    if not isinstance(spec.payload, tuple) or len(spec.payload) != 2:
+        raise SubmitError(f"malformed {spec.kind} payload")
+    if spec.kind == "shell":
+        _validate_command(*spec.payload)
+    elif not (isinstance(spec.payload[0], str) and spec.payload[0] in funcs):
+        raise SubmitError("python job refers to a function that was not sent with it")
+    elif not isinstance(spec.payload[1], bytes):
+        raise SubmitError("python job arguments must be a pickled blob")
+    if spec.timeout is not None and not (
+        isinstance(spec.timeout, int | float) and spec.timeout > 0
+    ):
+        raise SubmitError(f"timeout must be a positive number of seconds, got {spec.timeout!r}")
+    if spec.max_attempts is not None and not (
+        isinstance(spec.max_attempts, int) and spec.max_attempts >= 1
+    ):
+        raise SubmitError(f"max_attempts must be an integer >= 1, got {spec.max_attempts!r}")
+    if not isinstance(spec.name, str):
+        raise SubmitError("job name must be a string")
+    if spec.labels is not None and not (
+        isinstance(spec.labels, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in spec.labels.items())
+    ):
+        raise SubmitError("job labels must map strings to strings")
+    return spec
+
+
+def _validate_command(command: Any, use_shell: Any) -> None:
+    if use_shell:
+        if not isinstance(command, str) or not command.strip():
+            raise SubmitError("empty shell command; give a non-empty string")
+        return
+    if not isinstance(command, list) or not command:
+        raise SubmitError("empty command; give at least the program to run")
+    if not all(isinstance(a, str) for a in command) or not command[0]:
+        raise SubmitError("command arguments must be non-empty strings (argv list)")
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A job as the master keeps it. ``lease`` identifies the current hand-out."""
+
+    id: int
+    kind: str
+    payload: tuple
+    name: str = ""
+    labels: dict[str, str] | None = None
+    timeout: float | None = None
+    max_attempts: int = 3
+    state: State = State.QUEUED
+    attempts: int = 0
+    worker: str | None = None
+    lease: int = 0
+    submitted: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    result: bytes | None = None
+    error: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    session: str | None = None  # the client waiting for the outcome; not journaled
+
+    @property
+    def label(self) -> str:
+        """How log lines name the job."""
+        return f"{self.id} ({self.name})" if self.name else str(self.id)
+
+    def describe(self) -> str:
+        """A short human description of what the job runs."""
+        if self.kind == "shell":
+            command, use_shell = self.payload
+            return command if use_shell else " ".join(command)
+        return "python callable"
+
+    def info(self, with_result: bool = False) -> dict[str, Any]:
+        """The public view of the job, safe to send to clients and print as JSON."""
+        view = {
+            "id": self.id,
+            "name": self.name,
+            "labels": dict(self.labels or {}),
+            "kind": self.kind,
+            "command": self.describe(),
+            "state": str(self.state),
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "timeout": self.timeout,
+            "worker": self.worker,
+            "submitted": self.submitted,
+            "started": self.started,
+            "ended": self.ended,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+        }
+        if with_result:
+            view["result"] = self.result
+        return view

@@ -1,0 +1,143 @@
+"""The journal: jobs persisted to SQLite (WAL) so a master restart loses nothing.
+
+One writer thread owns the connection. Callers hand it rows (in the order the
+board changed them) and, when they must, wait until those rows are committed;
+everything queued meanwhile goes into the same transaction (group commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sqlite3
+import threading
+from pathlib import Path
+
+from .job import Job, State
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = (
+    "id, kind, payload, name, labels, timeout, max_attempts, state, attempts, worker, lease, "
+    "submitted, started, ended, exit_code, result, error, stdout, stderr"
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, name TEXT, labels TEXT,
+    timeout REAL, max_attempts INTEGER, state TEXT NOT NULL, attempts INTEGER, worker TEXT,
+    lease INTEGER, submitted REAL, started REAL, ended REAL, exit_code INTEGER, result BLOB,
+    error TEXT, stdout TEXT, stderr TEXT
+);
+CREATE TABLE IF NOT EXISTS funcs (digest TEXT PRIMARY KEY, body BLOB NOT NULL);
+-- {_COLUMNS}
+"""
+
+
+def job_row(job: Job) -> tuple:
+    return (
+        job.id, job.kind, pickle.dumps(job.payload, protocol=5), job.name,
+        json.dumps(job.labels) if job.labels else None, job.timeout, job.max_attempts,
+        str(job.state), job.attempts, job.worker, job.lease, job.submitted, job.started,
+        job.ended, job.exit_code, job.result, job.error, job.stdout, job.stderr,
+    )  # fmt: skip
+
+
+def _row_job(row: tuple) -> Job:
+    (id_, kind, payload, name, labels, timeout, max_attempts, state, attempts, worker, lease,
+     submitted, started, ended, exit_code, result, error, stdout, stderr) = row  # fmt: skip
+    return Job(
+        id=id_, kind=kind, payload=pickle.loads(payload), name=name or "",
+        labels=json.loads(labels) if labels else None, timeout=timeout,
+        max_attempts=max_attempts, state=State(state), attempts=attempts, worker=worker,
+        lease=lease, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
+        result=result, error=error, stdout=stdout, stderr=stderr,
+    )  # fmt: skip
+
+
+class Journal:
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        directory = Path(state_dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / "journal.sqlite3"
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # WAL + NORMAL: a commit survives the process being killed (kill -9, OOM);
+        # only an OS crash or power loss can roll back the last transactions.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._cond = threading.Condition()
+        self._pending: list[tuple[list[tuple], list[tuple]]] = []
+        self._queued_seq = 0
+        self._done_seq = 0
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread.start()
+
+    def load(self) -> tuple[list[Job], dict[str, bytes]]:
+        jobs = [_row_job(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM jobs")]
+        funcs = dict(self._db.execute("SELECT digest, body FROM funcs"))
+        return jobs, funcs
+
+    def append(self, jobs: list[Job], funcs: dict[str, bytes] | None = None) -> int:
+        """Queue the current state of these jobs for writing; return a ticket for wait()."""
+        rows = [job_row(j) for j in jobs]
+        with self._cond:
+            self._pending.append((rows, list((funcs or {}).items())))
+            self._queued_seq += 1
+            self._cond.notify_all()
+            return self._queued_seq
+
+    def wait(self, ticket: int) -> None:
+        """Block until everything up to ``ticket`` is committed."""
+        with self._cond:
+            while self._done_seq < ticket and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError(f"journal write failed: {self._error}")
+
+    def close(self) -> None:
+        """Write what is queued, then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._db.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                seq = self._queued_seq
+                if not batch and self._closing:
+                    return
+            try:
+                self._write(batch)
+            except sqlite3.Error as exc:  # disk full, permissions: say so, keep serving
+                log.error("journal %s: write failed: %s", self.path, exc)
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._done_seq = seq
+                self._error = None
+                self._cond.notify_all()
+
+    def _write(self, batch: list[tuple[list[tuple], list[tuple]]]) -> None:
+        self._db.execute("BEGIN")
+        try:
+            for rows, funcs in batch:
+                if funcs:
+                    self._db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", funcs)
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})", rows
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise

@@ -1,0 +1,76 @@
+"""``python -m scheduler.master``: the master process (wiring, signals, logging)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+from . import logs, settings, transport
+from .board import Board
+from .errors import SchedulerError
+from .journal import Journal
+from .progress import Progress
+from .service import Service
+
+log = logging.getLogger("scheduler.master")
+TICK = 0.1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scheduler master", description="Run the master.")
+    p.add_argument("--bind", help="host:port to listen on (SCHEDULER_BIND, default 127.0.0.1:8888)")
+    p.add_argument("--state-dir", help="journal directory (SCHEDULER_STATE_DIR)")
+    p.add_argument("--lease-seconds", type=float, help="SCHEDULER_LEASE_SECONDS (default 30)")
+    p.add_argument("--max-attempts", type=int, help="SCHEDULER_MAX_ATTEMPTS (default 3)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(cfg: settings.Settings, stop: threading.Event) -> int:
+    journal = Journal(cfg.state_dir)
+    jobs, funcs = journal.load()
+    board = Board(lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts)
+    requeued = board.restore(jobs)
+    service = Service(board, journal, funcs, Progress(time.time, cfg.progress_seconds))
+    try:
+        server = transport.serve(service, cfg.bind, cfg.authkey.reveal())
+    except SchedulerError:
+        journal.close()
+        raise
+    threading.Thread(target=server.serve_forever, name="manager", daemon=True).start()
+    host, port = server.address  # type: ignore[misc,str-unpack]
+    log.info("master listening on %s:%d; journal %s (%d jobs, %d requeued after restart)",
+             host, port, journal.path, len(jobs), requeued)  # fmt: skip
+    while not stop.wait(TICK):
+        service.tick()
+    log.info("master stopping: refusing new work, flushing the journal")
+    service.close()
+    journal.close()
+    log.info("master stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure(args.verbose)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        bind = settings.parse_address(args.bind, "--bind") if args.bind else None
+        cfg = settings.load(
+            bind=bind, state_dir=args.state_dir, lease_seconds=args.lease_seconds,
+            max_attempts=args.max_attempts,
+        )  # fmt: skip
+        return run(cfg, stop)
+    except SchedulerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

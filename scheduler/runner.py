@@ -1,0 +1,259 @@
+"""Runs jobs on a slave: shell commands in their own process group, Python callables in
+long-lived child processes (one per slot) so a crash, a hang or a timeout kills only
+the child, never the slave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .board import Lease, Outcome
+
+
+class Tail:
+    """Keeps the last ``limit`` bytes written, and how many were dropped before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= self.limit:
+            self._size -= len(first := self._chunks.popleft())
+            self.dropped += len(first)
+
+    def text(self) -> str | None:
+        data = b"".join(self._chunks)
+        cut = max(0, len(data) - self.limit)
+        dropped = self.dropped + cut
+        if not data:
+            return None
+        body = data[cut:].decode("utf-8", errors="replace")
+        return f"[... {dropped} bytes dropped ...]\n{body}" if dropped else body
+
+
+class _TextTail:
+    """A text stream for ``redirect_stdout`` that keeps only a tail."""
+
+    def __init__(self, limit: int) -> None:
+        self._tail = Tail(limit)
+
+    def write(self, text: str) -> int:
+        self._tail.write(text.encode("utf-8", errors="replace"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str | None:
+        return self._tail.text()
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class Abort:
+    """Lets another thread stop a running job and say why."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.requeue = False
+        self._kill: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def arm(self, kill: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._kill = kill
+            if kill is not None and self.reason is not None:
+                kill()
+
+    def __call__(self, reason: str, requeue: bool = False) -> None:
+        with self._lock:
+            self.reason, self.requeue = reason, requeue
+            if self._kill is not None:
+                self._kill()
+
+
+def run_shell(lease: Lease, limit: int, abort: Abort) -> Outcome:
+    """Run one shell job to its end, its timeout, or an abort; never raises."""
+    command, use_shell = lease.payload
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            command, shell=bool(use_shell), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        return Outcome(lease.job_id, lease.lease, False, None,
+                       f"cannot run {command!r}: {exc.strerror or exc}", code)  # fmt: skip
+    abort.arm(lambda: _killpg(proc.pid))
+    tails = [Tail(limit), Tail(limit)]
+    pumps = [
+        threading.Thread(target=_pump, args=(stream, tail), daemon=True)
+        for stream, tail in zip((proc.stdout, proc.stderr), tails, strict=True)
+    ]
+    for pump in pumps:
+        pump.start()
+    error = None
+    try:
+        code = proc.wait(timeout=lease.timeout)
+    except subprocess.TimeoutExpired:
+        _killpg(proc.pid)
+        code = proc.wait()
+        error = f"timed out after {lease.timeout:g}s; killed its process group"
+    _killpg(proc.pid)  # what the job left running in its group goes with it
+    abort.arm(None)
+    for pump in pumps:
+        pump.join(timeout=2.0)
+    if abort.reason:
+        error = abort.reason
+    elif error is None and code != 0:
+        error = f"exited with {code}" if code > 0 else f"killed by signal {-code}"
+    return Outcome(lease.job_id, lease.lease, error is None, None, error, code,
+                   tails[0].text(), tails[1].text(), time.monotonic() - started)  # fmt: skip
+
+
+def _pump(stream: Any, tail: Tail) -> None:
+    with stream:
+        while chunk := stream.read1(65536):
+            tail.write(chunk)
+
+
+# -- Python callables ---------------------------------------------------------
+
+FUNC_CACHE = 256
+
+
+def _child_main(conn: Any, limit: int) -> None:
+    """A slot's child process: run batches of calls, one result message per call."""
+    os.setsid()  # its own process group, so a kill takes whatever the job started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    bodies: dict[str, bytes] = {}
+    loaded: OrderedDict[str, Any] = OrderedDict()
+    while True:
+        try:
+            calls, funcs = conn.recv()
+        except (EOFError, OSError):
+            return
+        bodies.update(funcs)
+        for digest, args_blob in calls:
+            conn.send(_call(bodies, loaded, digest, args_blob, limit))
+
+
+def _call(bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limit: int) -> tuple:
+    started = time.monotonic()
+    out, err = _TextTail(limit), _TextTail(limit)
+    try:
+        func = loaded.get(digest)
+        if func is None:
+            func = loaded[digest] = pickle.loads(bodies[digest])
+            if len(loaded) > FUNC_CACHE:
+                loaded.popitem(last=False)
+        args, kwargs = pickle.loads(args_blob)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
+            value = func(*args, **kwargs)
+        try:
+            blob = cloudpickle.dumps(value)
+        except Exception as exc:
+            raise TypeError(f"the job's return value cannot be pickled: {exc}") from exc
+        ok, error = True, None
+    except BaseException:  # the job's own failure, SystemExit included, is its outcome
+        ok, blob, error = False, None, traceback.format_exc()
+    return ok, blob, error, out.text(), err.text(), time.monotonic() - started
+
+
+class PythonSlot:
+    """Parent side of one slot's child process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+        self._sent: set[str] = set()
+        self.current: Lease | None = None
+
+    def _ensure(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, args=(child, self.limit))
+        self._proc.start()
+        child.close()
+        self._conn, self._sent = parent, set()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.pid:
+            _killpg(self._proc.pid)
+
+    def close(self) -> None:
+        self.kill()
+        if self._proc is not None:
+            self._proc.join(timeout=5)
+            self._proc = None
+
+    def run(
+        self,
+        batch: list[Lease],
+        funcs: dict[str, bytes],
+        abort: Abort,
+        done: Callable[[Outcome], None],
+    ) -> list[Lease]:
+        """Run a batch in order; report each outcome; return the leases never started."""
+        self._ensure()
+        need = {lease.payload[0] for lease in batch} - self._sent
+        self._conn.send(([lease.payload for lease in batch], {d: funcs[d] for d in need}))
+        self._sent |= need
+        abort.arm(self.kill)
+        try:
+            for i, lease in enumerate(batch):
+                self.current = lease
+                outcome = self._wait_one(lease, abort)
+                done(outcome)
+                if self._proc is None:
+                    return batch[i + 1 :]  # the child died; the rest need a fresh one
+            return []
+        finally:
+            self.current = None
+            abort.arm(None)
+
+    def _wait_one(self, lease: Lease, abort: Abort) -> Outcome:
+        started = time.monotonic()
+        timed_out = not self._conn.poll(lease.timeout)
+        if timed_out:
+            self.kill()
+        else:
+            try:
+                ok, blob, error, out, err, took = self._conn.recv()
+                return Outcome(lease.job_id, lease.lease, ok, blob, error, None, out, err, took)
+            except (EOFError, OSError):
+                pass
+        self._proc.join(timeout=5)
+        code, self._proc = self._proc.exitcode, None
+        if timed_out:
+            why = f"timed out after {lease.timeout:g}s; killed its process"
+        else:
+            why = abort.reason or f"the process running it died (exit code {code})"
+        return Outcome(lease.job_id, lease.lease, False, None, why, None, None, None,
+                       time.monotonic() - started)  # fmt: skip

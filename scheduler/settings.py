@@ -1,0 +1,115 @@
+"""Settings read from the environment (``SCHEDULER_*``), with command-line overrides."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+
+MIN_AUTHKEY = 16
+
+
+class Secret:
+    """Holds the authkey; never shows it in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    authkey: Secret = field(repr=False)
+    bind: tuple[str, int] = ("127.0.0.1", 8888)
+    master: tuple[str, int] = ("127.0.0.1", 8888)
+    state_dir: str = "./scheduler-state"
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    grace_seconds: float = 60.0
+    output_limit: int = 64 * 1024
+    progress_seconds: float = 5.0
+    health_file: str = "/tmp/scheduler-slave.health"
+
+
+# variable -> (field, parser)
+_VARS = {
+    "SCHEDULER_BIND": ("bind", "address"),
+    "SCHEDULER_MASTER": ("master", "address"),
+    "SCHEDULER_STATE_DIR": ("state_dir", "str"),
+    "SCHEDULER_CONCURRENCY": ("concurrency", "posint"),
+    "SCHEDULER_WORKER_NAME": ("worker_name", "str"),
+    "SCHEDULER_LEASE_SECONDS": ("lease_seconds", "posfloat"),
+    "SCHEDULER_MAX_ATTEMPTS": ("max_attempts", "posint"),
+    "SCHEDULER_GRACE_SECONDS": ("grace_seconds", "nonneg"),
+    "SCHEDULER_OUTPUT_LIMIT": ("output_limit", "posint"),
+    "SCHEDULER_PROGRESS_SECONDS": ("progress_seconds", "posfloat"),
+    "SCHEDULER_HEALTH_FILE": ("health_file", "str"),
+}
+VARIABLES = ("SCHEDULER_AUTHKEY", *_VARS)
+
+
+def _convert(name: str, kind: str, raw: str) -> object:
+    try:
+        if kind == "address":
+            return parse_address(raw, name)
+        if kind == "str":
+            if not raw.strip():
+                raise ValueError
+            return raw.strip()
+        number = int(raw) if kind == "posint" else float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot use {raw!r}; see README for the expected form") from None
+    if number < 0 or (number == 0 and kind != "nonneg"):
+        raise ConfigError(f"{name}: must be {'>= 0' if kind == 'nonneg' else '> 0'}, got {raw!r}")
+    return number
+
+
+def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> Secret:
+    if raw is None or raw == "" or raw == b"":
+        raise ConfigError(
+            f"{source} is not set; set it to the cluster's shared key "
+            "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    key = raw.encode() if isinstance(raw, str) else raw
+    if len(key) < MIN_AUTHKEY:
+        raise ConfigError(f"{source} is too short; use at least {MIN_AUTHKEY} random characters")
+    return Secret(key)
+
+
+def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``environ`` (default ``os.environ``); None overrides are ignored."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, (attr, kind) in _VARS.items():
+        if environ.get(name, "").strip():
+            values[attr] = _convert(name, kind, environ[name])
+    known = {f.name for f in fields(Settings)}
+    for attr, value in overrides.items():
+        if attr not in known:
+            raise TypeError(f"unknown setting {attr}")
+        if value is not None:
+            values[attr] = value
+    if not isinstance(values.get("authkey"), Secret):
+        values["authkey"] = authkey_from(values.get("authkey") or environ.get("SCHEDULER_AUTHKEY"))  # type: ignore[arg-type]
+    return Settings(**values)  # type: ignore[arg-type]

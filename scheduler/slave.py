@@ -1,0 +1,49 @@
+"""``python -m scheduler.slave``: a slave process (wiring, signals, logging)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from . import logs, settings
+from .errors import AuthError, SchedulerError
+from .worker import Worker
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scheduler slave", description="Run a slave.")
+    p.add_argument("--master", help="host:port of the master (SCHEDULER_MASTER)")
+    p.add_argument("--concurrency", type=int, help="jobs at once (SCHEDULER_CONCURRENCY)")
+    p.add_argument("--name", help="worker name (SCHEDULER_WORKER_NAME)")
+    p.add_argument("--grace-seconds", type=float, help="drain grace (SCHEDULER_GRACE_SECONDS)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure(args.verbose)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        master = settings.parse_address(args.master, "--master") if args.master else None
+        if args.concurrency is not None and args.concurrency < 1:
+            raise settings.ConfigError("--concurrency: must be >= 1")
+        cfg = settings.load(
+            master=master, concurrency=args.concurrency, worker_name=args.name,
+            grace_seconds=args.grace_seconds,
+        )  # fmt: skip
+        return Worker(cfg, stop).run()
+    except AuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except SchedulerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The wire: ``multiprocessing.managers`` over TCP with an authkey, as in the classic design.
+
+The master publishes one object, the scheduler service, instead of two bare queues.
+This module is the one boundary where socket and manager errors become ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing import AuthenticationError, connection, managers
+from typing import Any
+
+from .errors import AuthError, ConnectError
+
+log = logging.getLogger(__name__)
+
+# Every method of scheduler.service.Service that a client or slave may call.
+EXPOSED = (
+    "ping", "submit", "collect", "watch", "get", "jobs", "cancel", "status",
+    "register", "lease", "report", "release", "heartbeat", "goodbye",
+)  # fmt: skip
+SchedulerProxy = managers.MakeProxyType("SchedulerProxy", EXPOSED)  # type: ignore[attr-defined]
+
+
+def _peer(conn: connection.Connection) -> str:
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+    except OSError:
+        return "unknown peer"
+
+
+class _Server(managers.Server):
+    """The stdlib server, plus one log line for a peer that fails the handshake."""
+
+    def _handle_request(self, c: connection.Connection) -> None:
+        # Same as the stdlib's, except that a failed handshake (wrong key, garbage
+        # bytes, a port scanner) is logged once and the connection dropped quietly.
+        try:
+            connection.deliver_challenge(c, self.authkey)  # type: ignore[attr-defined]
+            connection.answer_challenge(c, self.authkey)  # type: ignore[attr-defined]
+        except (AuthenticationError, AssertionError, OSError, EOFError, ValueError) as exc:
+            reason = "wrong authkey" if isinstance(exc, AuthenticationError) else "bad handshake"
+            log.warning("connection from %s refused: %s", _peer(c), reason)
+            return
+        try:
+            _, funcname, args, kwds = c.recv()
+            if funcname not in self.public:
+                raise ValueError(f"{funcname!r} unrecognized")
+            msg: tuple[str, Any] = ("#RETURN", getattr(self, funcname)(c, *args, **kwds))
+        except Exception as exc:
+            log.warning("request from %s failed: %s", _peer(c), exc)
+            msg = ("#TRACEBACK", traceback.format_exc())
+        try:
+            c.send(msg)
+        except OSError:
+            pass
+
+
+class MasterManager(managers.BaseManager):
+    _Server = _Server
+
+
+class ClientManager(managers.BaseManager):
+    pass
+
+
+ClientManager.register("scheduler", proxytype=SchedulerProxy)
+
+
+def serve(service: object, address: tuple[str, int], authkey: bytes) -> managers.Server:
+    """Create (not start) the manager server publishing ``service``."""
+    MasterManager.register(
+        "scheduler", callable=lambda: service, exposed=EXPOSED, proxytype=SchedulerProxy
+    )
+    manager = MasterManager(address=address, authkey=authkey)
+    try:
+        return manager.get_server()
+    except OSError as exc:
+        host, port = address
+        raise ConnectError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "pick another SCHEDULER_BIND or stop what uses the port"
+        ) from exc
+
+
+def connect(address: tuple[str, int], authkey: bytes) -> Any:
+    """Connect to the master and return a proxy of its service."""
+    host, port = address
+    manager = ClientManager(address=address, authkey=authkey)
+    try:
+        manager.connect()
+        return manager.scheduler()  # type: ignore[attr-defined]
+    except AuthenticationError as exc:
+        raise AuthError(
+            f"master at {host}:{port} refused the authkey; "
+            "use the same SCHEDULER_AUTHKEY as the master"
+        ) from exc
+    except (OSError, EOFError) as exc:
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConnectError(
+            f"cannot reach the master at {host}:{port}: {why}; "
+            "is it running, and is SCHEDULER_MASTER right?"
+        ) from exc
+
+
+# What a broken connection to the master looks like from a proxy call.
+_CONNECTION_ERRORS = (OSError, EOFError)
+
+
+class Link:
+    """Calls to the master that survive it going away: reconnect with backoff and retry."""
+
+    def __init__(
+        self, address: tuple[str, int], authkey: bytes, stopping: Callable[[], bool] = lambda: False
+    ) -> None:
+        self._address = address
+        self._authkey = authkey
+        self._stopping = stopping
+        self._lock = threading.Lock()
+        self._proxy: Any = None
+        self._generation = 0
+
+    def call(self, method: str, *args: Any) -> Any:
+        delay = 0.5
+        attempt = 0
+        while True:
+            proxy, generation = self._current()
+            try:
+                return getattr(proxy, method)(*args)
+            except _CONNECTION_ERRORS as exc:
+                self._drop(generation)
+                attempt += 1
+                if self._stopping() and attempt > 3:
+                    raise ConnectError(f"master at {self._where()} unreachable: {exc}") from exc
+                log.warning("master at %s unreachable (%s); retrying in %.1fs (attempt %d)",
+                            self._where(), type(exc).__name__, delay, attempt)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _where(self) -> str:
+        return f"{self._address[0]}:{self._address[1]}"
+
+    def _current(self) -> tuple[Any, int]:
+        with self._lock:
+            if self._proxy is None:
+                self._proxy = self._connect()
+                self._generation += 1
+            return self._proxy, self._generation
+
+    def _connect(self) -> Any:
+        delay, attempt = 0.5, 0
+        while True:
+            try:
+                return connect(self._address, self._authkey)
+            except AuthError:
+                raise
+            except ConnectError as exc:
+                attempt += 1
+                if self._stopping() and attempt > 3:
+                    raise
+                log.warning("%s; retrying in %.1fs (attempt %d)", exc, delay, attempt)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _drop(self, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation:
+                self._proxy = None

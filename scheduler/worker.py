@@ -1,0 +1,282 @@
+"""The slave's engine: fetch leases in batches, run them in slots, report in batches.
+
+Threads: one fetcher (long-polls the master for work while there is room), one
+reporter (sends outcomes as they come, batched under load), one heartbeat (renews
+leases, learns about cancels), and one thread per slot running jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .board import Lease, Outcome
+from .errors import AuthError, ConnectError
+from .progress import RateLimit
+from .runner import Abort, PythonSlot, run_shell
+from .settings import Settings
+from .transport import Link
+
+log = logging.getLogger(__name__)
+
+TARGET_BATCH_SECONDS = 0.05  # prefetch about this much work per slot
+MAX_PREFETCH = 256
+MAX_CHILD_BATCH = 64
+LONG_POLL = 5.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+        self.settings = settings
+        self.name = settings.worker_name
+        self.concurrency = settings.concurrency
+        self._stop = stop
+        self.link = Link(settings.master, settings.authkey.reveal(), stopping=stop.is_set)
+        self._cond = threading.Condition()
+        self._queue: deque[Lease] = deque()
+        self._funcs: dict[str, bytes] = {}
+        self._running: dict[int, tuple[Lease, Abort, PythonSlot | None]] = {}
+        self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._requeue: list[tuple[int, int]] = []
+        self._draining = threading.Event()
+        self._avg = 0.0  # moving average of job run time, seconds
+        self._slots = [PythonSlot(settings.output_limit) for _ in range(self.concurrency)]
+        self._busy_slots = 0
+        self._log_ok = RateLimit(time.time)
+        self._done = 0
+        self._failed = 0
+        self.heartbeat_seconds = 5.0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until ``stop`` is set, then drain; returns the exit status."""
+        self._register()
+        threads = [threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{i}")
+                   for i, s in enumerate(self._slots)]  # fmt: skip
+        reporter = threading.Thread(target=self._report_loop, name="reporter")
+        for t in [*threads, reporter]:
+            t.start()
+        for target in (self._fetch_loop, self._heartbeat_loop):
+            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        self._stop.wait()
+        self._drain(threads, reporter)
+        return 0
+
+    def _register(self) -> None:
+        info = self.link.call("register", self.name, socket.gethostname(), os.getpid(),
+                              self.concurrency)  # fmt: skip
+        self.heartbeat_seconds = info["heartbeat_seconds"]
+        log.info("slave %s connected to master %s:%d with %d processes", self.name,
+                 *self.settings.master, self.concurrency)  # fmt: skip
+        self._touch_health()
+
+    def _drain(self, slots: list[threading.Thread], reporter: threading.Thread) -> None:
+        grace = self.settings.grace_seconds
+        log.info("slave %s draining: taking no new jobs, %.0fs grace for running ones",
+                 self.name, grace)  # fmt: skip
+        with self._cond:
+            self._draining.set()
+            unstarted = [(lease.job_id, lease.lease) for lease in self._queue]
+            self._queue.clear()
+            self._cond.notify_all()
+        self._call_quietly("heartbeat", self.name, True, None)
+        if unstarted:
+            self._call_quietly("release", self.name, unstarted)
+            log.info("slave %s handed back %d unstarted job(s)", self.name, len(unstarted))
+        deadline = time.monotonic() + grace
+        with self._cond:
+            while self._busy_slots and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            late = list(self._running.values())
+        for _, abort, _ in late:
+            abort("the slave drained past its grace period", requeue=True)
+        for t in slots:
+            t.join()
+        self._results.put(None)
+        reporter.join()
+        if self._requeue:
+            self._call_quietly("release", self.name, self._requeue)
+            log.info("slave %s requeued %d job(s) still running after the grace period",
+                     self.name, len(self._requeue))  # fmt: skip
+        self._call_quietly("goodbye", self.name)
+        for slot in self._slots:
+            slot.close()
+        log.info("slave %s stopped: %d jobs done, %d failed", self.name, self._done, self._failed)
+
+    def _call_quietly(self, method: str, *args: Any) -> Any:
+        try:
+            return self.link.call(method, *args)
+        except ConnectError as exc:
+            log.warning("slave %s: %s during shutdown: %s", self.name, method, exc)
+            return None
+
+    # -- fetching ------------------------------------------------------------
+
+    def _room(self) -> int:
+        prefetch = self.concurrency
+        if self._avg > 0:
+            prefetch = math.ceil(self.concurrency * TARGET_BATCH_SECONDS / self._avg)
+        prefetch = min(MAX_PREFETCH, prefetch)
+        return self.concurrency + prefetch - len(self._queue) - len(self._running)
+
+    def _fetch_loop(self) -> None:
+        while not self._draining.is_set():
+            with self._cond:
+                while not self._draining.is_set() and self._room() <= 0:
+                    self._cond.wait(1.0)
+                want = self._room()
+            if self._draining.is_set():
+                return
+            try:
+                leases, funcs = self.link.call("lease", self.name, want, LONG_POLL)
+            except ConnectError:
+                return
+            with self._cond:
+                self._funcs.update(funcs)
+                if self._draining.is_set():
+                    back = [(lease.job_id, lease.lease) for lease in leases]
+                    threading.Thread(target=self._call_quietly,
+                                     args=("release", self.name, back)).start()  # fmt: skip
+                    return
+                self._queue.extend(Lease(*lease) for lease in leases)
+                self._cond.notify_all()
+
+    # -- running -------------------------------------------------------------
+
+    def _take(self) -> list[Lease] | None:
+        with self._cond:
+            while not self._queue and not self._draining.is_set():
+                self._cond.wait()
+            if self._draining.is_set():
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if first.kind == "python":
+                share = min(MAX_CHILD_BATCH, math.ceil(len(self._queue) / self.concurrency))
+                while len(batch) <= share and self._queue and self._queue[0].kind == "python":
+                    batch.append(self._queue.popleft())
+            self._busy_slots += 1
+            return batch
+
+    def _slot_loop(self, slot: PythonSlot) -> None:
+        while (batch := self._take()) is not None:
+            abort = Abort()
+            with self._cond:
+                for lease in batch:
+                    self._running[lease.job_id] = (lease, abort, slot)
+            self._log_start(batch)
+            if batch[0].kind == "shell":
+                self._finish(run_shell(batch[0], self.settings.output_limit, abort), abort)
+                rest: list[Lease] = []
+            else:
+                done = functools.partial(self._finish, abort=abort)
+                rest = slot.run(batch, self._funcs, abort, done)
+            with self._cond:
+                for lease in rest:
+                    self._running.pop(lease.job_id, None)
+                if self._draining.is_set():
+                    self._requeue.extend((lease.job_id, lease.lease) for lease in rest)
+                else:
+                    self._queue.extendleft(reversed(rest))
+                self._busy_slots -= 1
+                self._cond.notify_all()
+
+    def _finish(self, outcome: Outcome, abort: Abort) -> None:
+        with self._cond:
+            self._running.pop(outcome.job_id, None)
+            self._avg = (
+                outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
+            )
+            self._cond.notify_all()
+        if abort.requeue:
+            self._requeue.append((outcome.job_id, outcome.lease))
+            return
+        abort.reason = None  # the next job in a batch starts clean
+        self._done += 1
+        if not outcome.ok:
+            self._failed += 1
+        self._results.put(outcome)
+        if self._log_ok():
+            if outcome.ok:
+                log.info("job %d succeeded in %.3fs", outcome.job_id, outcome.duration)
+            else:
+                reason = (outcome.error or "").strip().splitlines()[-1:] or [""]
+                log.info("job %d failed after %.3fs: %s", outcome.job_id, outcome.duration,
+                         reason[0])  # fmt: skip
+
+    def _log_start(self, batch: list[Lease]) -> None:
+        for lease in batch:
+            if not self._log_ok():
+                return
+            if lease.kind == "shell":
+                command, use_shell = lease.payload
+                shown = command if use_shell else " ".join(command)
+            else:
+                shown = "python callable"
+            log.info("job %d running: %s", lease.job_id, shown)
+
+    # -- reporting and heartbeats ----------------------------------------------
+
+    def _report_loop(self) -> None:
+        while (first := self._results.get()) is not None:
+            batch = [first]
+            stop = False
+            while len(batch) < 1000:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._call_quietly("report", self.name, batch)
+            if stop:
+                return
+
+    def _heartbeat_loop(self) -> None:
+        while not self._draining.wait(self.heartbeat_seconds):
+            with self._cond:
+                held = [lease.job_id for lease in self._queue] + list(self._running)
+            try:
+                reply = self.link.call("heartbeat", self.name, False, held)
+            except ConnectError:
+                continue
+            except AuthError as exc:
+                log.error("%s", exc)
+                continue
+            if not reply["known"]:
+                log.warning("master did not know slave %s (restarted, or it gave us up); "
+                            "registering again", self.name)  # fmt: skip
+                self._register()
+            self._cancel(reply["cancel"])
+            self._touch_health()
+
+    def _cancel(self, job_ids: list[int]) -> None:
+        with self._cond:
+            for job_id in job_ids:
+                for lease in [q for q in self._queue if q.job_id == job_id]:
+                    self._queue.remove(lease)
+                entry = self._running.get(job_id)
+                if entry is None:
+                    continue
+                lease, abort, slot = entry
+                if lease.kind == "shell" or (slot and slot.current is lease):
+                    log.info("job %d cancelled by request; killing it", job_id)
+                    abort("cancelled by request")
+
+    def _touch_health(self) -> None:
+        try:
+            Path(self.settings.health_file).touch()
+        except OSError as exc:
+            log.debug("cannot touch health file %s: %s", self.settings.health_file, exc)
