@@ -1,0 +1,93 @@
+"""The cluster's authkey: a redacted wrapper, and the 0600 key file beside the inventory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import DeployError
+
+MIN_LENGTH = 16  # the scheduler refuses shorter keys
+ENV_VAR = "SCHEDULER_AUTHKEY"
+
+
+class Secret:
+    """A value that never shows in repr, str, f-strings or logs; ``reveal()`` at the boundary."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(Secret)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
+
+
+def generate() -> Secret:
+    return Secret(secrets.token_urlsafe(32))
+
+
+def resolve(path: Path, environ: Mapping[str, str], create: bool) -> Secret:
+    """The key from ``SCHEDULER_AUTHKEY``, else ``path``; made (0600) if absent and ``create``."""
+    if environ.get(ENV_VAR, "").strip():
+        return _checked(environ[ENV_VAR].strip(), ENV_VAR)
+    if path.exists():
+        return read(path)
+    if not create:
+        raise DeployError(
+            f"authkey file {path}",
+            "does not exist",
+            f"run 'deployctl init' (or 'deployctl up') to create it, or set {ENV_VAR}",
+        )
+    key = generate()
+    write(path, key)
+    return key
+
+
+def read(path: Path) -> Secret:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise DeployError(
+            f"authkey file {path}",
+            f"is readable by others (mode {mode:o})",
+            f"run 'chmod 600 {path}'",
+        )
+    return _checked(path.read_text(encoding="utf-8").strip(), f"authkey file {path}")
+
+
+def write(path: Path, key: Secret) -> None:
+    """Create ``path`` with mode 0600 from the start (no window where it is world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key.reveal() + "\n")
+
+
+def _checked(value: str, source: str) -> Secret:
+    if len(value) < MIN_LENGTH:
+        raise DeployError(
+            source,
+            f"the authkey is shorter than {MIN_LENGTH} characters",
+            "use a long random key, e.g. the one 'deployctl init' makes",
+        )
+    return Secret(value)

@@ -1,0 +1,275 @@
+"""The cluster's lifecycle: observe every host, plan, and carry the plan out (up, scale, down)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import authkey, engine, master
+from .authkey import Secret
+from .config import Config, Host
+from .errors import DeployError, HostError, PartialFailure
+from .parallel import across
+from .planner import (
+    Action,
+    Create,
+    Observed,
+    Remove,
+    RemoveVolume,
+    Start,
+    plan_down,
+    plan_up,
+    state_volume,
+)
+from .ship import ensure_images, running_images
+from .specs import MASTER, WORKER, Images, volume_name
+from .ssh import SSHPool
+
+log = logging.getLogger(__name__)
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Context:
+    """What every command works with: the config, the connections, and where progress goes."""
+
+    config: Config
+    environ: Mapping[str, str]
+    pool: SSHPool
+    engines: engine.Engines
+    echo: Echo
+    failures: dict[str, DeployError] = field(default_factory=dict)
+
+    def fail(self, host: Host, error: DeployError) -> None:
+        self.failures.setdefault(host.name, error)
+        self.echo(f"error: {error}")
+
+    def key(self, create: bool) -> Secret:
+        return authkey.resolve(self.config.authkey_file, self.environ, create)
+
+    def raise_failures(self, action: str) -> None:
+        if self.failures:
+            raise PartialFailure(action, self.failures, len(self.config.hosts))
+
+
+@contextlib.contextmanager
+def session(config: Config, environ: Mapping[str, str], echo: Echo,
+            accept_new: bool = False) -> Iterator[Context]:  # fmt: skip
+    pool = SSHPool(accept_new)
+    engines = engine.Engines(pool)
+    try:
+        yield Context(config, environ, pool, engines, echo)
+    finally:
+        engines.close()
+        pool.close()
+
+
+@dataclass(frozen=True)
+class Observation:
+    containers: tuple[Observed, ...]
+    reachable: frozenset[str]
+
+
+def observe(ctx: Context, hosts: Sequence[Host] | None = None) -> Observation:
+    """Every container of the cluster on every reachable host; failures go to ``ctx``."""
+    hosts = ctx.config.hosts if hosts is None else hosts
+    out = across(hosts, lambda h: engine.observe(ctx.engines, h, ctx.config.cluster),
+                 ctx.config.parallel, ctx.fail)  # fmt: skip
+    found = tuple(o for name in out.results for o in out.results[name])
+    return Observation(found, frozenset(out.ok))
+
+
+class Executor(Protocol):
+    def create(self, host: Host, action: Create) -> None: ...
+    def start(self, host: Host, action: Start) -> None: ...
+    def remove(self, host: Host, action: Remove) -> None: ...
+    def remove_volume(self, host: Host, action: RemoveVolume) -> None: ...
+
+
+class EngineExecutor:
+    """Carries actions out on the hosts' engines."""
+
+    def __init__(self, engines: engine.Engines, echo: Echo) -> None:
+        self.engines = engines
+        self.echo = echo
+
+    def create(self, host: Host, action: Create) -> None:
+        engine.create(self.engines, host, action.spec)
+        self.echo(f"{host.name}: started {action.spec.name}")
+
+    def start(self, host: Host, action: Start) -> None:
+        engine.start(self.engines, host, action.container)
+        self.echo(f"{host.name}: restarted {action.container.name}")
+
+    def remove(self, host: Host, action: Remove) -> None:
+        self.echo(f"{host.name}: stopping {action.container.name} ({action.reason})")
+        engine.remove(self.engines, host, action.container, action.timeout)
+        self.echo(f"{host.name}: removed {action.container.name}")
+
+    def remove_volume(self, host: Host, action: RemoveVolume) -> None:
+        if engine.remove_volume(self.engines, host, action.name):
+            self.echo(f"{host.name}: removed volume {action.name}")
+
+
+def run(ctx: Context, actions: Sequence[Action], executor: Executor) -> set[str]:
+    """Master actions first, then each host's actions in order, hosts in parallel.
+
+    Returns the hosts where something failed (the error is recorded in ``ctx``).
+    """
+    first = [a for a in actions if _is_master(a)]
+    rest = [a for a in actions if not _is_master(a)]
+    failed: set[str] = set()
+    for phase in (first, rest):
+        by_host: dict[str, list[Action]] = {}
+        for action in phase:
+            by_host.setdefault(action.host, []).append(action)
+        hosts = [ctx.config.host(name) for name in by_host if name not in failed]
+        out = across(hosts, functools.partial(_run_phase, by_host, executor),
+                     ctx.config.parallel, ctx.fail)  # fmt: skip
+        failed |= set(out.errors)
+    return failed
+
+
+def _run_phase(by_host: dict[str, list[Action]], executor: Executor, host: Host) -> None:
+    _run_host(host, by_host[host.name], executor)
+
+
+def _is_master(action: Action) -> bool:
+    if isinstance(action, Create):
+        return action.spec.role == MASTER
+    if isinstance(action, Start | Remove):
+        return action.container.role == MASTER
+    return False
+
+
+def _run_host(host: Host, actions: list[Action], executor: Executor) -> None:
+    for action in actions:
+        if isinstance(action, Create):
+            executor.create(host, action)
+        elif isinstance(action, Start):
+            executor.start(host, action)
+        elif isinstance(action, Remove):
+            executor.remove(host, action)
+        else:
+            executor.remove_volume(host, action)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a lifecycle command did: its plan, and the master's status after it (if any)."""
+
+    actions: tuple[Action, ...]
+    status: dict[str, Any] | None
+
+
+def up(
+    ctx: Context, workers: int | None, dry_run: bool, executor: Executor | None = None
+) -> Result:
+    """Build and ship as needed, start master and workers, wait until the workers registered."""
+    key = ctx.key(create=not dry_run) if not dry_run else _key_or_placeholder(ctx)
+    seen = observe(ctx)
+    images = ensure_images(ctx, seen.reachable, build=not dry_run, ship=not dry_run)
+    reachable = seen.reachable - set(ctx.failures)
+    busy = _busy(ctx, key, seen) if not dry_run else {}
+    count = workers if workers is not None else _current_count(ctx, seen)
+    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(reachable))
+    return _carry_out(ctx, key, seen, actions, dry_run, executor, "up")
+
+
+def scale(ctx: Context, count: int, dry_run: bool, executor: Executor | None = None) -> Result:
+    """Reach ``count`` workers: add on the emptiest hosts, remove idle workers first."""
+    key = ctx.key(create=False)
+    seen = observe(ctx)
+    images = running_images(ctx, seen)
+    busy = _busy(ctx, key, seen)
+    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable),
+                      with_master=False)  # fmt: skip
+    if not dry_run:
+        needs = {a.host for a in actions if isinstance(a, Create)}
+        ensure_images(ctx, frozenset(needs), build=False, ship=True, images=images)
+    return _carry_out(ctx, key, seen, actions, dry_run, executor, "scale")
+
+
+def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None = None) -> Result:
+    """Remove every container of the cluster (workers drain first); the volume only if asked."""
+    seen = observe(ctx)
+    vols = [state_volume(ctx.config)] if volumes else []
+    vols = [(h, v) for h, v in vols if h in seen.reachable]
+    actions = plan_down(ctx.config, seen.containers, vols)
+    if not dry_run:
+        run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
+    ctx.raise_failures("down")
+    return Result(tuple(actions), None)
+
+
+def _carry_out(
+    ctx: Context, key: Secret, seen: Observation, actions: list[Action], dry_run: bool,
+    executor: Executor | None, name: str,
+) -> Result:  # fmt: skip
+    if dry_run:
+        ctx.raise_failures(name) if ctx.failures and not actions else None
+        return Result(tuple(actions), None)
+    failed = run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
+    expected = _expected_workers(seen, actions, failed | set(ctx.failures))
+    status = None
+    master_ok = ctx.config.master.host not in ctx.failures
+    if master_ok:
+        ctx.echo(f"waiting for the master and {len(expected)} worker(s) to register")
+        status = master.wait_ready(ctx.config, ctx.pool, key, expected,
+                                   ctx.config.master.ready_timeout)  # fmt: skip
+    ctx.raise_failures(name)
+    return Result(tuple(actions), status)
+
+
+def _expected_workers(seen: Observation, actions: Sequence[Action], failed: set[str]) -> list[str]:
+    names = {o.name for o in seen.containers if o.role == WORKER and o.host not in failed}
+    for action in actions:
+        if isinstance(action, Remove):
+            names.discard(action.container.name)
+    for action in actions:
+        if isinstance(action, Create) and action.spec.role == WORKER and action.host not in failed:
+            names.add(action.spec.name)
+    return sorted(names)
+
+
+def _current_count(ctx: Context, seen: Observation) -> int:
+    """A running cluster keeps its size (set by ``scale``); a new one starts with workers.count."""
+    current = sum(1 for o in seen.containers if o.role == WORKER)
+    return current if current else ctx.config.workers.count
+
+
+def _busy(ctx: Context, key: Secret, seen: Observation) -> dict[str, int]:
+    """Running jobs per worker, from the master; empty when there is no master to ask."""
+    if not any(o.role == MASTER and o.running for o in seen.containers):
+        return {}
+    try:
+        with master.client(ctx.config, ctx.pool, key) as c:
+            return master.busy_workers(c.status())
+    except DeployError as exc:
+        ctx.echo(f"warning: cannot ask the master which workers are busy ({exc}); "
+                 "removing the highest-numbered workers first")  # fmt: skip
+        return {}
+
+
+def _key_or_placeholder(ctx: Context) -> Secret:
+    try:
+        return ctx.key(create=False)
+    except DeployError:
+        ctx.echo(f"dry run: would create the authkey file {ctx.config.authkey_file}")
+        return authkey.generate()
+
+
+def volume_of(config: Config) -> str:
+    return volume_name(config.cluster)
+
+
+def host_error(ctx: Context, name: str) -> HostError | None:
+    error = ctx.failures.get(name)
+    return error if isinstance(error, HostError) else None
+
+
+__all__ = ["Context", "Images", "Result", "down", "observe", "scale", "session", "up"]

@@ -1,0 +1,297 @@
+"""Everything that talks to the Docker SDK: one client per host, containers, images, logs.
+
+Docker, requests and socket errors become HostError here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import docker
+import docker.errors
+import requests
+
+from .authkey import Secret
+from .config import Host
+from .errors import DeployError, HostError
+from .planner import Observed
+from .specs import L_CLUSTER, L_INDEX, L_ROLE, L_SPEC, L_VERSION, ContainerSpec, create_args
+from .ssh import Forwarder, SSHPool
+
+log = logging.getLogger(__name__)
+API_TIMEOUT = 120
+CHUNK = 2**20
+# This machine's engine (DOCKER_HOST or the default socket): where images are built.
+LOCAL_HOST = Host("this machine", "127.0.0.1", 0, None, None)
+
+
+@dataclass(frozen=True)
+class ContainerRow:
+    """What ``status`` shows of one container."""
+
+    host: str
+    name: str
+    role: str
+    index: int
+    state: str
+    health: str
+    started_at: str
+    image: str
+    version: str
+
+
+class Engines:
+    """A Docker client per host, opened on first use: the local socket, or SSH-forwarded."""
+
+    def __init__(self, pool: SSHPool) -> None:
+        self.pool = pool
+        self._clients: dict[str, docker.DockerClient] = {}
+        self._forwarders: dict[str, Forwarder] = {}
+        self._lock = threading.Lock()
+
+    def client(self, host: Host) -> docker.DockerClient:
+        with self._lock:
+            if host.name in self._clients:
+                return self._clients[host.name]
+        if host.local:
+            url = host.docker_host or None
+        else:
+            path, self._forwarders[host.name] = self.pool.docker_socket(host)
+            url = f"unix://{path}"
+        with self.guard(host, "connect to the Docker engine"):
+            client = docker.DockerClient(base_url=url, timeout=API_TIMEOUT) if url else \
+                docker.from_env(timeout=API_TIMEOUT)  # fmt: skip
+            client.ping()
+        with self._lock:
+            self._clients[host.name] = client
+        return client
+
+    @contextlib.contextmanager
+    def guard(self, host: Host, doing: str) -> Iterator[None]:
+        """Translate SDK, HTTP and socket errors raised while ``doing`` into HostError."""
+        try:
+            yield
+        except DeployError:
+            raise
+        except docker.errors.APIError as exc:
+            detail = exc.explanation or str(exc)
+            raise HostError(host.name, _where(host), f"cannot {doing}: {detail}",
+                            "see the engine's message above") from exc  # fmt: skip
+        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            far = self._forwarders.get(host.name)
+            why = far.last_error if far and far.last_error else _reason(exc)
+            hint = ("is dockerd running there, and is the docker CLI installed for "
+                    "'docker system dial-stdio'? check hosts[].docker_host") if not host.local \
+                else "is dockerd running? check DOCKER_HOST or hosts[].docker_host"  # fmt: skip
+            raise HostError(host.name, _where(host), f"cannot {doing}: {why}", hint) from exc
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+def _where(host: Host) -> str:
+    return host.ssh.address if host.ssh else (host.docker_host or "local engine")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def observe(engines: Engines, host: Host, cluster: str) -> list[Observed]:
+    """Containers of ``cluster`` on ``host``, read back by label."""
+    client = engines.client(host)
+    with engines.guard(host, "list containers"):
+        found = client.containers.list(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
+    return [_observed(host.name, c.id, c.name, c.labels, c.status, c.attrs.get("ImageID", ""))
+            for c in found]  # fmt: skip
+
+
+def _observed(
+    host: str, cid: str, name: str, labels: dict[str, str], state: str, image: str
+) -> Observed:
+    index = labels.get(L_INDEX, "")
+    return Observed(
+        host=host, id=cid, name=name, role=labels.get(L_ROLE, "?"),
+        index=int(index) if index.isdigit() else -1, version=labels.get(L_VERSION, ""),
+        digest=labels.get(L_SPEC, ""), state=state, image_id=image,
+    )  # fmt: skip
+
+
+def create(engines: Engines, host: Host, spec: ContainerSpec) -> str:
+    """Create and start ``spec``'s container (its named volumes labelled first); return its id."""
+    client = engines.client(host)
+    args = create_args(spec)
+    host_config = args.pop("host_config")
+    env = {k: v.reveal() if isinstance(v, Secret) else v for k, v in spec.env}
+    with engines.guard(host, f"create container {spec.name}"):
+        for volume, _ in spec.volumes:
+            _ensure_volume(client, volume, {L_CLUSTER: dict(spec.labels)[L_CLUSTER]})
+        args["host_config"] = client.api.create_host_config(**host_config)  # type: ignore[arg-type]
+        args["environment"] = env
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_container(spec.name, force=True)  # a leftover without our labels
+        cid = client.api.create_container(**args)["Id"]
+        client.api.start(cid)
+    return str(cid)
+
+
+def _ensure_volume(client: docker.DockerClient, name: str, labels: dict[str, str]) -> None:
+    try:
+        client.volumes.get(name)
+    except docker.errors.NotFound:
+        client.volumes.create(name=name, labels=labels)
+
+
+def start(engines: Engines, host: Host, container: Observed) -> None:
+    with engines.guard(host, f"start container {container.name}"):
+        engines.client(host).api.start(container.id)
+
+
+def remove(engines: Engines, host: Host, container: Observed, timeout: int) -> None:
+    """SIGTERM, wait up to ``timeout`` s (a worker drains meanwhile), then remove."""
+    api = engines.client(host).api
+    with engines.guard(host, f"remove container {container.name}"):
+        try:
+            api.stop(container.id, timeout=timeout)
+            api.remove_container(container.id, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def remove_volume(engines: Engines, host: Host, name: str) -> bool:
+    with engines.guard(host, f"remove volume {name}"):
+        try:
+            engines.client(host).volumes.get(name).remove()
+            return True
+        except docker.errors.NotFound:
+            return False
+
+
+def image_id(engines: Engines, host: Host, ref: str) -> str | None:
+    with engines.guard(host, f"inspect image {ref}"):
+        try:
+            return str(engines.client(host).images.get(ref).id)
+        except docker.errors.ImageNotFound:
+            return None
+
+
+def save(engines: Engines, host: Host, refs: list[str], out: IO[bytes]) -> int:
+    """``docker save REFS`` into ``out`` (shared layers once); return the byte count."""
+    api = engines.client(host).api
+    url = f"{api.base_url}/v{api.api_version}/images/get"
+    total = 0
+    with engines.guard(host, f"save images {' '.join(refs)}"):
+        with api.get(url, params={"names": refs}, stream=True, timeout=API_TIMEOUT) as resp:
+            resp.raise_for_status()
+            for chunk in resp.iter_content(CHUNK):
+                out.write(chunk)
+                total += len(chunk)
+    return total
+
+
+def load(engines: Engines, host: Host, data: IO[bytes], progress: Callable[[int], None]) -> None:
+    """``docker load`` from ``data``, streamed; ``progress`` gets the byte count of each chunk."""
+
+    def chunks() -> Iterator[bytes]:
+        while block := data.read(CHUNK):
+            progress(len(block))
+            yield block
+
+    with engines.guard(host, "load images"):
+        engines.client(host).images.load(chunks())
+
+
+def push(engines: Engines, host: Host, ref: str, target: str) -> None:
+    repo, _, version = target.rpartition(":")
+    client = engines.client(host)
+    with engines.guard(host, f"push {target}"):
+        client.images.get(ref).tag(repo, version)
+        for chunk in client.api.push(repo, version, stream=True, decode=True):
+            if "error" in chunk:
+                raise HostError(host.name, _where(host), f"cannot push {target}: {chunk['error']}",
+                                "check images.registry and 'docker login'")  # fmt: skip
+
+
+def pull(engines: Engines, host: Host, target: str, ref: str) -> None:
+    """Pull ``target`` from the registry and tag it ``ref`` (the name the containers use)."""
+    repo, _, version = target.rpartition(":")
+    client = engines.client(host)
+    with engines.guard(host, f"pull {target}"):
+        image = client.images.pull(repo, tag=version)
+        name, _, tag_ = ref.rpartition(":")
+        image.tag(name, tag_)
+
+
+def rows(engines: Engines, host: Host, cluster: str) -> list[ContainerRow]:
+    client = engines.client(host)
+    with engines.guard(host, "list containers"):
+        found = client.containers.list(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
+        details = [client.api.inspect_container(c.id) for c in found]
+    return [_row(host.name, d) for d in details]
+
+
+def _row(host: str, info: dict[str, Any]) -> ContainerRow:
+    labels = info["Config"].get("Labels") or {}
+    state = info["State"]
+    index = labels.get(L_INDEX, "")
+    return ContainerRow(
+        host=host, name=info["Name"].lstrip("/"), role=labels.get(L_ROLE, "?"),
+        index=int(index) if index.isdigit() else -1, state=state.get("Status", "?"),
+        health=(state.get("Health") or {}).get("Status", "-"),
+        started_at=state.get("StartedAt", ""), image=info["Config"].get("Image", ""),
+        version=labels.get(L_VERSION, ""),
+    )  # fmt: skip
+
+
+def logs(
+    engines: Engines, host: Host, container: str, follow: bool, tail: int | None, since: str | None
+) -> Iterator[tuple[str, str]]:
+    """(timestamp, line) of a container's output (stdout and stderr), following when asked."""
+    kwargs: dict[str, Any] = {"stream": True, "follow": follow, "timestamps": True,
+                              "tail": "all" if tail is None else tail}  # fmt: skip
+    if since:
+        kwargs["since"] = _since(since)
+    with engines.guard(host, f"read logs of {container}"):
+        stream = engines.client(host).api.logs(container, **kwargs)
+        pending = b""
+        for chunk in stream:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield _stamped(line)
+        if pending:
+            yield _stamped(pending)
+
+
+def _stamped(line: bytes) -> tuple[str, str]:
+    stamp, _, text = line.decode(errors="replace").partition(" ")
+    return stamp, text
+
+
+def _since(text: str) -> Any:
+    """``10m``, ``2h``, ``30s`` ago; a unix time; or an RFC 3339 time as the engine prints it."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1] in units:
+        now = datetime.datetime.now(datetime.UTC)
+        return now - datetime.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    with contextlib.suppress(ValueError):
+        return float(text)
+    with contextlib.suppress(ValueError):
+        return stamp_seconds(text)
+    raise DeployError("--since", f"cannot read {text!r}", "use e.g. 30s, 10m, 2h or a unix time")
+
+
+def stamp_seconds(stamp: str) -> float:
+    """Seconds since the epoch of an engine timestamp like ``2024-05-01T10:00:00.123456789Z``."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    when = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC)
+    return when.timestamp() + float(f"0.{frac or 0}")

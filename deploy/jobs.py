@@ -1,0 +1,72 @@
+"""Submitting shell jobs to the master and listing jobs, through the scheduler's client."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import master
+from .cluster import Context
+from .errors import DeployError, JobsFailed
+
+Progress = Callable[[int, int], None]  # (finished, total)
+
+
+def read_commands(path: Path) -> list[list[str]]:
+    """One command a line, split like a shell would; blank lines and ``#`` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DeployError(
+            f"--file {path}", f"cannot be read: {exc.strerror}", "check the path"
+        ) from exc
+    commands = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                commands.append(shlex.split(line))
+            except ValueError as exc:
+                raise DeployError(f"{path}:{number}", str(exc), "fix the quoting") from exc
+    if not commands:
+        raise DeployError(f"--file {path}", "holds no command", "write one command a line")
+    return commands
+
+
+def submit(
+    ctx: Context, commands: Sequence[list[str]], wait: bool, progress: Progress | None = None,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Submit ``commands``; with ``wait``, follow them to the end and raise if any failed."""
+    with master.client(ctx.config, ctx.pool, ctx.key(create=False)) as c:
+        handles = [c.submit_shell(list(argv)) for argv in commands]
+        c.flush()
+        ids = [h.id for h in handles]
+        if not wait:
+            return [{"id": i, "state": "queued"} for i in ids]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            finished = sum(1 for h in handles if h.ready())
+            if progress:
+                progress(finished, len(handles))
+            if finished == len(handles):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeployError("submit", f"{len(handles) - finished} job(s) still running "
+                                  f"after {timeout:g}s", "see 'deployctl jobs'")  # fmt: skip
+            handles[next(i for i, h in enumerate(handles) if not h.ready())].wait(0.2)
+        done = [c.job(i) for i in ids]
+    failed = [j for j in done if j["state"] != "succeeded"]
+    if failed:
+        lines = "; ".join(f"job {j['id']} {j['state']}: {j.get('error') or ''}".rstrip(": ")
+                          for j in failed[:10])  # fmt: skip
+        raise JobsFailed("submit", f"{len(failed)} of {len(done)} job(s) did not succeed: {lines}",
+                         "see 'deployctl jobs' and 'deployctl logs worker'")  # fmt: skip
+    return done
+
+
+def jobs(ctx: Context, state: str | None) -> list[dict[str, Any]]:
+    with master.client(ctx.config, ctx.pool, ctx.key(create=False)) as c:
+        return list(c.jobs(state=state))

@@ -1,0 +1,126 @@
+"""Text for people and JSON for scripts: plans, status, jobs. Pure (the clock is passed in)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .engine import ContainerRow, stamp_seconds
+from .planner import Action, Create, Remove, RemoveVolume, Start
+from .watch import Status
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)  # fmt: skip
+
+
+def describe(action: Action) -> str:
+    """One line per action; the authkey shows as ********."""
+    if isinstance(action, Create):
+        spec = action.spec
+        env = " ".join(f"{k}={v}" for k, v in sorted(spec.masked_env().items()))
+        vols = "".join(f" volume {v}:{p}" for v, p in spec.volumes)
+        return (f"{spec.host}: create {spec.name} ({spec.role}, image {spec.image.ref}, "
+                f"stop timeout {spec.stop_timeout}s{vols}) env {env}")  # fmt: skip
+    if isinstance(action, Start):
+        return f"{action.host}: start {action.container.name} (exists, {action.container.state})"
+    if isinstance(action, Remove):
+        verb = "drain and remove" if action.container.role == "worker" else "stop and remove"
+        return (f"{action.host}: {verb} {action.container.name} ({action.reason}; "
+                f"up to {action.timeout}s)")  # fmt: skip
+    assert isinstance(action, RemoveVolume)
+    return f"{action.host}: remove volume {action.name}"
+
+
+def plan(actions: Sequence[Action]) -> str:
+    if not actions:
+        return "nothing to do: the cluster already matches the inventory"
+    return "\n".join(describe(a) for a in actions)
+
+
+def _uptime(row: ContainerRow, now: float) -> float | None:
+    if row.state != "running" or not row.started_at:
+        return None
+    try:
+        return max(0.0, now - stamp_seconds(row.started_at))
+    except ValueError:
+        return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def status_json(status: Status, now: float) -> dict[str, Any]:
+    hosts = []
+    for hs in status.hosts:
+        containers = [{
+            "name": r.name, "role": r.role, "index": r.index, "state": r.state,
+            "health": r.health, "uptime_seconds": _uptime(r, now), "image": r.image,
+            "version": r.version,
+        } for r in hs.containers]  # fmt: skip
+        hosts.append({"name": hs.host.name, "address": hs.host.address,
+                      "reachable": hs.error is None, "error": hs.error,
+                      "containers": containers})  # fmt: skip
+    view = status.master or {}
+    return {
+        "cluster": status.cluster,
+        "healthy": status.healthy,
+        "hosts": hosts,
+        "master": {
+            "reachable": status.master is not None, "error": status.master_error,
+            "jobs": view.get("counts", {}), "total": view.get("total"),
+            "workers": view.get("workers", []),
+        },
+    }  # fmt: skip
+
+
+def status_text(status: Status, now: float) -> str:
+    rows = []
+    for hs in status.hosts:
+        if hs.error is not None:
+            rows.append([hs.host.name, "-", "-", "UNREACHABLE", "-", "-", "-"])
+        for r in sorted(hs.containers, key=lambda r: (r.role != "master", r.index)):
+            rows.append([hs.host.name, r.name, r.role, r.state, r.health,
+                         _duration(_uptime(r, now)), r.image])  # fmt: skip
+    parts = [table(["HOST", "CONTAINER", "ROLE", "STATE", "HEALTH", "UPTIME", "IMAGE"], rows)]
+    parts += [f"{hs.host.name}: {hs.error}" for hs in status.hosts if hs.error]
+    if status.master is None:
+        parts.append(f"master: {status.master_error}")
+        return "\n".join(parts)
+    counts = status.master.get("counts", {})
+    parts.append(
+        "jobs: "
+        + "  ".join(
+            f"{k} {counts.get(k, 0)}"
+            for k in ("queued", "running", "succeeded", "failed", "cancelled")
+        )
+    )
+    workers = [[w["name"], w.get("concurrency", "-"), "draining" if w.get("draining") else "ready",
+                " ".join(str(j) for j in w.get("running") or ()) or "-"]
+               for w in status.master.get("workers", [])]  # fmt: skip
+    parts.append(table(["WORKER", "SLOTS", "STATE", "RUNNING JOBS"], workers))
+    return "\n".join(parts)
+
+
+def jobs_text(jobs: Sequence[dict[str, Any]]) -> str:
+    rows = [[j["id"], j["state"], j.get("worker") or "-", j.get("attempts", "-"),
+             "-" if j.get("exit_code") is None else j["exit_code"], _clip(j.get("command", ""))]
+            for j in jobs]  # fmt: skip
+    return table(["ID", "STATE", "WORKER", "TRIES", "EXIT", "COMMAND"], rows)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -1,0 +1,348 @@
+"""Everything that talks to paramiko: connections, host-key checks, trust, and forwarders.
+
+One reused SSH connection per host. The Docker SDK reaches a remote engine through a local
+unix socket whose every connection becomes an SSH channel running ``docker system dial-stdio``
+(what ``ssh://`` does), so the inventory's user, key and known_hosts apply and host keys are
+checked here, in one place. The master's port is reached the same way, via direct-tcpip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shlex
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .config import Host, SSHLookup, SSHTarget
+from .errors import DeployError, HostError, HostKeyError
+
+log = logging.getLogger(__name__)
+WINDOW = 2**27  # a large SSH window: images stream through these channels
+CHUNK = 2**16
+
+
+def config_lookup(path: str | None) -> SSHLookup:
+    """``ssh_config`` lookups as ``ssh`` does them, from ``path`` (no file: no settings)."""
+    parsed = paramiko.SSHConfig()
+    if path and Path(path).exists():
+        try:
+            parsed = paramiko.SSHConfig.from_path(path)
+        except (OSError, paramiko.ConfigParseError) as exc:
+            raise DeployError(
+                f"ssh config {path}", f"cannot be read: {exc}", "fix the file"
+            ) from exc
+
+    def lookup(alias: str) -> Mapping[str, Any]:
+        return dict(parsed.lookup(alias))
+
+    return lookup
+
+
+def known_hosts_entry(target: SSHTarget) -> str:
+    return target.hostname if target.port == 22 else f"[{target.hostname}]:{target.port}"
+
+
+def dial_command(docker_host: str | None) -> str:
+    """The remote command that turns an SSH channel into a connection to the engine."""
+    argv = ["docker"]
+    if docker_host:
+        argv += ["-H", docker_host if "://" in docker_host else f"unix://{docker_host}"]
+    return shlex.join([*argv, "system", "dial-stdio"])
+
+
+class _Policy(paramiko.MissingHostKeyPolicy):
+    """Unknown host keys are refused with their fingerprint, or appended when ``accept_new``."""
+
+    def __init__(self, host: Host, accept_new: bool) -> None:
+        self.host = host
+        self.accept_new = accept_new
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        assert self.host.ssh is not None
+        if not self.accept_new:
+            raise unknown_key_error(self.host, key)
+        append_known_host(self.host.ssh, key)
+        log.warning("host %s: trusted new host key %s %s (--accept-new-host-keys)",
+                    self.host.name, key.get_name(), key.fingerprint)  # fmt: skip
+
+
+def unknown_key_error(host: Host, key: paramiko.PKey) -> HostKeyError:
+    assert host.ssh is not None
+    fp = key.fingerprint
+    return HostKeyError(
+        host.name, host.ssh.address,
+        f"host key not in {host.ssh.known_hosts} ({key.get_name()} {fp})",
+        f"check the fingerprint with the host's owner, then run "
+        f"'deployctl hosts trust {host.name} --fingerprint {fp}' (or pass --accept-new-host-keys)",
+        fp, changed=False,
+    )  # fmt: skip
+
+
+def changed_key_error(host: Host, got: paramiko.PKey) -> HostKeyError:
+    assert host.ssh is not None
+    return HostKeyError(
+        host.name, host.ssh.address,
+        f"HOST KEY HAS CHANGED (now {got.get_name()} {got.fingerprint}); "
+        "this can be a man-in-the-middle attack, so the host is refused",
+        f"if the host was really reinstalled, remove the old key with "
+        f"'ssh-keygen -f {host.ssh.known_hosts} -R {shlex.quote(known_hosts_entry(host.ssh))}' "
+        f"and trust it again",
+        got.fingerprint, changed=True,
+    )  # fmt: skip
+
+
+def append_known_host(target: SSHTarget, key: paramiko.PKey) -> None:
+    path = Path(target.known_hosts)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = f"{known_hosts_entry(target)} {key.get_name()} {key.get_base64()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(line)
+
+
+def _known(target: SSHTarget) -> dict[str, paramiko.PKey]:
+    keys = paramiko.HostKeys()
+    if Path(target.known_hosts).exists():
+        keys.load(target.known_hosts)
+    found = keys.lookup(known_hosts_entry(target))
+    return dict(found) if found else {}
+
+
+def _socket(host: Host) -> Any:
+    target = host.ssh
+    assert target is not None
+    if target.proxy_command:
+        return paramiko.ProxyCommand(target.proxy_command)
+    try:
+        return socket.create_connection((target.hostname, target.port), target.connect_timeout)
+    except OSError as exc:
+        raise _unreachable(host, exc) from exc
+
+
+def _unreachable(host: Host, exc: BaseException) -> HostError:
+    assert host.ssh is not None
+    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError | socket.timeout):
+        why = f"no answer within {host.ssh.connect_timeout:g}s"
+    return HostError(host.name, host.ssh.address, f"cannot connect over SSH: {why}",
+                     "is the host up and sshd listening? check hosts[].address/port")  # fmt: skip
+
+
+def scan_key(host: Host) -> paramiko.PKey:
+    """The key the host presents, preferring the type already in known_hosts, without logging in."""
+    assert host.ssh is not None
+    transport = paramiko.Transport(_socket(host))
+    try:
+        known = list(_known(host.ssh))
+        options = transport.get_security_options()
+        options.key_types = known + [t for t in options.key_types if t not in known]
+        transport.start_client(timeout=host.ssh.connect_timeout)
+        return transport.get_remote_server_key()
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise _unreachable(host, exc) from exc
+    finally:
+        transport.close()
+
+
+def trust(host: Host, fingerprint: str | None, confirm: Callable[[str], bool]) -> str:
+    """Add the host's key to known_hosts after checking ``fingerprint`` or asking ``confirm``."""
+    if host.ssh is None:
+        return f"host {host.name}: this machine's engine, no SSH key to trust"
+    key = scan_key(host)
+    known = _known(host.ssh)
+    if key.get_name() in known:
+        if known[key.get_name()] == key:
+            return f"host {host.name}: key {key.get_name()} {key.fingerprint} already trusted"
+        raise changed_key_error(host, key)
+    if fingerprint is not None and fingerprint != key.fingerprint:
+        raise HostKeyError(host.name, host.ssh.address,
+                           f"presents {key.fingerprint}, not the fingerprint {fingerprint} given",
+                           "do not trust it; ask the host's owner for the right key",
+                           key.fingerprint, changed=False)  # fmt: skip
+    question = f"host {host.name} ({host.ssh.address}) key {key.get_name()} {key.fingerprint}"
+    if fingerprint is None and not confirm(question):
+        raise DeployError(f"host {host.name}", "not trusted", "answered no")
+    append_known_host(host.ssh, key)
+    return f"host {host.name}: trusted {key.get_name()} {key.fingerprint} in {host.ssh.known_hosts}"
+
+
+def connect(host: Host, accept_new: bool = False) -> paramiko.SSHClient:
+    """Log in to ``host`` with its host key verified; errors become HostError/HostKeyError."""
+    target = host.ssh
+    assert target is not None
+    client = paramiko.SSHClient()
+    if Path(target.known_hosts).exists():
+        client.load_host_keys(target.known_hosts)
+    client.set_missing_host_key_policy(_Policy(host, accept_new))
+    try:
+        client.connect(
+            target.hostname, target.port, username=target.user,
+            key_filename=list(target.identity_files) or None,
+            look_for_keys=not target.identity_files, sock=_socket(host),
+            timeout=target.connect_timeout, banner_timeout=target.connect_timeout,
+            auth_timeout=target.connect_timeout,
+        )  # fmt: skip
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise changed_key_error(host, exc.key) from exc
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise HostError(
+            host.name,
+            target.address,
+            f"login as {target.user!r} refused: {exc}",
+            "check hosts[].user and identity_file, or the key in ~/.ssh/config",
+        ) from exc
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        client.close()
+        raise _unreachable(host, exc) from exc
+    except BaseException:
+        client.close()
+        raise
+    transport = client.get_transport()
+    assert transport is not None
+    transport.default_window_size = WINDOW
+    transport.set_keepalive(15)
+    return client
+
+
+class Forwarder:
+    """A local listening socket; each accepted connection is pumped through a new SSH channel."""
+
+    def __init__(self, listener: socket.socket, open_channel: Callable[[], paramiko.Channel]):
+        self.listener = listener
+        self.open_channel = open_channel
+        self.last_error = ""
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="ssh-forward").start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            channel = self.open_channel()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.last_error = str(exc) or type(exc).__name__
+            conn.close()
+            return
+        try:
+            _pump(conn, channel)
+        finally:
+            err = channel.recv_stderr(4096) if channel.recv_stderr_ready() else b""
+            if err.strip():
+                self.last_error = err.decode(errors="replace").strip()
+            channel.close()
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+
+
+def _pump(conn: socket.socket, channel: paramiko.Channel) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(conn, selectors.EVENT_READ)
+        sel.register(channel, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select(timeout=5):
+                if key.fileobj is conn:
+                    data = conn.recv(CHUNK)
+                    if not data:
+                        channel.shutdown_write()
+                        sel.unregister(conn)
+                        continue
+                    channel.sendall(data)
+                else:
+                    data = channel.recv(CHUNK)
+                    if not data:
+                        return
+                    conn.sendall(data)
+            if channel.closed or channel.exit_status_ready() and not channel.recv_ready():
+                return
+
+
+class SSHPool:
+    """One connection per host, opened on first use and shared by threads; ``close()`` ends all."""
+
+    def __init__(self, accept_new: bool = False) -> None:
+        self.accept_new = accept_new
+        self._clients: dict[str, paramiko.SSHClient] = {}
+        self._forwarders: list[Forwarder] = []
+        self._tunnels: dict[tuple[str, str, int], tuple[str, int]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._dir = tempfile.mkdtemp(prefix="deployctl-")
+
+    def client(self, host: Host) -> paramiko.SSHClient:
+        with self._guard:
+            lock = self._locks.setdefault(host.name, threading.Lock())
+        with lock:
+            client = self._clients.get(host.name)
+            transport = client.get_transport() if client else None
+            if client is None or transport is None or not transport.is_active():
+                client = connect(host, self.accept_new)
+                self._clients[host.name] = client
+            return client
+
+    def docker_socket(self, host: Host) -> tuple[str, Forwarder]:
+        """A local unix socket that reaches the host's engine (``docker system dial-stdio``)."""
+        command = dial_command(host.docker_host)
+
+        def open_channel() -> paramiko.Channel:
+            transport = self.client(host).get_transport()
+            assert transport is not None
+            channel = transport.open_session()
+            channel.exec_command(command)
+            return channel
+
+        path = os.path.join(self._dir, f"{len(self._forwarders)}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(16)
+        forwarder = Forwarder(listener, open_channel)
+        self._forwarders.append(forwarder)
+        return path, forwarder
+
+    def tunnel(self, host: Host, address: str, port: int) -> tuple[str, int]:
+        """A local TCP port that reaches ``address:port`` as seen from ``host`` (made once)."""
+        key = (host.name, address, port)
+        if key in self._tunnels:
+            return self._tunnels[key]
+
+        def open_channel() -> paramiko.Channel:
+            transport = self.client(host).get_transport()
+            assert transport is not None
+            return transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0))
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self._forwarders.append(Forwarder(listener, open_channel))
+        self._tunnels[key] = listener.getsockname()[:2]
+        return self._tunnels[key]
+
+    def close(self) -> None:
+        for forwarder in self._forwarders:
+            forwarder.close()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        for name in os.listdir(self._dir):
+            os.unlink(os.path.join(self._dir, name))
+        os.rmdir(self._dir)
