@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 
 # System packages and services (Docker engine, sshd tools); idempotent, quick when done.
 deps: venv
-	scripts/bootstrap.sh
+	PY=$(PY) scripts/bootstrap.sh
 
 test: deps
 	$(VENV)/bin/pytest
@@ -38,17 +38,23 @@ bench: venv
 	$(PY) -m bench.run
 
 # ---- images and test bed (owned by the images/test-bed work) ----
+# Role images scheduler-master/-slave, tagged VERSION, hash-<inputs> and latest; skipped when
+# up to date. BASE=image overrides the base (default python:3.11-slim, else the offline one).
 images: deps
-	@echo "images: not yet"
+	$(PY) -m deploy.images build $(if $(BASE),--base $(BASE))
 
+# The offline base (debootstrap bookworm + python3) as scheduler-base:bookworm; FORCE=1 rebuilds.
 base-image: deps
-	@echo "base-image: not yet"
+	$(PY) -m deploy.images base $(if $(FORCE),--force)
 
+# TESTBED_HOSTS namespaced hosts with their own dockerd and sshd (LOOPBACK=1: 127.0.0.x hosts).
+TESTBED_HOSTS ?= 3
 testbed-up: deps
-	@echo "testbed-up: not yet"
+	$(PY) -m tests.testbed up --hosts $(TESTBED_HOSTS) $(if $(LOOPBACK),--loopback)
 
-testbed-down:
-	@echo "testbed-down: not yet"
+testbed-down: venv
+	$(PY) -m tests.testbed down
+	$(PY) -m tests.testbed down --loopback
 
 # ---- cluster (owned by the deployctl work) ----
 cluster-up: deps

@@ -1,0 +1,14 @@
+"""Shared test set-up: a developer's shell must not change results."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("SCHEDULER_", "DEPLOYCTL_")):
+            monkeypatch.delenv(name)

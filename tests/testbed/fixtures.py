@@ -1,0 +1,67 @@
+"""Session fixtures of the test bed, imported by tests/conftest.py.
+
+``docker_engine``: the machine's engine (started by scripts/engine.sh if none answers, and
+stopped at the end only if that script started it). ``role_images``: the master and slave
+images, built by deploy.images (skipped when up to date). ``testbed``: three namespaced hosts
+with their own engines and sshd. ``loopback_testbed``: three 127.0.0.x hosts on one sshd and
+the machine's engine. Each is torn down at the end of the session if the session started it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.testbed import bed
+
+ENGINE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "engine.sh"
+TEST_LABEL = "org.scheduler-kit.test"
+
+
+def remove_labelled(client: docker.DockerClient, label: str = TEST_LABEL) -> None:
+    """Remove containers (and their anonymous volumes) that tests labelled, crashed runs' too."""
+    for container in client.containers.list(all=True, filters={"label": label}):
+        container.remove(force=True, v=True)
+    for volume in client.volumes.list(filters={"label": label}):
+        volume.remove(force=True)
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[docker.DockerClient]:
+    subprocess.run([str(ENGINE_SCRIPT), "start"], check=True)
+    client = docker.from_env(timeout=120)
+    remove_labelled(client)
+    yield client
+    remove_labelled(client)
+    client.close()
+    subprocess.run([str(ENGINE_SCRIPT), "stop"], check=True)
+
+
+@pytest.fixture(scope="session")
+def role_images(docker_engine: docker.DockerClient) -> dict[str, str]:
+    """role -> image reference (the content-hash tag) of freshly built or up-to-date images."""
+    from deploy.images import build_images
+
+    built = build_images(docker_engine, out=sys.stderr)
+    return {image.role: f"{image.repository}:{image.tags[1]}" for image in built}
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[bed.Testbed]:
+    bed_ = bed.up(3)
+    yield bed_
+    if bed_.started:
+        bed.down()
+
+
+@pytest.fixture(scope="session")
+def loopback_testbed(docker_engine: docker.DockerClient) -> Iterator[bed.Testbed]:
+    bed_ = bed.loopback_up(3)
+    yield bed_
+    if bed_.started:
+        bed.loopback_down()

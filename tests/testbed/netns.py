@@ -1,0 +1,90 @@
+"""Network and UTS namespaces of the test hosts, joined by veth pairs to one bridge."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.testbed.layout import BRIDGE, GATEWAY, PREFIX, Host
+from tests.testbed.procs import run
+
+NETNS_DIR = Path("/run/netns")
+
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def ensure_bridge() -> None:
+    """The bridge on this machine that every host's veth joins; this machine is .1 on it."""
+    if not link_exists(BRIDGE):
+        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    run(["ip", "addr", "replace", f"{GATEWAY}/24", "dev", BRIDGE])
+    run(["ip", "link", "set", BRIDGE, "up"])
+
+
+def ensure_netns(host: Host) -> None:
+    """The host's network namespace with eth0 at its address, linked to the bridge."""
+    assert host.netns is not None
+    if not (NETNS_DIR / host.netns).exists():
+        run(["ip", "netns", "add", host.netns])
+    if not link_exists(host.netns):
+        run(["ip", "link", "add", host.netns, "type", "veth", "peer", "name", "eth0",
+             "netns", host.netns])
+    run(["ip", "link", "set", host.netns, "master", BRIDGE, "up"])
+    run(["ip", "-n", host.netns, "addr", "replace", f"{host.address}/24", "dev", "eth0"])
+    run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
+
+
+def ensure_uts(handle: Path, hostname: str) -> None:
+    """A persistent UTS namespace bound on ``handle`` whose hostname is ``hostname``."""
+    if not is_mounted(handle):
+        handle.touch()
+        run(["unshare", f"--uts={handle}", "hostname", hostname])
+
+
+def enter(host: Host, uts: Path) -> list[str]:
+    """The argv prefix that runs a command inside the host's network and UTS namespaces.
+
+    ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys, and dockerd
+    then fails with "Devices cgroup isn't mounted".
+    """
+    return ["nsenter", f"--net={NETNS_DIR / str(host.netns)}", f"--uts={uts}"]
+
+
+def kill_all_in(netns: str) -> None:
+    """SIGKILL whatever still runs in our namespace (orphans of a crashed run): all of it ours."""
+    if (NETNS_DIR / netns).exists():
+        for pid in run(["ip", "netns", "pids", netns], check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def remove_all() -> None:
+    """Delete every namespace and link named with our prefix, and the bridge."""
+    for handle in NETNS_DIR.glob(f"{PREFIX}-*") if NETNS_DIR.exists() else ():
+        run(["ip", "netns", "delete", handle.name], check=False)
+    for link in Path("/sys/class/net").glob(f"{PREFIX}*"):
+        run(["ip", "link", "delete", link.name], check=False)
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mounts_below(path.parent)
+
+
+def mounts_below(root: Path) -> list[str]:
+    """Mount points at or below ``root`` in this mount namespace, deepest first."""
+    prefix = str(root).rstrip("/")
+    with open("/proc/self/mountinfo") as info:
+        points = [line.split()[4] for line in info]
+    inside = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    return sorted(set(inside), key=len, reverse=True)
+
+
+def unmount_below(root: Path) -> None:
+    for point in mounts_below(root):
+        run(["umount", "-l", point], check=False)
