@@ -53,7 +53,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 handle.get()
             except JobFailed as exc:
                 failed += 1
-                print(f"job {exc.job_id} {exc.state}: {exc.error}", file=sys.stderr)
+                print(exc, file=sys.stderr)
         print(f"{len(handles) - failed} succeeded, {failed} failed", file=sys.stderr)
         return 1 if failed else 0
 

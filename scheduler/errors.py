@@ -42,6 +42,5 @@ class JobFailed(SchedulerError):
         super().__init__(job_id, state, error, exit_code)
 
     def __str__(self) -> str:
-        detail = f": {self.error}" if self.error else ""
-        code = f" (exit code {self.exit_code})" if self.exit_code not in (None, 0) else ""
-        return f"job {self.job_id} {self.state}{code}{detail}"
+        detail = f": {self.error.strip()}" if self.error else ""
+        return f"job {self.job_id} {self.state}{detail}"

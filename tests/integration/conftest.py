@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+import pytest
+
+from .scheduler_procs import Cluster
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A fresh master (no slaves yet); everything it starts is killed afterwards."""
+    c = Cluster(tmp_path)
+    c.start_master()
+    yield c
+    c.stop()

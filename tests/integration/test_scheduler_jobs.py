@@ -1,0 +1,187 @@
+"""Jobs of both kinds through real master and slave processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import cloudpickle
+import pytest
+
+from scheduler import JobFailed, SubmitError
+
+from . import jobs
+
+cloudpickle.register_pickle_by_value(jobs)
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def busy(cluster):
+    cluster.start_slave("s1", concurrency=2)
+    cluster.wait_slaves("s1")
+    return cluster
+
+
+def test_python_jobs_succeed_and_fail_with_states_and_outputs(busy):
+    with busy.client() as client:
+        ok = client.apply_async(jobs.square, (7,), name="sq")
+        bad = client.apply_async(jobs.boom, ("kaput",))
+        crashed = client.apply_async(jobs.crash)
+        assert ok.get(timeout=20) == 49
+        with pytest.raises(JobFailed) as failure:
+            bad.get(timeout=20)
+        with pytest.raises(JobFailed) as death:
+            crashed.get(timeout=20)
+        assert ok.successful() and not bad.successful()
+        assert "ValueError: kaput" in failure.value.error
+        assert "exit code 13" in death.value.error
+        info = client.job(ok.id)
+        assert (info["state"], info["name"], info["attempts"], info["worker"]) == (
+            "succeeded", "sq", 1, "s1",
+        )
+        assert info["ended"] >= info["started"] >= info["submitted"]
+        assert client.job(bad.id)["state"] == "failed"
+        # the slave survived the crashing job and still serves
+        assert client.apply_async(jobs.square, (3,)).get(timeout=20) == 9
+
+
+def test_shell_jobs_report_exit_codes_and_output(busy):
+    with busy.client() as client:
+        echo = client.submit_shell(["sh", "-c", "echo out; echo err >&2"])
+        false = client.submit_shell(["false"])
+        missing = client.submit_shell(["no-such-program-xyz"])
+        piped = client.submit_shell("echo a b | wc -w", shell=True)
+        assert echo.get(timeout=20) == "out\n"
+        assert piped.get(timeout=20).strip() == "2"
+        for handle, code in ((false, 1), (missing, 127)):
+            with pytest.raises(JobFailed) as exc:
+                handle.get(timeout=20)
+            assert exc.value.exit_code == code
+        info = client.job(echo.id)
+        assert (info["stdout"], info["stderr"], info["exit_code"]) == ("out\n", "err\n", 0)
+
+
+def test_map_and_imap_unordered(busy):
+    with busy.client() as client:
+        assert client.map(jobs.square, range(200), chunksize=1) == [x * x for x in range(200)]
+        assert client.map(jobs.square, range(100)) == [x * x for x in range(100)]
+        assert sorted(client.imap_unordered(jobs.square, range(50))) == [x * x for x in range(50)]
+        assert list(client.imap(jobs.square, range(20), chunksize=3)) == [x * x for x in range(20)]
+        counts = client.status()["counts"]
+        # 200 + 50 single jobs; chunked maps make fewer jobs than items
+        assert 250 < counts["succeeded"] < 370 and counts["queued"] == counts["running"] == 0
+
+
+def test_functions_from_a_users_main_script(busy, tmp_path):
+    script = tmp_path / "user.py"
+    script.write_text(textwrap.dedent(f"""
+        from scheduler import Client
+
+        def triple(x):
+            return 3 * x
+
+        with Client({busy.address!r}, {busy.authkey!r}) as client:
+            print(client.map(triple, [1, 2, 3]))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[3, 6, 9]"
+
+
+def test_timeouts_kill_the_whole_process_group(busy, tmp_path):
+    marker = "sleep 301.25"
+    with busy.client() as client:
+        shell = client.submit_shell(f"{marker} & {marker}; echo never", shell=True, timeout=1)
+        py = client.apply_async(jobs.nap, (60,), timeout=1)
+        for handle in (shell, py):
+            with pytest.raises(JobFailed) as exc:
+                handle.get(timeout=20)
+            assert "timed out after 1s" in exc.value.error
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+        assert left.stdout == "", "the job's background process outlived its timeout"
+        assert client.apply_async(jobs.square, (5,)).get(timeout=20) == 25
+
+
+def test_a_job_printing_far_too_much_is_capped(busy):
+    with busy.client() as client:
+        # 200 MiB to stdout from a shell job, 20 MiB from a python job
+        big = client.submit_shell("head -c 209715200 /dev/zero | tr '\\0' 'x'", shell=True)
+        out = big.get(timeout=60)
+        assert len(out) < 70 * 1024 and "bytes dropped" in out
+        assert client.apply_async(jobs.shout, (20 * 1024,)).get(timeout=60) == "done"
+        info = client.job(big.id)
+        assert info["state"] == "succeeded" and len(info["stdout"]) < 70 * 1024
+
+
+def test_cancel_queued_and_running_jobs(cluster):
+    with cluster.client() as client:
+        queued = client.submit_shell(["true"])
+        client.cancel(queued.id)
+        assert client.job(queued.id)["state"] == "cancelled"
+        cluster.start_slave("s1")
+        cluster.wait_slaves("s1")
+        running = client.submit_shell(["sleep", "30"])
+        running.id
+        wait = __import__("tests.integration.scheduler_procs", fromlist=["wait_until"]).wait_until
+        wait(lambda: client.job(running.id)["state"] == "running", what="job to run")
+        assert client.cancel(running.id)["state"] == "cancelled"
+        with pytest.raises(JobFailed) as exc:
+            running.get(timeout=10)
+        assert exc.value.state == "cancelled"
+        assert client.apply_async(jobs.square, (4,)).get(timeout=20) == 16
+        assert client.job(queued.id)["state"] == "cancelled"
+
+
+def test_bad_input_is_refused_with_a_clear_error_and_the_master_keeps_serving(busy):
+    import threading
+
+    with busy.client() as client:
+        with pytest.raises(SubmitError, match="empty command"):
+            client.submit_shell([])
+        with pytest.raises(SubmitError, match="cannot pickle"):
+            client.apply_async(threading.Lock().acquire)
+        with pytest.raises(SubmitError, match="unknown job kind 'perl'"):
+            client._proxy.submit([("perl", ("x", False), "", None, None, None)], {}, None)
+        with pytest.raises(SubmitError, match="empty command"):
+            client._proxy.submit([("shell", ([], False), "", None, None, None)], {}, None)
+        with pytest.raises(SubmitError, match="malformed"):
+            client._proxy.submit(["garbage"], {}, None)
+        assert client.apply_async(jobs.square, (6,)).get(timeout=20) == 36
+    assert "submit refused: unknown job kind" in busy.master.log()
+
+
+def test_cli_submit_jobs_status_cancel_wait(busy, tmp_path):
+    env = busy.env()
+
+    def cli(*args, ok=True):
+        out = subprocess.run([sys.executable, "-m", "scheduler", "--master", busy.address, *args],
+                             capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        assert (out.returncode == 0) == ok, out.stderr
+        return out
+
+    ids = cli("submit", "--wait", "--", "echo", "hello").stdout.split()
+    assert len(ids) == 1
+    failing = cli("submit", "--wait", "--", "sh", "-c", "exit 3", ok=False)
+    assert "job 2 failed: exited with 3" in failing.stderr and "Traceback" not in failing.stderr
+    batch = tmp_path / "batch.txt"
+    batch.write_text("echo one\n# a comment\necho two | tr a-z A-Z\n")
+    file_ids = cli("submit", "--file", str(batch)).stdout.split()
+    assert len(file_ids) == 2
+    cli("wait", *file_ids)
+    listed = json.loads(cli("jobs", "--json").stdout)
+    by_id = {str(j["id"]): j for j in listed}
+    assert by_id[ids[0]]["state"] == "succeeded" and by_id[ids[0]]["stdout"] == "hello\n"
+    assert by_id[file_ids[1]]["stdout"] == "TWO\n"
+    failed = json.loads(cli("jobs", "--state", "failed", "--json").stdout)
+    assert [j["exit_code"] for j in failed] == [3]
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["counts"]["succeeded"] == 3 and status["counts"]["failed"] == 1
+    assert [w["name"] for w in status["workers"]] == ["s1"]
+    assert set(status["counts"]) == {"queued", "running", "succeeded", "failed", "cancelled"}
+    long_id = cli("submit", "--", "sleep", "30").stdout.strip()
+    assert "cancelled" in cli("cancel", long_id).stdout
+    assert "Traceback" not in cli("cancel", "999999", ok=False).stderr
+    assert "human" not in cli("status").stdout and "s1" in cli("status").stdout
