@@ -161,7 +161,8 @@ def hosts_override(data: Mapping[str, Any], hosts: str) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": match["host"] + (f":{match['port']}" if match["port"] else "")
         }
-        entry["address"] = match["host"]
+        if match["host"] != LOCAL:
+            entry["address"] = match["host"]
         if match["user"]:
             entry["user"] = match["user"]
         if match["port"]:
@@ -179,8 +180,9 @@ def hosts_override(data: Mapping[str, Any], hosts: str) -> dict[str, Any]:
 class _Reader:
     """Reads typed values out of nested mappings, collecting problems with their key paths."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_dir: Path) -> None:
         self.problems: list[str] = []
+        self.base_dir = base_dir  # relative paths in the inventory are relative to its folder
 
     def table(self, data: Mapping[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
         value = data.get(key, {})
@@ -270,7 +272,7 @@ def from_mapping(
     source: str = "inventory",
 ) -> Config:
     """Validate a parsed inventory as a whole; raise one ConfigError listing every problem."""
-    r = _Reader()
+    r = _Reader(base_dir)
     r.unknown(data, "", {"cluster", "master", "workers", "images", "ssh", "env", "hosts"})
     r.problems = [p.lstrip(".") for p in r.problems]
     cluster_t = r.table(data, "cluster", {"name", "authkey_file", "parallel"})
@@ -382,7 +384,8 @@ def _ssh_target(
     if not 1 <= port <= 65535:
         r.problems.append(f"{path}.port: expected 1 to 65535, got {port}")
     files = r.files(entry, path, "identity_file") or r.files(ssh_t, "ssh", "identity_file")
-    identity = files or tuple(seen.get("identityfile", ()))
+    identity = [_expand(f, environ, r.base_dir) for f in files or ()]
+    identity = identity or [_expand(f, environ, home) for f in seen.get("identityfile", ())]
     known = pick("known_hosts", str, "userknownhostsfile", str(home / ".ssh" / "known_hosts"))
     timeout = r.number(ssh_t, "ssh", "connect_timeout", None, 0.1, 600, float)
     if timeout is None:
@@ -393,7 +396,7 @@ def _ssh_target(
         user=str(
             pick("user", str, "user", environ.get("USER") or environ.get("LOGNAME") or "root")
         ),
-        identity_files=tuple(str(_expand(f, environ, home)) for f in identity),
+        identity_files=tuple(str(f) for f in identity),
         known_hosts=str(_expand(str(known).split()[0], environ, home)),
         connect_timeout=timeout,
         proxy_command=seen.get("proxycommand"),

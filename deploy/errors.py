@@ -82,6 +82,9 @@ class PartialFailure(DeployError):
         detail = f"failed on {len(self.failures)} of {total} host(s):\n  {lines}"
         super().__init__(action, detail, "fix the hosts above and run the command again")
 
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.detail}\n{self.hint}"
+
 
 def _short(err: BaseException) -> str:
     if isinstance(err, HostError):

@@ -1,0 +1,124 @@
+"""Carrying a plan out (with a recording executor) and waiting for the master (fake clock)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy import cluster, config, master
+from deploy.authkey import Secret
+from deploy.errors import HostError, MasterError
+from deploy.planner import Create, Remove, plan_up
+from deploy.specs import ImageRef, Images
+
+KEY = Secret("k" * 32)
+IMAGES = Images(ImageRef("m:1", "sha256:" + "a" * 64), ImageRef("s:1", "sha256:" + "b" * 64))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("SCHEDULER_", "DEPLOYCTL_")):
+            monkeypatch.delenv(name)
+
+
+class Recorder:
+    """An executor that records what it is asked, and fails on chosen hosts."""
+
+    def __init__(self, broken: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.calls: list[tuple[str, str, str]] = []
+        self.broken = broken
+
+    def _do(self, verb: str, host: config.Host, name: str) -> None:
+        if host.name in self.broken:
+            raise HostError(host.name, host.name, "engine gone", "start it")
+        self.calls.append((verb, host.name, name))
+
+    def create(self, host: config.Host, action: Create) -> None:
+        self._do("create", host, action.spec.name)
+
+    def start(self, host: config.Host, action: Any) -> None:
+        self._do("start", host, action.container.name)
+
+    def remove(self, host: config.Host, action: Remove) -> None:
+        self._do("remove", host, action.container.name)
+
+    def remove_volume(self, host: config.Host, action: Any) -> None:
+        self._do("remove_volume", host, action.name)
+
+
+def context(hosts: str = "h1 h2 h3") -> cluster.Context:
+    data = config.hosts_override({"cluster": {"name": "c"}}, hosts)
+    cfg = config.from_mapping(data, {"HOME": "/h"}, lambda p: lambda a: {}, Path("/inv"))
+    echoed: list[str] = []
+    return cluster.Context(cfg, {}, None, None, echoed.append)  # type: ignore[arg-type]
+
+
+def test_master_first_then_every_host_in_order() -> None:
+    ctx = context()
+    actions = plan_up(ctx.config, IMAGES, KEY, [], 4, {})
+    rec = Recorder()
+    assert cluster.run(ctx, actions, rec) == set()
+    assert rec.calls[0] == ("create", "h1", "c-master")
+    per_host = {h: [c[2] for c in rec.calls[1:] if c[1] == h] for h in ("h1", "h2", "h3")}
+    assert per_host == {"h1": ["c-worker-1", "c-worker-2"], "h2": ["c-worker-3"],
+                        "h3": ["c-worker-4"]}  # fmt: skip
+
+
+def test_one_broken_host_does_not_stop_the_others() -> None:
+    ctx = context()
+    actions = plan_up(ctx.config, IMAGES, KEY, [], 6, {})
+    rec = Recorder(broken={"h2"})
+    assert cluster.run(ctx, actions, rec) == {"h2"}
+    assert {c[1] for c in rec.calls} == {"h1", "h3"}
+    assert len(rec.calls) == 1 + 4
+    assert set(ctx.failures) == {"h2"}
+
+
+def test_a_failed_master_host_skips_its_workers_but_not_the_rest() -> None:
+    ctx = context()
+    rec = Recorder(broken={"h1"})
+    assert cluster.run(ctx, plan_up(ctx.config, IMAGES, KEY, [], 3, {}), rec) == {"h1"}
+    assert sorted(c[1] for c in rec.calls) == ["h2", "h3"]
+
+
+class FakeClient:
+    def __init__(self, statuses: list[dict[str, Any]]) -> None:
+        self.statuses = statuses
+
+    def status(self) -> dict[str, Any]:
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wait_registered_returns_once_every_worker_is_there() -> None:
+    statuses = [{"workers": []}, {"workers": [{"name": "w1"}]},
+                {"workers": [{"name": "w1"}, {"name": "w2"}]}]  # fmt: skip
+    clock = Clock()
+    status = master.wait_registered(FakeClient(statuses), ["w1", "w2"], 10, clock, clock.sleep)  # type: ignore[arg-type]
+    assert len(status["workers"]) == 2 and clock.now == 0.5
+
+
+def test_wait_registered_names_the_missing_workers() -> None:
+    clock = Clock()
+    client = FakeClient([{"workers": [{"name": "w1"}, {"name": "w2", "draining": True}]}])
+    with pytest.raises(MasterError, match="after 3s: w2, w3"):
+        master.wait_registered(client, ["w1", "w2", "w3"], 3, clock, clock.sleep)  # type: ignore[arg-type]
+
+
+def test_busy_workers_from_status() -> None:
+    status = {"workers": [{"name": "a", "running": [1, 2]}, {"name": "b", "running": []}]}
+    assert master.busy_workers(status) == {"a": 2, "b": 0}

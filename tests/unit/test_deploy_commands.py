@@ -1,0 +1,148 @@
+"""Commands as data: container specs, SDK arguments, dry-run lines; the authkey never shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+
+from deploy import authkey, config, render, specs
+from deploy.authkey import Secret
+from deploy.errors import DeployError, HostError, PartialFailure
+from deploy.planner import Observed, Remove, Start, plan_up
+from deploy.ssh import dial_command, known_hosts_entry
+
+KEY = Secret("super-secret-key-" + "x" * 20)
+IMAGES = specs.Images(specs.ImageRef("scheduler-master:hash-a", "sha256:" + "a" * 64),
+                      specs.ImageRef("scheduler-slave:hash-b", "sha256:" + "b" * 64))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("SCHEDULER_", "DEPLOYCTL_")):
+            monkeypatch.delenv(name)
+
+
+def make_config(hosts: str = "h1 h2", **sections: object) -> config.Config:
+    data = config.hosts_override({"cluster": {"name": "demo"}, **sections}, hosts)
+    return config.from_mapping(data, {"HOME": "/h"}, lambda p: lambda a: {}, Path("/inv"))
+
+
+def test_worker_spec_is_exact_data() -> None:
+    cfg = make_config(workers={"concurrency": 3, "grace_seconds": 20}, env={"TZ": "UTC"})
+    spec = specs.worker_spec(cfg, IMAGES, KEY, "h2", 7)
+    args = specs.create_args(spec)
+    assert args["environment"] == {
+        "SCHEDULER_AUTHKEY": KEY, "SCHEDULER_CONCURRENCY": "3", "SCHEDULER_GRACE_SECONDS": "20",
+        "SCHEDULER_MASTER": "h1:8888", "SCHEDULER_WORKER_NAME": "demo-worker-7", "TZ": "UTC",
+    }  # fmt: skip
+    assert {k: v for k, v in args.items() if k not in ("environment", "labels")} == {
+        "image": "scheduler-slave:hash-b", "name": "demo-worker-7", "stop_timeout": 35,
+        "use_config_proxy": False,
+        "host_config": {"network_mode": "host", "restart_policy": {"Name": "unless-stopped"},
+                        "binds": {}},
+    }  # fmt: skip
+    labels = args["labels"]
+    assert isinstance(labels, dict)
+    assert {k: labels[k] for k in ("deployctl.cluster", "deployctl.role", "deployctl.index",
+                                   "deployctl.version")} == {
+        "deployctl.cluster": "demo", "deployctl.role": "worker", "deployctl.index": "7",
+        "deployctl.version": "bbbbbbbbbbbb"}  # fmt: skip
+
+
+def test_master_spec_has_its_volume_and_binds_wide_only_for_remote_hosts() -> None:
+    spec = specs.master_spec(make_config(), IMAGES, KEY)
+    assert spec.volumes == (("demo-state", "/var/lib/scheduler"),)
+    assert dict(spec.env)["SCHEDULER_BIND"] == "0.0.0.0:8888"
+    assert specs.create_args(spec)["host_config"]["binds"] == {  # type: ignore[index]
+        "demo-state": {"bind": "/var/lib/scheduler", "mode": "rw"}}  # fmt: skip
+    local = specs.master_spec(make_config("localhost"), IMAGES, KEY)
+    assert dict(local.env)["SCHEDULER_BIND"] == "127.0.0.1:8888"
+
+
+def test_the_spec_digest_changes_with_the_key_but_does_not_contain_it() -> None:
+    cfg = make_config()
+    one = specs.worker_spec(cfg, IMAGES, KEY, "h1", 1)
+    two = specs.worker_spec(cfg, IMAGES, Secret("another-key-" + "y" * 20), "h1", 1)
+    assert one.digest != two.digest
+    assert one.digest == specs.worker_spec(cfg, IMAGES, KEY, "h1", 1).digest
+    assert KEY.reveal() not in repr(one) and KEY.reveal() not in json.dumps(dict(one.labels))
+
+
+def test_dry_run_plan_masks_the_key() -> None:
+    cfg = make_config()
+    actions = plan_up(cfg, IMAGES, KEY, [], 2, {})
+    text = render.plan(actions)
+    assert KEY.reveal() not in text
+    assert "SCHEDULER_AUTHKEY=********" in text
+    assert text.splitlines()[0].startswith("h1: create demo-master (master, image scheduler-master")
+    assert render.plan([]) == "nothing to do: the cluster already matches the inventory"
+
+
+def test_describe_removals_and_starts() -> None:
+    o = Observed("h2", "id1", "demo-worker-3", "worker", 3, "v", "d", "exited")
+    assert render.describe(Remove(o, 75, "scale down, idle")) == (
+        "h2: drain and remove demo-worker-3 (scale down, idle; up to 75s)")  # fmt: skip
+    assert render.describe(Start(o)) == "h2: start demo-worker-3 (exists, exited)"
+
+
+def test_secret_never_shows() -> None:
+    assert str(KEY) == repr(KEY) == f"{KEY}" == "Secret('********')"
+    assert "super-secret" not in f"{[KEY]} { ({'k': KEY}) }"
+    with pytest.raises(TypeError):
+        pickle.dumps(KEY)
+
+
+def test_authkey_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "c.authkey"
+    first = authkey.resolve(path, {}, create=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert authkey.resolve(path, {}, create=False) == first
+    assert len(first.reveal()) >= 40
+
+
+def test_authkey_environment_wins_and_short_or_open_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.authkey"
+    assert authkey.resolve(path, {"SCHEDULER_AUTHKEY": "e" * 20}, create=True).reveal() == "e" * 20
+    assert not path.exists()
+    with pytest.raises(DeployError, match="shorter than 16") as caught:
+        authkey.resolve(path, {"SCHEDULER_AUTHKEY": "short"}, create=True)
+    assert "short" not in str(caught.value).replace("shorter", "")
+    path.write_text("k" * 30)
+    path.chmod(0o644)
+    with pytest.raises(DeployError, match="chmod 600"):
+        authkey.resolve(path, {}, create=False)
+    with pytest.raises(DeployError, match="deployctl init"):
+        authkey.resolve(tmp_path / "none", {}, create=False)
+
+
+def test_dial_command_is_quoted_data() -> None:
+    assert dial_command(None) == "docker system dial-stdio"
+    assert dial_command("/run/my engine.sock") == (
+        "docker -H 'unix:///run/my engine.sock' system dial-stdio")  # fmt: skip
+    assert (
+        dial_command("tcp://127.0.0.1:2375") == "docker -H tcp://127.0.0.1:2375 system dial-stdio"
+    )
+
+
+def test_known_hosts_entry_uses_brackets_for_other_ports() -> None:
+    cfg = make_config("a user@b:2222")
+    assert known_hosts_entry(cfg.host("a").ssh) == "a"  # type: ignore[arg-type]
+    assert known_hosts_entry(cfg.host("b:2222").ssh) == "[b]:2222"  # type: ignore[arg-type]
+
+
+def test_error_messages_name_the_subject_and_the_next_step() -> None:
+    err = HostError("w3", "10.0.0.7:22", "cannot connect over SSH: timed out", "is the host up?")
+    assert str(err) == "host w3 (10.0.0.7:22): cannot connect over SSH: timed out; is the host up?"
+    summary = PartialFailure("up", {"w3": err, "w1": DeployError("x", "y")}, 3)
+    assert str(summary).splitlines() == [
+        "up: failed on 2 of 3 host(s):", "  w1: x: y",
+        "  w3: cannot connect over SSH: timed out; is the host up?",
+        "fix the hosts above and run the command again",
+    ]  # fmt: skip
+    assert summary.exit_code == 3
