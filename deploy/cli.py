@@ -136,7 +136,7 @@ def ship_cmd() -> None:
 @app.command()
 def up(
     workers: Annotated[int | None, typer.Option(
-        min=0, help="worker count (default: keep the running count, else workers.count)")] = None,
+        min=0, help="worker count (default: workers.count)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
 ) -> None:  # fmt: skip
     """Build, ship, start master and workers; wait until the workers have registered."""

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from . import authkey, engine, master
 from .authkey import Secret
 from .config import Config, Host
-from .errors import DeployError, HostError, PartialFailure
+from .errors import DeployError, PartialFailure
 from .parallel import across
 from .planner import (
     Action,
@@ -26,7 +26,7 @@ from .planner import (
     state_volume,
 )
 from .ship import ensure_images, running_images
-from .specs import MASTER, WORKER, Images, volume_name
+from .specs import MASTER, WORKER, Images
 from .ssh import SSHPool
 
 log = logging.getLogger(__name__)
@@ -115,15 +115,20 @@ class EngineExecutor:
             self.echo(f"{host.name}: removed volume {action.name}")
 
 
-def run(ctx: Context, actions: Sequence[Action], executor: Executor) -> set[str]:
-    """Master actions first, then each host's actions in order, hosts in parallel.
+def run(
+    ctx: Context, actions: Sequence[Action], executor: Executor, master_first: bool = True
+) -> set[str]:
+    """In phases: the master's actions, the workers' (or the reverse), then volumes.
 
-    Returns the hosts where something failed (the error is recorded in ``ctx``).
+    Within a phase, each host's actions run in order and hosts run in parallel; a host that
+    failed is skipped in later phases. Returns the failed hosts (errors are in ``ctx``).
     """
-    first = [a for a in actions if _is_master(a)]
-    rest = [a for a in actions if not _is_master(a)]
+    masters = [a for a in actions if _is_master(a)]
+    workers = [a for a in actions if not _is_master(a) and not isinstance(a, RemoveVolume)]
+    volumes = [a for a in actions if isinstance(a, RemoveVolume)]
+    order = (masters, workers) if master_first else (workers, masters)
     failed: set[str] = set()
-    for phase in (first, rest):
+    for phase in (*order, volumes):
         by_host: dict[str, list[Action]] = {}
         for action in phase:
             by_host.setdefault(action.host, []).append(action)
@@ -175,7 +180,7 @@ def up(
     images = ensure_images(ctx, seen.reachable, build=not dry_run, ship=not dry_run)
     reachable = seen.reachable - set(ctx.failures)
     busy = _busy(ctx, key, seen) if not dry_run else {}
-    count = workers if workers is not None else _current_count(ctx, seen)
+    count = ctx.config.workers.count if workers is None else workers
     actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(reachable))
     return _carry_out(ctx, key, seen, actions, dry_run, executor, "up")
 
@@ -201,8 +206,7 @@ def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None =
     vols = [(h, v) for h, v in vols if h in seen.reachable]
     actions = plan_down(ctx.config, seen.containers, vols)
     if not dry_run:
-        run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
-    ctx.raise_failures("down")
+        run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo), master_first=False)
     return Result(tuple(actions), None)
 
 
@@ -211,7 +215,6 @@ def _carry_out(
     executor: Executor | None, name: str,
 ) -> Result:  # fmt: skip
     if dry_run:
-        ctx.raise_failures(name) if ctx.failures and not actions else None
         return Result(tuple(actions), None)
     failed = run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
     expected = _expected_workers(seen, actions, failed | set(ctx.failures))
@@ -221,7 +224,6 @@ def _carry_out(
         ctx.echo(f"waiting for the master and {len(expected)} worker(s) to register")
         status = master.wait_ready(ctx.config, ctx.pool, key, expected,
                                    ctx.config.master.ready_timeout)  # fmt: skip
-    ctx.raise_failures(name)
     return Result(tuple(actions), status)
 
 
@@ -234,12 +236,6 @@ def _expected_workers(seen: Observation, actions: Sequence[Action], failed: set[
         if isinstance(action, Create) and action.spec.role == WORKER and action.host not in failed:
             names.add(action.spec.name)
     return sorted(names)
-
-
-def _current_count(ctx: Context, seen: Observation) -> int:
-    """A running cluster keeps its size (set by ``scale``); a new one starts with workers.count."""
-    current = sum(1 for o in seen.containers if o.role == WORKER)
-    return current if current else ctx.config.workers.count
 
 
 def _busy(ctx: Context, key: Secret, seen: Observation) -> dict[str, int]:
@@ -261,15 +257,6 @@ def _key_or_placeholder(ctx: Context) -> Secret:
     except DeployError:
         ctx.echo(f"dry run: would create the authkey file {ctx.config.authkey_file}")
         return authkey.generate()
-
-
-def volume_of(config: Config) -> str:
-    return volume_name(config.cluster)
-
-
-def host_error(ctx: Context, name: str) -> HostError | None:
-    error = ctx.failures.get(name)
-    return error if isinstance(error, HostError) else None
 
 
 __all__ = ["Context", "Images", "Result", "down", "observe", "scale", "session", "up"]

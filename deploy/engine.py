@@ -54,22 +54,28 @@ class Engines:
         self._clients: dict[str, docker.DockerClient] = {}
         self._forwarders: dict[str, Forwarder] = {}
         self._lock = threading.Lock()
+        self._host_locks: dict[str, threading.Lock] = {}
 
     def client(self, host: Host) -> docker.DockerClient:
         with self._lock:
-            if host.name in self._clients:
-                return self._clients[host.name]
-        if host.local:
-            url = host.docker_host or None
-        else:
-            path, self._forwarders[host.name] = self.pool.docker_socket(host)
-            url = f"unix://{path}"
+            lock = self._host_locks.setdefault(host.name, threading.Lock())
+        with lock:
+            if host.name not in self._clients:
+                self._clients[host.name] = self._open(host)
+            return self._clients[host.name]
+
+    def _open(self, host: Host) -> docker.DockerClient:
         with self.guard(host, "connect to the Docker engine"):
-            client = docker.DockerClient(base_url=url, timeout=API_TIMEOUT) if url else \
-                docker.from_env(timeout=API_TIMEOUT)  # fmt: skip
+            if host.local:
+                url = host.docker_host
+            else:
+                path, self._forwarders[host.name] = self.pool.docker_socket(host)
+                url = f"unix://{path}"
+            if url:
+                client = docker.DockerClient(base_url=url, timeout=API_TIMEOUT)
+            else:
+                client = docker.from_env(timeout=API_TIMEOUT)
             client.ping()
-        with self._lock:
-            self._clients[host.name] = client
         return client
 
     @contextlib.contextmanager

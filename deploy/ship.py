@@ -39,7 +39,7 @@ class _EchoWriter(io.StringIO):
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            if line.strip():
+            if line.startswith(("images:", "Step ")):  # the steps, not every layer's chatter
                 self.echo(f"  {line.rstrip()}")
         return len(text)
 

@@ -27,6 +27,7 @@ from .errors import DeployError, HostError, HostKeyError
 log = logging.getLogger(__name__)
 WINDOW = 2**27  # a large SSH window: images stream through these channels
 CHUNK = 2**16
+MAX_CONNECTIONS = 8  # per host
 
 
 def config_lookup(path: str | None) -> SSHLookup:
@@ -237,7 +238,7 @@ class Forwarder:
     def _serve(self, conn: socket.socket) -> None:
         try:
             channel = self.open_channel()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except (paramiko.SSHException, OSError, EOFError, DeployError) as exc:
             self.last_error = str(exc) or type(exc).__name__
             conn.close()
             return
@@ -278,45 +279,62 @@ def _pump(conn: socket.socket, channel: paramiko.Channel) -> None:
 
 
 class SSHPool:
-    """One connection per host, opened on first use and shared by threads; ``close()`` ends all."""
+    """Connections per host, opened on first use and shared by threads; ``close()`` ends all.
+
+    Channels are multiplexed over one connection; a second one is opened only when sshd
+    refuses another session on the first (``MaxSessions``, 10 by default).
+    """
 
     def __init__(self, accept_new: bool = False) -> None:
         self.accept_new = accept_new
-        self._clients: dict[str, paramiko.SSHClient] = {}
+        self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
         self._forwarders: list[Forwarder] = []
         self._tunnels: dict[tuple[str, str, int], tuple[str, int]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._dir = tempfile.mkdtemp(prefix="deployctl-")
 
-    def client(self, host: Host) -> paramiko.SSHClient:
+    def client(self, host: Host, slot: int = 0) -> paramiko.SSHClient:
         with self._guard:
             lock = self._locks.setdefault(host.name, threading.Lock())
         with lock:
-            client = self._clients.get(host.name)
+            client = self._clients.get((host.name, slot))
             transport = client.get_transport() if client else None
             if client is None or transport is None or not transport.is_active():
                 client = connect(host, self.accept_new)
-                self._clients[host.name] = client
+                self._clients[(host.name, slot)] = client
             return client
+
+    def open(self, host: Host, opener: Callable[[paramiko.Transport], paramiko.Channel]) -> Any:
+        """A new channel on the first connection that accepts one."""
+        for slot in range(MAX_CONNECTIONS):
+            transport = self.client(host, slot).get_transport()
+            assert transport is not None
+            try:
+                return opener(transport)
+            except paramiko.ChannelException:
+                continue  # this connection is at sshd's session limit; try the next one
+        raise paramiko.SSHException(f"no channel after {MAX_CONNECTIONS} connections")
 
     def docker_socket(self, host: Host) -> tuple[str, Forwarder]:
         """A local unix socket that reaches the host's engine (``docker system dial-stdio``)."""
         command = dial_command(host.docker_host)
 
-        def open_channel() -> paramiko.Channel:
-            transport = self.client(host).get_transport()
-            assert transport is not None
+        def session(transport: paramiko.Transport) -> paramiko.Channel:
             channel = transport.open_session()
             channel.exec_command(command)
             return channel
 
-        path = os.path.join(self._dir, f"{len(self._forwarders)}.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(16)
-        forwarder = Forwarder(listener, open_channel)
-        self._forwarders.append(forwarder)
+        def open_channel() -> paramiko.Channel:
+            return self.open(host, session)
+
+        with self._guard:
+            path = os.path.join(self._dir, f"{len(self._forwarders)}.sock")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(16)
+            forwarder = Forwarder(listener, open_channel)
+            self._forwarders.append(forwarder)
         return path, forwarder
 
     def tunnel(self, host: Host, address: str, port: int) -> tuple[str, int]:
@@ -326,16 +344,17 @@ class SSHPool:
             return self._tunnels[key]
 
         def open_channel() -> paramiko.Channel:
-            transport = self.client(host).get_transport()
-            assert transport is not None
-            return transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0))
+            return self.open(host, lambda t: t.open_channel("direct-tcpip", (address, port),
+                                                            ("127.0.0.1", 0)))  # fmt: skip
 
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        self._forwarders.append(Forwarder(listener, open_channel))
-        self._tunnels[key] = listener.getsockname()[:2]
-        return self._tunnels[key]
+        with self._guard:
+            if key not in self._tunnels:
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(16)
+                self._forwarders.append(Forwarder(listener, open_channel))
+                self._tunnels[key] = listener.getsockname()[:2]
+            return self._tunnels[key]
 
     def close(self) -> None:
         for forwarder in self._forwarders:

@@ -11,7 +11,7 @@ import pytest
 from deploy import cluster, config, master
 from deploy.authkey import Secret
 from deploy.errors import HostError, MasterError
-from deploy.planner import Create, Remove, plan_up
+from deploy.planner import Create, Observed, Remove, plan_down, plan_up
 from deploy.specs import ImageRef, Images
 
 KEY = Secret("k" * 32)
@@ -122,3 +122,15 @@ def test_wait_registered_names_the_missing_workers() -> None:
 def test_busy_workers_from_status() -> None:
     status = {"workers": [{"name": "a", "running": [1, 2]}, {"name": "b", "running": []}]}
     assert master.busy_workers(status) == {"a": 2, "b": 0}
+
+
+def test_down_removes_workers_before_the_master_and_volumes_last() -> None:
+    ctx = context()
+    rec = Recorder()
+    world = [
+        Observed("h1", "m", "c-master", "master", 0, "", "", "running"),
+        Observed("h2", "w", "c-worker-1", "worker", 1, "", "", "running"),
+    ]
+    actions = plan_down(ctx.config, world, [("h1", "c-state")])
+    cluster.run(ctx, actions, rec, master_first=False)
+    assert [c[2] for c in rec.calls] == ["c-worker-1", "c-master", "c-state"]
