@@ -57,20 +57,27 @@ testbed-down: venv
 	$(PY) -m tests.testbed down --loopback
 
 # ---- cluster (owned by the deployctl work) ----
+# No HOSTS and no cluster.toml: the whole cluster on this machine's engine ("localhost").
+DEPLOYCTL := $(VENV)/bin/deployctl
+CLUSTER := $(if $(HOSTS),--hosts "$(HOSTS)",$(if $(wildcard cluster.toml),,--hosts localhost))
+
 cluster-up: deps
-	@echo "cluster-up: not yet"
+	$(DEPLOYCTL) $(CLUSTER) up
+	@echo "demo batch: deploy/demo.jobs (progress in 'make logs')" >&2
+	$(DEPLOYCTL) $(CLUSTER) submit --wait --file deploy/demo.jobs
+	$(DEPLOYCTL) $(CLUSTER) logs master --tail 12
 
 cluster-down: venv
-	@echo "cluster-down: not yet"
+	$(DEPLOYCTL) $(CLUSTER) down
 
 scale: venv
-	@echo "scale: not yet"
+	$(DEPLOYCTL) $(CLUSTER) scale workers $(N)
 
 logs: venv
-	@echo "logs: not yet"
+	$(DEPLOYCTL) $(CLUSTER) logs --tail 50
 
 status: venv
-	@echo "status: not yet"
+	$(DEPLOYCTL) $(CLUSTER) status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
