@@ -69,6 +69,7 @@ class Engines:
             if host.local:
                 url = host.docker_host
             else:
+                self.pool.client(host)  # log in now: SSH and host-key errors come out as they are
                 path, self._forwarders[host.name] = self.pool.docker_socket(host)
                 url = f"unix://{path}"
             if url:

@@ -244,6 +244,8 @@ class Forwarder:
             return
         try:
             _pump(conn, channel)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("forwarded connection ended: %r", exc)  # the other end went away
         finally:
             err = channel.recv_stderr(4096) if channel.recv_stderr_ready() else b""
             if err.strip():

@@ -1,0 +1,260 @@
+"""deployctl on the test bed: three hosts with their own engines and sshd, the real CLI.
+
+The CLI runs as a subprocess with HOME set to the test bed's client home, so paramiko finds
+the bed's ~/.ssh/config, key and known_hosts exactly as a user's would be found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+
+from tests.testbed import Testbed
+
+pytestmark = pytest.mark.integration
+
+CLUSTER = "itest"
+PORT = 18890  # not the image tests' 8888, so a leftover of theirs cannot collide
+LABEL = f"deployctl.cluster={CLUSTER}"
+DEPLOYCTL = Path(sys.executable).with_name("deployctl")
+
+
+@dataclass
+class Bed:
+    testbed: Testbed
+    home: Path
+    workdir: Path
+
+    @contextlib.contextmanager
+    def engine(self, name: str) -> Iterator[docker.DockerClient]:
+        host = next(h for h in self.testbed.hosts if h.name == name)
+        client = docker.DockerClient(base_url=host.docker_url, timeout=120)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def containers(self) -> dict[str, list[tuple[str, str]]]:
+        """host -> [(name, id)] of this cluster's containers, read from each engine directly."""
+        out = {}
+        for host in self.testbed.hosts:
+            with self.engine(host.name) as client:
+                found = client.containers.list(all=True, filters={"label": LABEL})
+                out[host.name] = sorted((c.name, c.id) for c in found)
+        return out
+
+    def run(self, *args: str, inventory: str = "cluster.toml", check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SCHEDULER_", "DEPLOYCTL_"))}  # fmt: skip
+        env["HOME"] = str(self.home)
+        proc = subprocess.run([str(DEPLOYCTL), "-i", inventory, *args], cwd=self.workdir,
+                              env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"deployctl {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")  # fmt: skip
+        return proc
+
+
+def inventory(hosts: list[str], extra: str = "", workers: int = 5) -> str:
+    body = (f'[cluster]\nname = "{CLUSTER}"\n[master]\nport = {PORT}\nready_timeout = 90\n'
+            f"[workers]\ncount = {workers}\nconcurrency = 2\ngrace_seconds = 10\n")  # fmt: skip
+    return body + "".join(f'[[hosts]]\nname = "{h}"\n' for h in hosts) + extra
+
+
+def _wipe(bed: Bed, images: bool) -> None:
+    for host in bed.testbed.hosts:
+        with bed.engine(host.name) as client:
+            for c in client.containers.list(all=True, filters={"label": LABEL}):
+                c.remove(force=True)
+            for v in client.volumes.list(filters={"label": LABEL}):
+                v.remove(force=True)
+            if images:  # make the engines empty of our images, so `up` has to ship them
+                for image in client.images.list():
+                    if any(t.startswith(("scheduler-master:", "scheduler-slave:"))
+                           for t in image.tags):  # fmt: skip
+                        try:
+                            client.images.remove(image.id, force=True)
+                        except docker.errors.APIError:
+                            pass  # in use by another test's container: it stays
+
+
+@pytest.fixture(scope="module")
+def bed(testbed: Testbed, role_images: dict[str, str], tmp_path_factory) -> Iterator[Bed]:
+    workdir = tmp_path_factory.mktemp("deployctl")
+    b = Bed(testbed, testbed.hosts[0].home, workdir)
+    (workdir / "cluster.toml").write_text(inventory(["tb1", "tb2", "tb3"]))
+    _wipe(b, images=True)
+    yield b
+    _wipe(b, images=False)
+
+
+@pytest.fixture(scope="module")
+def up(bed: Bed) -> subprocess.CompletedProcess[str]:
+    return bed.run("up")
+
+
+def status(bed: Bed, inventory: str = "cluster.toml") -> dict:
+    return json.loads(bed.run("status", "--json", inventory=inventory, check=False).stdout)
+
+
+def test_up_ships_images_and_spreads_workers(bed: Bed, up) -> None:
+    assert "tb2: images loaded" in up.stderr and "tb3: images loaded" in up.stderr
+    found = bed.containers()
+    names = {h: [n for n, _ in found[h]] for h in found}
+    assert names["tb1"] == ["itest-master", "itest-worker-1", "itest-worker-2"]
+    assert names["tb2"] == ["itest-worker-3", "itest-worker-4"]
+    assert names["tb3"] == ["itest-worker-5"]
+    assert "itest-worker-5" in up.stdout  # the table printed at the end
+
+
+def test_up_waits_until_workers_registered(bed: Bed, up) -> None:
+    view = status(bed)
+    registered = {w["name"] for w in view["master"]["workers"]}
+    assert {f"itest-worker-{i}" for i in range(1, 6)} <= registered
+
+
+def test_second_up_touches_nothing(bed: Bed, up) -> None:
+    before = bed.containers()
+    again = bed.run("up")
+    assert bed.containers() == before
+    assert "shipping" not in again.stderr and "started" not in again.stderr
+    assert bed.run("up", "--dry-run").stdout.startswith("nothing to do")
+
+
+def test_status_json(bed: Bed, up) -> None:
+    view = status(bed)
+    assert view["healthy"] is True
+    hosts = {h["name"]: h for h in view["hosts"]}
+    assert all(h["reachable"] for h in hosts.values())
+    assert [c["name"] for c in hosts["tb1"]["containers"] if c["role"] == "master"] == [
+        "itest-master"]  # fmt: skip
+    assert all(c["state"] == "running" for h in hosts.values() for c in h["containers"])
+    assert set(view["master"]["jobs"]) >= {"queued", "running", "succeeded", "failed"}
+
+
+def test_dry_run_shows_the_plan_without_the_key(bed: Bed, up) -> None:
+    plan = bed.run("scale", "workers", "7", "--dry-run").stdout
+    assert plan.count("create itest-worker-") == 2
+    assert "SCHEDULER_AUTHKEY=********" in plan
+    key = (bed.workdir / f"{CLUSTER}.authkey").read_text().strip()
+    assert oct((bed.workdir / f"{CLUSTER}.authkey").stat().st_mode)[-3:] == "600"
+    for args in (["up", "--dry-run"], ["down", "--dry-run"], ["status"], ["logs", "--tail", "5"]):
+        proc = bed.run(*args)
+        assert key not in proc.stdout + proc.stderr
+    assert len(bed.containers()["tb3"]) == 1  # the dry run changed nothing
+
+
+def test_scale_up_and_down_during_a_batch_loses_no_job(bed: Bed, up) -> None:
+    jobs = bed.workdir / "batch.jobs"
+    jobs.write_text("".join(f"sh -c 'sleep 0.5; echo job {i}'\n" for i in range(40)))
+    ids = [int(i) for i in bed.run("submit", "--file", str(jobs)).stdout.split()]
+    bed.run("scale", "workers", "5")
+    grown = bed.run("scale", "workers", "8")
+    assert grown.stderr.count("started itest-worker-") == 3
+    shrunk = bed.run("scale", "workers", "1")
+    assert shrunk.stderr.count("removed itest-worker-") == 7
+    assert sum(len(v) for v in bed.containers().values()) == 2  # master + one worker
+    bed.run("submit", "--wait", "--timeout", "120", "--", "true")
+    done = json.loads(bed.run("jobs", "--json").stdout)
+    mine = [j for j in done if j["id"] in ids]
+    assert len(mine) == 40 and {j["state"] for j in mine} == {"succeeded"}
+    assert sorted(j["id"] for j in mine) == sorted(ids)
+    bed.run("scale", "workers", "5")
+
+
+def test_logs_show_dispatch_and_progress(bed: Bed, up) -> None:
+    bed.run("submit", "--wait", "--", "sh", "-c", "echo hello; sleep 1")
+    text = bed.run("logs", "master").stdout
+    assert "tb1/itest-master" in text
+    assert "dispatched" in text and "progress:" in text
+    every = bed.run("logs", "--tail", "3").stdout
+    assert "tb2/itest-worker-" in every and "tb1/itest-master" in every
+
+
+def _override(bed: Bed, name: str, host: str, line: str) -> None:
+    text = inventory(["tb1", "tb2", "tb3"]).replace(
+        f'name = "{host}"\n', f'name = "{host}"\n{line}'
+    )
+    (bed.workdir / name).write_text(text)
+
+
+def test_unknown_host_key_is_refused_until_trusted(bed: Bed, up) -> None:
+    fresh = bed.workdir / "fresh_known_hosts"
+    fresh.write_text("")
+    _override(bed, "fresh.toml", "tb2", f'known_hosts = "{fresh}"\n')
+    refused = bed.run("status", inventory="fresh.toml", check=False)
+    assert refused.returncode == 3
+    match = re.search(r"host tb2 \(10\.213\.47\.12:22\): host key not in .*?(SHA256:\S+)\)",
+                      refused.stdout)  # fmt: skip
+    assert match, refused.stdout
+    assert "deployctl hosts trust tb2 --fingerprint" in refused.stdout
+    wrong = bed.run("hosts", "trust", "tb2", "--fingerprint", "SHA256:nope",
+                    inventory="fresh.toml", check=False)  # fmt: skip
+    assert wrong.returncode != 0 and "not the fingerprint" in wrong.stderr
+    bed.run("hosts", "trust", "tb2", "--fingerprint", match.group(1), inventory="fresh.toml")
+    assert status(bed, "fresh.toml")["healthy"] is True
+
+
+def test_changed_host_key_is_always_refused(bed: Bed, up) -> None:
+    real = (bed.home / ".ssh" / "known_hosts").read_text()
+    entry = next(line for line in real.splitlines() if line.startswith("10.213.47.13 "))
+    forged = bed.workdir / "forged_known_hosts"
+    # tb3's address with tb1's key: what a man in the middle would look like
+    tb1_key = next(line for line in real.splitlines() if line.startswith("10.213.47.11 "))
+    forged.write_text(entry.split()[0] + " " + " ".join(tb1_key.split()[1:]) + "\n")
+    _override(bed, "forged.toml", "tb3", f'known_hosts = "{forged}"\n')
+    for args in (
+        ["status"],
+        ["--accept-new-host-keys", "status"],
+        ["hosts", "trust", "tb3", "--yes"],
+    ):
+        proc = bed.run(*args, inventory="forged.toml", check=False)
+        assert proc.returncode != 0
+        assert "HOST KEY HAS CHANGED" in proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_host_down_is_reported_while_the_others_work(bed: Bed, up) -> None:
+    down_host = f'[[hosts]]\nname = "tb4"\naddress = "127.0.0.1"\nport = {_free_port()}\n'
+    (bed.workdir / "four.toml").write_text(inventory(["tb1", "tb2", "tb3"], down_host, workers=6))
+    before = bed.containers()
+    proc = bed.run("up", inventory="four.toml", check=False)
+    assert proc.returncode == 3
+    assert "tb4: cannot connect over SSH" in proc.stderr
+    assert "failed on 1 of 4 host(s)" in proc.stderr
+    view = status(bed, "four.toml")
+    tb4 = next(h for h in view["hosts"] if h["name"] == "tb4")
+    assert tb4["reachable"] is False and "cannot connect over SSH" in tb4["error"]
+    assert view["master"]["reachable"] is True
+    # tb4's share (workers 6 -> 2 per host with tb1..tb3 taking 1.5 each) is missing, not moved
+    assert sum(len(v) for v in bed.containers().values()) >= sum(len(v) for v in before.values())
+    bed.run("up")  # back to the three-host inventory
+
+
+def test_down_removes_everything_it_made(bed: Bed, up) -> None:
+    bed.run("down")
+    assert all(v == [] for v in bed.containers().values())
+    with bed.engine("tb1") as client:
+        assert client.volumes.get(f"{CLUSTER}-state")  # the journal stays without --volumes
+    bed.run("down", "--volumes")
+    with bed.engine("tb1") as client, pytest.raises(docker.errors.NotFound):
+        client.volumes.get(f"{CLUSTER}-state")
+    assert bed.run("down").stdout.strip() == "nothing to remove"
