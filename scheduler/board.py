@@ -55,6 +55,7 @@ class Worker:
     concurrency: int = 0
     draining: bool = False
     held: dict[int, int] = field(default_factory=dict)  # job id -> lease
+    waiting: set[int] = field(default_factory=set)  # held but not started, at the last heartbeat
     cancels: set[int] = field(default_factory=set)
 
     def view(self) -> dict:
@@ -212,18 +213,25 @@ class Board:
         return back
 
     def heartbeat(
-        self, name: str, *, draining: bool = False, held: Iterable[int] | None = None
+        self,
+        name: str,
+        *,
+        draining: bool = False,
+        running: Iterable[int] | None = None,
+        waiting: Iterable[int] = (),
     ) -> list[int]:
         """Renew a worker's leases; return the running jobs it must kill (cancelled).
 
-        ``held`` is what the worker says it has. A job we think it holds, handed out
-        longer than a lease ago and absent from that list, was lost in transit (the
-        reply to a lease call never arrived): it goes back to the queue.
+        ``running`` and ``waiting`` are what the worker says it has. A job we think it
+        holds, handed out longer than a lease ago and absent from both, was lost in
+        transit (the reply to a lease call never arrived): it goes back to the queue.
+        Jobs still waiting do not count as an attempt if the worker dies.
         """
         worker = self.seen(name)
         worker.draining = draining
-        if held is not None:
-            held = set(held)
+        worker.waiting = set(waiting)
+        if running is not None:
+            held = set(running) | worker.waiting
             old = self.clock() - self.lease_seconds
             for job_id in [j for j in worker.held if j not in held]:
                 job = self.jobs[job_id]
@@ -251,6 +259,8 @@ class Board:
             del self.workers[worker.name]
             for job_id in worker.held:
                 job = self.jobs[job_id]
+                if job_id in worker.waiting:  # it never started there
+                    job.attempts = max(0, job.attempts - 1)
                 if job.attempts >= job.max_attempts:
                     reason = (
                         f"worker {worker.name} stopped answering (lease expired); "

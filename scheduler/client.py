@@ -24,9 +24,10 @@ import cloudpickle
 from . import settings
 from .errors import ConnectError, JobFailed, SchedulerError, SubmitError
 from .job import JobSpec, State
-from .transport import Link, connect
+from .transport import Link
 
 FLUSH_DELAY = 0.002
+RECONNECT_PATIENCE = 60.0  # seconds a client waits out a master restart
 _UNSET = object()
 
 
@@ -86,6 +87,8 @@ class AsyncResult:
         state, _, error, exit_code = self._outcome or ("failed", None, "not submitted", None)
         if state == "refused":
             raise SubmitError(error)
+        if state == "lost":
+            raise ConnectError(error)
         raise JobFailed(self._id or 0, state, error, exit_code)
 
     def _set(self, state: str, result: Any, error: str | None, exit_code: int | None) -> None:
@@ -133,7 +136,9 @@ class Client:
             authkey if authkey is not None else env.get("SCHEDULER_AUTHKEY")
         )
         self._authkey = key.reveal()
-        self._proxy = connect(self.address, self._authkey)
+        self._link = Link(self.address, self._authkey, stopping=lambda: self._closed,
+                          patience=RECONNECT_PATIENCE)  # fmt: skip
+        self._link.call("ping", retry=False)  # a wrong address or key fails here, clearly
         self.batch_size = batch_size
         self._session = uuid.uuid4().hex
         self._lock = threading.Condition()
@@ -220,10 +225,10 @@ class Client:
         handle._id = job_id
         with self._lock:
             self._pending[job_id] = handle
-        if not self._proxy.watch(self._session, [job_id]):
+        if not self._link.call("watch", self._session, [job_id]):
             with self._lock:
                 self._pending.pop(job_id, None)
-            self._proxy.get(job_id)  # raises UnknownJob with its message
+            self._link.call("get", job_id)  # raises UnknownJob with its message
         self._start_threads()
         return handle
 
@@ -239,19 +244,19 @@ class Client:
         return [self.job(h._id) for h in handles]  # type: ignore[arg-type]
 
     def job(self, job_id: int) -> dict:
-        return self._proxy.get(job_id)
+        return self._link.call("get", job_id)
 
     def jobs(self, state: str | None = None, limit: int | None = None) -> list[dict]:
-        return self._proxy.jobs(state, limit)
+        return self._link.call("jobs", state, limit)
 
     def cancel(self, job_id: int) -> dict:
-        return self._proxy.cancel(job_id)
+        return self._link.call("cancel", job_id)
 
     def status(self) -> dict:
-        return self._proxy.status()
+        return self._link.call("status")
 
     def ping(self) -> dict:
-        return self._proxy.ping()
+        return self._link.call("ping")
 
     # -- batching --------------------------------------------------------------
 
@@ -265,19 +270,19 @@ class Client:
                 self._send(batch, funcs)
 
     def _send(self, batch: list[tuple[JobSpec, AsyncResult]], funcs: dict[str, bytes]) -> None:
+        specs = [spec for spec, _ in batch]
         try:
-            first, count = self._proxy.submit([spec for spec, _ in batch], funcs, self._session)
+            # never retried: a lost reply may mean the jobs are in, and twice is worse
+            first, count = self._link.call("submit", specs, funcs, self._session, retry=False)
+        except ConnectError as exc:
+            why = f"{exc}; check `scheduler jobs` before submitting again"
+            for _, handle in batch:
+                handle._set("refused", None, why, None)
+            raise ConnectError(why) from exc
         except SchedulerError as exc:
             for _, handle in batch:
                 handle._set("refused", None, str(exc), None)
             raise
-        except (OSError, EOFError) as exc:
-            for _, handle in batch:
-                handle._set("refused", None, f"lost the master while submitting: {exc}", None)
-            raise ConnectError(
-                f"lost the master at {self._where()} while submitting: {type(exc).__name__}; "
-                "check `scheduler jobs` before resubmitting"
-            ) from exc
         early = []
         with self._lock:
             for i, (_, handle) in enumerate(batch):
@@ -389,7 +394,8 @@ class Client:
                 pass  # already set on the handles; the caller sees it from get()
 
     def _collect_loop(self) -> None:
-        link = Link(self.address, self._authkey, stopping=lambda: self._closed)
+        link = Link(self.address, self._authkey, stopping=lambda: self._closed,
+                    patience=RECONNECT_PATIENCE)  # fmt: skip
         while True:
             with self._lock:
                 while not self._pending and not self._buffer and not self._closed:
@@ -401,13 +407,20 @@ class Client:
                 if outcomes is None:  # the master restarted: ask again for what we wait on
                     with self._lock:
                         ids = list(self._pending)
-                    link.call("watch", self._session, ids)
+                    if not self._closed:
+                        link.call("watch", self._session, ids)
                     continue
-            except SchedulerError:
-                return
+            except SchedulerError as exc:
+                with self._lock:
+                    lost, self._pending = list(self._pending.values()), {}
+                for handle in lost:
+                    handle._set("lost", None, f"{exc}; the job may still finish", None)
+                if self._closed:
+                    return
+                continue
             for job_id, *outcome in outcomes:
                 with self._lock:
-                    handle = self._pending.pop(job_id, None)
+                    handle: AsyncResult | None = self._pending.pop(job_id, None)
                     if handle is None:
                         self._early[job_id] = tuple(outcome)
                 if handle is not None:

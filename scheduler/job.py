@@ -109,7 +109,8 @@ class Job:
     error: str | None = None
     stdout: str | None = None
     stderr: str | None = None
-    session: str | None = None  # the client waiting for the outcome; not journaled
+    # the client(s) waiting for the outcome, usually one; not journaled
+    session: str | tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:

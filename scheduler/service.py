@@ -101,8 +101,11 @@ class Service:
                 found += 1
                 if job.state.terminal:
                     box.append(job.id)
-                else:
+                elif job.session is None or job.session == session:
                     job.session = session
+                else:  # several clients wait on it
+                    others = job.session if isinstance(job.session, tuple) else (job.session,)
+                    job.session = tuple({*others, session})
             if box:
                 self._done.notify_all()
             return found
@@ -201,11 +204,17 @@ class Service:
         return len(back)
 
     def heartbeat(
-        self, worker: str, draining: bool = False, held: list[int] | None = None
+        self,
+        worker: str,
+        draining: bool = False,
+        running: list[int] | None = None,
+        waiting: list[int] | None = None,
     ) -> dict[str, Any]:
         with self._lock:
             known = worker in self._board.workers
-            cancels = self._board.heartbeat(worker, draining=draining, held=held)
+            cancels = self._board.heartbeat(
+                worker, draining=draining, running=running, waiting=waiting or ()
+            )
             self._work.notify_all()
         return {"cancel": cancels, "known": known}
 
@@ -253,10 +262,14 @@ class Service:
     def _route(self, jobs: Iterable[Job]) -> None:
         woke = False
         for job in jobs:
-            box = self._outboxes.get(job.session) if job.session else None
-            if box is not None:
-                box.append(job.id)
-                woke = True
+            if job.session is None:
+                continue
+            sessions = job.session if isinstance(job.session, tuple) else (job.session,)
+            for session in sessions:
+                box = self._outboxes.get(session)
+                if box is not None:
+                    box.append(job.id)
+                    woke = True
             job.session = None
         if woke:
             self._done.notify_all()

@@ -50,13 +50,16 @@ class _Server(managers.Server):
             reason = "wrong authkey" if isinstance(exc, AuthenticationError) else "bad handshake"
             log.warning("connection from %s refused: %s", _peer(c), reason)
             return
+        funcname = None
         try:
             _, funcname, args, kwds = c.recv()
             if funcname not in self.public:
                 raise ValueError(f"{funcname!r} unrecognized")
             msg: tuple[str, Any] = ("#RETURN", getattr(self, funcname)(c, *args, **kwds))
         except Exception as exc:
-            log.warning("request from %s failed: %s", _peer(c), exc)
+            # a proxy made before a master restart releasing its reference is routine
+            level = logging.DEBUG if funcname == "decref" else logging.WARNING
+            log.log(level, "request %s from %s failed: %r", funcname, _peer(c), exc)
             msg = ("#TRACEBACK", traceback.format_exc())
         try:
             c.send(msg)
@@ -65,7 +68,7 @@ class _Server(managers.Server):
 
 
 class MasterManager(managers.BaseManager):
-    _Server = _Server
+    pass
 
 
 class ClientManager(managers.BaseManager):
@@ -80,9 +83,9 @@ def serve(service: object, address: tuple[str, int], authkey: bytes) -> managers
     MasterManager.register(
         "scheduler", callable=lambda: service, exposed=EXPOSED, proxytype=SchedulerProxy
     )
-    manager = MasterManager(address=address, authkey=authkey)
     try:
-        return manager.get_server()
+        # BaseManager.get_server() ignores _Server; build ours from the same registry
+        return _Server(MasterManager._registry, address, authkey, "pickle")  # type: ignore[attr-defined]
     except OSError as exc:
         host, port = address
         raise ConnectError(
@@ -97,7 +100,9 @@ def connect(address: tuple[str, int], authkey: bytes) -> Any:
     manager = ClientManager(address=address, authkey=authkey)
     try:
         manager.connect()
-        return manager.scheduler()  # type: ignore[attr-defined]
+        proxy = manager.scheduler()  # type: ignore[attr-defined]
+        forget_connection(proxy)  # a cached one may be from before a master restart
+        return proxy
     except AuthenticationError as exc:
         raise AuthError(
             f"master at {host}:{port} refused the authkey; "
@@ -111,52 +116,78 @@ def connect(address: tuple[str, int], authkey: bytes) -> Any:
         ) from exc
 
 
+def forget_connection(proxy: Any) -> None:
+    """Close this thread's cached connection to the proxy's master, if any."""
+    tls: Any = getattr(proxy, "_tls", None)
+    conn = getattr(tls, "connection", None)
+    if conn is not None:
+        conn.close()
+        del tls.connection
+
+
 # What a broken connection to the master looks like from a proxy call.
 _CONNECTION_ERRORS = (OSError, EOFError)
 
 
 class Link:
-    """Calls to the master that survive it going away: reconnect with backoff and retry."""
+    """Calls to the master that survive it going away: reconnect with backoff and retry.
+
+    The stdlib caches one connection per (master address, thread) for all proxies;
+    after the master restarts that connection is dead and the old proxy's object id
+    is unknown to the new server, so a failed call drops both and starts afresh.
+    """
 
     def __init__(
-        self, address: tuple[str, int], authkey: bytes, stopping: Callable[[], bool] = lambda: False
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        stopping: Callable[[], bool] = lambda: False,
+        patience: float | None = None,
     ) -> None:
         self._address = address
         self._authkey = authkey
         self._stopping = stopping
+        self._patience = patience
         self._lock = threading.Lock()
         self._proxy: Any = None
         self._generation = 0
 
-    def call(self, method: str, *args: Any) -> Any:
-        delay = 0.5
-        attempt = 0
+    def call(self, method: str, *args: Any, retry: bool = True) -> Any:
+        """Call a service method; with ``retry``, wait out a master restart and call again."""
+        started, delay, attempt = time.monotonic(), 0.5, 0
         while True:
-            proxy, generation = self._current()
+            proxy, generation = self._current(retry)
             try:
                 return getattr(proxy, method)(*args)
             except _CONNECTION_ERRORS as exc:
-                self._drop(generation)
+                self._drop(proxy, generation)
                 attempt += 1
-                if self._stopping() and attempt > 3:
-                    raise ConnectError(f"master at {self._where()} unreachable: {exc}") from exc
+                if not retry or self._given_up(started, attempt):
+                    raise ConnectError(
+                        f"lost the master at {self._where()} ({type(exc).__name__})"
+                    ) from exc
                 log.warning("master at %s unreachable (%s); retrying in %.1fs (attempt %d)",
                             self._where(), type(exc).__name__, delay, attempt)  # fmt: skip
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _given_up(self, started: float, attempt: int) -> bool:
+        if self._stopping() and attempt > 3:
+            return True
+        return self._patience is not None and time.monotonic() - started > self._patience
+
     def _where(self) -> str:
         return f"{self._address[0]}:{self._address[1]}"
 
-    def _current(self) -> tuple[Any, int]:
+    def _current(self, retry: bool) -> tuple[Any, int]:
         with self._lock:
             if self._proxy is None:
-                self._proxy = self._connect()
+                self._proxy = self._connect(retry)
                 self._generation += 1
             return self._proxy, self._generation
 
-    def _connect(self) -> Any:
-        delay, attempt = 0.5, 0
+    def _connect(self, retry: bool) -> Any:
+        started, delay, attempt = time.monotonic(), 0.5, 0
         while True:
             try:
                 return connect(self._address, self._authkey)
@@ -164,13 +195,14 @@ class Link:
                 raise
             except ConnectError as exc:
                 attempt += 1
-                if self._stopping() and attempt > 3:
+                if not retry or self._given_up(started, attempt):
                     raise
                 log.warning("%s; retrying in %.1fs (attempt %d)", exc, delay, attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _drop(self, generation: int) -> None:
+    def _drop(self, proxy: Any, generation: int) -> None:
+        forget_connection(proxy)
         with self._lock:
             if generation == self._generation:
                 self._proxy = None

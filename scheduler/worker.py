@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TARGET_BATCH_SECONDS = 0.05  # prefetch about this much work per slot
 MAX_PREFETCH = 256
 MAX_CHILD_BATCH = 64
+SHORT_JOB = 0.005  # seconds; jobs shorter than this on average are batched to the child
 LONG_POLL = 5.0
 
 
@@ -44,7 +45,8 @@ class Worker:
         self._cond = threading.Condition()
         self._queue: deque[Lease] = deque()
         self._funcs: dict[str, bytes] = {}
-        self._running: dict[int, tuple[Lease, Abort, PythonSlot | None]] = {}
+        # keyed by (job id, lease): after a master restart the same job can come twice
+        self._running: dict[tuple[int, int], tuple[Lease, Abort, PythonSlot | None]] = {}
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._requeue: list[tuple[int, int]] = []
         self._draining = threading.Event()
@@ -89,7 +91,7 @@ class Worker:
             unstarted = [(lease.job_id, lease.lease) for lease in self._queue]
             self._queue.clear()
             self._cond.notify_all()
-        self._call_quietly("heartbeat", self.name, True, None)
+        self._call_quietly("heartbeat", self.name, True)
         if unstarted:
             self._call_quietly("release", self.name, unstarted)
             log.info("slave %s handed back %d unstarted job(s)", self.name, len(unstarted))
@@ -161,9 +163,11 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch = [first]
-            if first.kind == "python":
-                share = min(MAX_CHILD_BATCH, math.ceil(len(self._queue) / self.concurrency))
-                while len(batch) <= share and self._queue and self._queue[0].kind == "python":
+            if first.kind == "python" and 0 < self._avg < SHORT_JOB:
+                # tiny jobs go to the child in batches: one pipe round trip per job costs more
+                share = math.ceil((len(self._queue) + 1) / self.concurrency)
+                limit = min(MAX_CHILD_BATCH, share)
+                while len(batch) < limit and self._queue and self._queue[0].kind == "python":
                     batch.append(self._queue.popleft())
             self._busy_slots += 1
             return batch
@@ -173,7 +177,7 @@ class Worker:
             abort = Abort()
             with self._cond:
                 for lease in batch:
-                    self._running[lease.job_id] = (lease, abort, slot)
+                    self._running[lease.job_id, lease.lease] = (lease, abort, slot)
             self._log_start(batch)
             if batch[0].kind == "shell":
                 self._finish(run_shell(batch[0], self.settings.output_limit, abort), abort)
@@ -183,7 +187,7 @@ class Worker:
                 rest = slot.run(batch, self._funcs, abort, done)
             with self._cond:
                 for lease in rest:
-                    self._running.pop(lease.job_id, None)
+                    self._running.pop((lease.job_id, lease.lease), None)
                 if self._draining.is_set():
                     self._requeue.extend((lease.job_id, lease.lease) for lease in rest)
                 else:
@@ -193,7 +197,7 @@ class Worker:
 
     def _finish(self, outcome: Outcome, abort: Abort) -> None:
         with self._cond:
-            self._running.pop(outcome.job_id, None)
+            self._running.pop((outcome.job_id, outcome.lease), None)
             self._avg = (
                 outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
             )
@@ -247,9 +251,10 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         while not self._draining.wait(self.heartbeat_seconds):
             with self._cond:
-                held = [lease.job_id for lease in self._queue] + list(self._running)
+                waiting = [lease.job_id for lease in self._queue]
+                running = [job_id for job_id, _ in self._running]
             try:
-                reply = self.link.call("heartbeat", self.name, False, held)
+                reply = self.link.call("heartbeat", self.name, False, running, waiting)
             except ConnectError:
                 continue
             except AuthError as exc:
@@ -267,13 +272,12 @@ class Worker:
             for job_id in job_ids:
                 for lease in [q for q in self._queue if q.job_id == job_id]:
                     self._queue.remove(lease)
-                entry = self._running.get(job_id)
-                if entry is None:
-                    continue
-                lease, abort, slot = entry
-                if lease.kind == "shell" or (slot and slot.current is lease):
-                    log.info("job %d cancelled by request; killing it", job_id)
-                    abort("cancelled by request")
+                for lease, abort, slot in self._running.values():
+                    if lease.job_id != job_id:
+                        continue
+                    if lease.kind == "shell" or (slot and slot.current is lease):
+                        log.info("job %d cancelled by request; killing it", job_id)
+                        abort("cancelled by request")
 
     def _touch_health(self) -> None:
         try:

@@ -13,6 +13,7 @@ import pytest
 from scheduler import JobFailed, SubmitError
 
 from . import jobs
+from .scheduler_procs import wait_until
 
 cloudpickle.register_pickle_by_value(jobs)
 pytestmark = pytest.mark.integration
@@ -40,7 +41,10 @@ def test_python_jobs_succeed_and_fail_with_states_and_outputs(busy):
         assert "exit code 13" in death.value.error
         info = client.job(ok.id)
         assert (info["state"], info["name"], info["attempts"], info["worker"]) == (
-            "succeeded", "sq", 1, "s1",
+            "succeeded",
+            "sq",
+            1,
+            "s1",
         )
         assert info["ended"] >= info["started"] >= info["submitted"]
         assert client.job(bad.id)["state"] == "failed"
@@ -77,7 +81,8 @@ def test_map_and_imap_unordered(busy):
 
 def test_functions_from_a_users_main_script(busy, tmp_path):
     script = tmp_path / "user.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from scheduler import Client
 
         def triple(x):
@@ -85,7 +90,8 @@ def test_functions_from_a_users_main_script(busy, tmp_path):
 
         with Client({busy.address!r}, {busy.authkey!r}) as client:
             print(client.map(triple, [1, 2, 3]))
-    """))
+    """)
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[3, 6, 9]"
@@ -124,9 +130,7 @@ def test_cancel_queued_and_running_jobs(cluster):
         cluster.start_slave("s1")
         cluster.wait_slaves("s1")
         running = client.submit_shell(["sleep", "30"])
-        running.id
-        wait = __import__("tests.integration.scheduler_procs", fromlist=["wait_until"]).wait_until
-        wait(lambda: client.job(running.id)["state"] == "running", what="job to run")
+        wait_until(lambda: client.job(running.id)["state"] == "running", what="job to run")
         assert client.cancel(running.id)["state"] == "cancelled"
         with pytest.raises(JobFailed) as exc:
             running.get(timeout=10)
@@ -144,11 +148,11 @@ def test_bad_input_is_refused_with_a_clear_error_and_the_master_keeps_serving(bu
         with pytest.raises(SubmitError, match="cannot pickle"):
             client.apply_async(threading.Lock().acquire)
         with pytest.raises(SubmitError, match="unknown job kind 'perl'"):
-            client._proxy.submit([("perl", ("x", False), "", None, None, None)], {}, None)
+            client._link.call("submit", [("perl", ("x", False), "", None, None, None)], {}, None)
         with pytest.raises(SubmitError, match="empty command"):
-            client._proxy.submit([("shell", ([], False), "", None, None, None)], {}, None)
+            client._link.call("submit", [("shell", ([], False), "", None, None, None)], {}, None)
         with pytest.raises(SubmitError, match="malformed"):
-            client._proxy.submit(["garbage"], {}, None)
+            client._link.call("submit", ["garbage"], {}, None)
         assert client.apply_async(jobs.square, (6,)).get(timeout=20) == 36
     assert "submit refused: unknown job kind" in busy.master.log()
 
