@@ -413,14 +413,14 @@ class Client:
             except SchedulerError as exc:
                 with self._lock:
                     lost, self._pending = list(self._pending.values()), {}
-                for handle in lost:
-                    handle._set("lost", None, f"{exc}; the job may still finish", None)
+                for orphan in lost:
+                    orphan._set("lost", None, f"{exc}; the job may still finish", None)
                 if self._closed:
                     return
                 continue
             for job_id, *outcome in outcomes:
                 with self._lock:
-                    handle: AsyncResult | None = self._pending.pop(job_id, None)
+                    handle = self._pending.pop(job_id, None)
                     if handle is None:
                         self._early[job_id] = tuple(outcome)
                 if handle is not None:
