@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from scheduler.errors import ConfigError, JobFailed, SubmitError
+from scheduler.job import JobSpec, validate
+from scheduler.settings import Secret, load, parse_address
+
+KEY = "k" * 20
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (("perl", ("x", False), "", None, None, None), "unknown job kind 'perl'"),
+        (("shell", ([], False), "", None, None, None), "empty command"),
+        (("shell", ("  ", True), "", None, None, None), "empty shell command"),
+        (("shell", (["ls", 3], False), "", None, None, None), "non-empty strings"),
+        (("python", ("nope", b""), "", None, None, None), "not sent with it"),
+        (("shell", (["ls"], False), "", None, -1, None), "timeout must be a positive"),
+        (("shell", (["ls"], False), "", None, None, 0), "max_attempts must be"),
+        (("shell", (["ls"], False), "", {"a": 1}, None, None), "labels must map"),
+        ("garbage", "malformed job spec"),
+    ],
+)
+def test_bad_specs_are_refused_with_a_clear_message(spec, message):
+    with pytest.raises(SubmitError, match=message):
+        validate(spec, {})
+
+
+def test_good_specs_pass():
+    assert validate(("shell", (["ls"], False), "n", {"a": "b"}, 5, 2), {}).kind == "shell"
+    assert validate(("python", ("d", b"x"), "", None, None, None), {"d": b"f"}).name == ""
+    assert isinstance(validate(JobSpec("shell", ("ls | wc", True)), {}), JobSpec)
+
+
+def test_settings_from_environment_and_overrides():
+    env = {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_BIND": "0.0.0.0:9000",
+           "SCHEDULER_CONCURRENCY": "3", "SCHEDULER_LEASE_SECONDS": "2.5"}  # fmt: skip
+    cfg = load(env, concurrency=5)
+    assert cfg.bind == ("0.0.0.0", 9000) and cfg.concurrency == 5 and cfg.lease_seconds == 2.5
+    assert cfg.authkey.reveal() == KEY.encode()
+    assert KEY not in repr(cfg) and KEY not in str(cfg.authkey)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "SCHEDULER_AUTHKEY is not set"),
+        ({"SCHEDULER_AUTHKEY": "short"}, "too short"),
+        (
+            {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_BIND": "nohost"},
+            "SCHEDULER_BIND: expected host:port",
+        ),
+        ({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_CONCURRENCY": "x"}, "SCHEDULER_CONCURRENCY"),
+        ({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_LEASE_SECONDS": "0"}, "must be > 0"),
+    ],
+)
+def test_bad_settings_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message) as exc:
+        load(env)
+    assert KEY not in str(exc.value)
+
+
+def test_addresses():
+    assert parse_address("[::1]:80", "x") == ("::1", 80)
+    with pytest.raises(ConfigError):
+        parse_address("host:99999", "x")
+
+
+def test_secret_never_shows():
+    assert "abc" not in repr(Secret(b"abcdefabcdefabcdef")) + str(Secret(b"abcdefabcdefabcdef"))
+
+
+def test_job_failed_message():
+    assert str(JobFailed(3, "failed", "exited with 2\n", 2)) == "job 3 failed: exited with 2"

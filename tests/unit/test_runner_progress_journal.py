@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import logging
+
+from scheduler.board import Board
+from scheduler.job import JobSpec, State
+from scheduler.journal import Journal
+from scheduler.progress import Progress, RateLimit
+from scheduler.runner import Tail
+
+
+def test_tail_keeps_the_last_bytes_and_counts_the_rest():
+    tail = Tail(10)
+    for chunk in (b"0123456789", b"abcdef", b"XYZ"):
+        tail.write(chunk)
+    assert tail.text() == "[... 9 bytes dropped ...]\n9abcdefXYZ"
+    small = Tail(100)
+    small.write(b"hi\n")
+    assert small.text() == "hi\n" and Tail(5).text() is None
+
+
+def test_tail_stays_bounded_under_many_writes():
+    tail = Tail(1024)
+    for _ in range(10_000):
+        tail.write(b"x" * 100)
+    assert sum(map(len, tail._chunks)) <= 1024 + 100
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_rate_limit_allows_a_few_per_second_and_counts_the_rest():
+    clock = Clock()
+    limit = RateLimit(clock, per_second=3)
+    assert [limit() for _ in range(5)] == [True, True, True, False, False]
+    clock.now = 1.0
+    assert limit() and limit.suppressed == 2
+
+
+def test_progress_line_has_done_total_rate_and_eta(caplog):
+    clock = Clock()
+    progress = Progress(clock, interval=5, lines_per_second=2)
+    counts = {s: 0 for s in State}
+    counts.update({State.SUCCEEDED: 40, State.FAILED: 10, State.QUEUED: 100, State.RUNNING: 4})
+    clock.now = 10.0
+    with caplog.at_level(logging.INFO, logger="scheduler.progress"):
+        progress.tick(counts, total=154)
+    line = caplog.messages[-1]
+    assert line.startswith("progress: 50/154 done, 4 running, 100 queued, 10 failed")
+    assert "5.0 jobs/s" in line and "ETA 21s" in line
+    caplog.clear()
+    clock.now = 20.0
+    progress.tick(counts, total=154)
+    assert caplog.messages == []  # nothing changed, nothing said
+
+
+def test_journal_round_trip_and_group_commit(tmp_path):
+    state = tmp_path / "state"
+    journal = Journal(state)
+    assert state.stat().st_mode & 0o777 == 0o700  # job arguments are private
+    board = Board()
+    jobs = board.submit([JobSpec("shell", (["echo", "hi"], False), "n", {"k": "v"}, 3.0, 2),
+                         JobSpec("python", ("d1", b"args"))])  # fmt: skip
+    board.lease("w", 1)
+    tickets = [journal.append(board.take_dirty(), {"d1": b"body"}) for _ in range(3)]
+    journal.wait(tickets[-1])
+    journal.close()
+    again = Journal(state)
+    loaded, funcs = again.load()
+    again.close()
+    assert funcs == {"d1": b"body"}
+    by_id = {j.id: j for j in loaded}
+    assert by_id[1].payload == (["echo", "hi"], False) and by_id[1].labels == {"k": "v"}
+    assert by_id[1].state is State.RUNNING and by_id[1].lease == jobs[0].lease
+    assert by_id[2].state is State.QUEUED
