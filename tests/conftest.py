@@ -12,3 +12,13 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("SCHEDULER_", "DEPLOYCTL_")):
             monkeypatch.delenv(name)
+
+
+# The test bed and the role images (tests/testbed/fixtures.py), session-scoped.
+from tests.testbed.fixtures import (  # noqa: E402, F401  (fixtures are found by name)
+    docker_engine,
+    loopback_testbed,
+    role_images,
+    testbed,
+    testbed_layout,
+)

@@ -11,6 +11,7 @@ from tests.testbed.bed import (
     TestbedError,
     docker_client,
     down,
+    leftovers,
     local_engine_socket,
     loopback_down,
     loopback_up,
@@ -18,15 +19,16 @@ from tests.testbed.bed import (
     status,
     up,
 )
-from tests.testbed.layout import Host, Paths
+from tests.testbed.layout import Host, Layout
 
 __all__ = [
     "Host",
-    "Paths",
+    "Layout",
     "Testbed",
     "TestbedError",
     "docker_client",
     "down",
+    "leftovers",
     "local_engine_socket",
     "loopback_down",
     "loopback_up",

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if args.command == "status":
-            print(json.dumps(bed.status(), indent=2))
+            print(json.dumps({**bed.status(), "leftovers": bed.leftovers()}, indent=2))
             return 0
         if args.command == "down":
             bed.loopback_down() if args.loopback else bed.down()

@@ -23,9 +23,8 @@ import docker.errors
 
 from tests.testbed import netns, procs
 from tests.testbed.layout import (
-    LOOPBACK_PORT,
     Host,
-    Paths,
+    Layout,
     dockerd_argv,
     host_dir,
     loopback_hosts,
@@ -46,6 +45,8 @@ _HOME_LOCK = threading.Lock()
 class Testbed:
     """The hosts of a running test bed, and whether this bring-up started any of it."""
 
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
     mode: str
     hosts: tuple[Host, ...]
     started: bool
@@ -54,58 +55,60 @@ class Testbed:
 class TestbedError(RuntimeError):
     """A part of the test bed did not come up; the message names it and its log."""
 
+    __test__ = False
+
 
 # ---- net mode ---------------------------------------------------------------------------------
 
 
-def up(count: int = 3, paths: Paths | None = None) -> Testbed:
+def up(count: int = 3, layout: Layout | None = None) -> Testbed:
     """Bring up ``count`` namespaced hosts (quick when they already run)."""
-    paths = paths or Paths.from_env()
+    layout = layout or Layout.from_env()
     _require_root()
-    hosts = netns_hosts(paths, count)
-    mode_dir = paths.mode_dir("net")
+    hosts = netns_hosts(layout, count)
+    mode_dir = layout.mode_dir("net")
     mode_dir.mkdir(parents=True, exist_ok=True)
     keypair(hosts[0].ssh_key)
-    netns.ensure_bridge()
-    started = [_host_up(paths, host, mode_dir / "authorized_keys") for host in hosts]
-    host_keys = {h.name: public_key_part(keypair(_host_key(paths, h))) for h in hosts}
+    netns.ensure_bridge(layout)
+    started = [_host_up(layout, host, mode_dir / "authorized_keys") for host in hosts]
+    host_keys = {h.name: public_key_part(keypair(_host_key(layout, h))) for h in hosts}
     write_client(hosts, host_keys, mode_dir / "authorized_keys")
     for host in hosts:
-        _wait_ready(host, host_dir(paths, host.name))
+        _wait_ready(host, host_dir(layout, host.name))
     return Testbed("net", tuple(hosts), any(started))
 
 
-def down(paths: Paths | None = None) -> None:
+def down(layout: Layout | None = None) -> None:
     """Remove every namespaced host (any count), including leftovers of a crashed run."""
-    paths = paths or Paths.from_env()
-    mode_dir = paths.mode_dir("net")
+    layout = layout or Layout.from_env()
+    mode_dir = layout.mode_dir("net")
     dirs = sorted(mode_dir.glob("tb*")) if mode_dir.exists() else []
     with ThreadPoolExecutor(max_workers=max(len(dirs), 1)) as pool:
         list(pool.map(_stop_host, dirs))
-    for handle in netns.NETNS_DIR.glob("sktb-*") if netns.NETNS_DIR.exists() else ():
-        netns.kill_all_in(handle.name)
+    for name in netns.our_netns(layout):
+        netns.kill_all_in(name)
     netns.unmount_below(mode_dir)
-    netns.remove_all()
-    netns.unmount_below(paths.data)
+    netns.remove_all(layout)
+    netns.unmount_below(layout.data)
     shutil.rmtree(mode_dir, ignore_errors=True)
-    shutil.rmtree(paths.data, ignore_errors=True)
+    shutil.rmtree(layout.data, ignore_errors=True)
 
 
-def _host_up(paths: Paths, host: Host, authorized_keys: Path) -> bool:
-    run_dir = host_dir(paths, host.name)
+def _host_up(layout: Layout, host: Host, authorized_keys: Path) -> bool:
+    run_dir = host_dir(layout, host.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    netns.ensure_netns(host)
+    netns.ensure_netns(layout, host)
     uts = run_dir / "uts"
     netns.ensure_uts(uts, host.name)
     started = False
     if procs.live_pid(run_dir / "dockerd.pid", str(run_dir)) is None:
-        _fresh_engine_dirs(paths, host.name)
+        _fresh_engine_dirs(layout, host.name)
         procs.start([*netns.enter(host, uts), "unshare", "--mount", "--", "sh", "-c",
-                     _DOCKERD_WRAPPER, "sh", *dockerd_argv(paths, host.name)],
+                     _DOCKERD_WRAPPER, "sh", *dockerd_argv(layout, host.name)],
                     run_dir / "dockerd.log")
         started = True
     if procs.live_pid(run_dir / "sshd.pid", str(run_dir)) is None:
-        keypair(_host_key(paths, host))
+        keypair(_host_key(layout, host))
         config = run_dir / "sshd_config"
         config.write_text(sshd_config(listen=[host.address], port=host.ssh_port, run_dir=run_dir,
                                       authorized_keys=authorized_keys,
@@ -115,19 +118,19 @@ def _host_up(paths: Paths, host: Host, authorized_keys: Path) -> bool:
     return started
 
 
-def _fresh_engine_dirs(paths: Paths, name: str) -> None:
+def _fresh_engine_dirs(layout: Layout, name: str) -> None:
     """Engines start empty: drop what a crashed run left in this host's data-root."""
-    data = paths.data / name
+    data = layout.data / name
     netns.unmount_below(data)
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
-    run_dir = host_dir(paths, name)
+    run_dir = host_dir(layout, name)
     (run_dir / "daemon.json").write_text("{}\n")
     (run_dir / "docker.sock").unlink(missing_ok=True)
 
 
-def _host_key(paths: Paths, host: Host) -> Path:
-    return host_dir(paths, host.name) / "ssh_host_ed25519_key"
+def _host_key(layout: Layout, host: Host) -> Path:
+    return host_dir(layout, host.name) / "ssh_host_ed25519_key"
 
 
 def _stop_host(run_dir: Path) -> None:
@@ -138,20 +141,20 @@ def _stop_host(run_dir: Path) -> None:
 # ---- loopback mode ----------------------------------------------------------------------------
 
 
-def loopback_up(count: int = 3, paths: Paths | None = None, engine_socket: Path | None = None,
-                port: int = LOOPBACK_PORT) -> Testbed:
+def loopback_up(count: int = 3, layout: Layout | None = None,
+                engine_socket: Path | None = None) -> Testbed:
     """Bring up ``count`` loopback hosts served by one sshd on the machine's own engine."""
-    paths = paths or Paths.from_env()
+    layout = layout or Layout.from_env()
     _require_root()
     socket_path = engine_socket or local_engine_socket()
-    hosts = loopback_hosts(paths, count, socket_path, port)
-    run_dir = paths.mode_dir("loopback")
+    hosts = loopback_hosts(layout, count, socket_path)
+    run_dir = layout.mode_dir("loopback")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = False
     if procs.live_pid(run_dir / "sshd.pid", str(run_dir)) is None:
         keypair(run_dir / "ssh_host_ed25519_key")
         config = run_dir / "sshd_config"
-        config.write_text(sshd_config(listen=[h.address for h in hosts], port=port,
+        config.write_text(sshd_config(listen=[h.address for h in hosts], port=layout.loopback_port,
                                       run_dir=run_dir, authorized_keys=run_dir / "authorized_keys",
                                       docker_socket=socket_path))
         _start_sshd([], config, run_dir)
@@ -163,9 +166,9 @@ def loopback_up(count: int = 3, paths: Paths | None = None, engine_socket: Path 
     return Testbed("loopback", tuple(hosts), started)
 
 
-def loopback_down(paths: Paths | None = None) -> None:
+def loopback_down(layout: Layout | None = None) -> None:
     """Stop the loopback sshd and remove its files; the machine's engine is left alone."""
-    run_dir = (paths or Paths.from_env()).mode_dir("loopback")
+    run_dir = (layout or Layout.from_env()).mode_dir("loopback")
     procs.stop(run_dir / "sshd.pid", str(run_dir))
     shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -216,11 +219,11 @@ def _require_root() -> None:
         raise TestbedError("the test bed needs root (namespaces, dockerd, sshd)")
 
 
-def status(paths: Paths | None = None) -> dict[str, list[dict[str, object]]]:
+def status(layout: Layout | None = None) -> dict[str, list[dict[str, object]]]:
     """What runs now, per mode: each host's engine and sshd, found by pidfile."""
-    paths = paths or Paths.from_env()
+    layout = layout or Layout.from_env()
     report: dict[str, list[dict[str, object]]] = {}
-    net_dir, lo_dir = paths.mode_dir("net"), paths.mode_dir("loopback")
+    net_dir, lo_dir = layout.mode_dir("net"), layout.mode_dir("loopback")
     for run_dir in sorted(net_dir.glob("tb*")) if net_dir.exists() else []:
         report.setdefault("net", []).append({
             "name": run_dir.name,
@@ -230,6 +233,33 @@ def status(paths: Paths | None = None) -> dict[str, list[dict[str, object]]]:
         report["loopback"] = [{"name": "sshd",
                                "sshd": procs.live_pid(lo_dir / "sshd.pid", str(lo_dir))}]
     return report
+
+
+def leftovers(layout: Layout | None = None) -> list[str]:
+    """Whatever of the namespaced bed still exists: processes, namespaces, links, mounts, files."""
+    layout = layout or Layout.from_env()
+    mode_dir = layout.mode_dir("net")
+    found = [f"process {pid}: {cmd[:80]}" for pid, cmd in _processes_mentioning(
+        (f"{mode_dir}/", f"{layout.data}/"))]
+    found += [f"netns {name}" for name in netns.our_netns(layout)]
+    found += [f"link {name}" for name in sorted(p.name for p in Path("/sys/class/net").glob(
+        f"{layout.prefix}*"))]
+    found += [f"mount {point}" for point in
+              netns.mounts_below(mode_dir) + netns.mounts_below(layout.data)]
+    found += [f"directory {path}" for path in (mode_dir, layout.data) if path.exists()]
+    return found
+
+
+def _processes_mentioning(needles: tuple[str, ...]) -> list[tuple[int, str]]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(needle in cmd for needle in needles) and int(proc.name) != os.getpid():
+            found.append((int(proc.name), cmd))
+    return found
 
 
 @contextmanager

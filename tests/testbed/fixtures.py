@@ -4,11 +4,16 @@
 stopped at the end only if that script started it). ``role_images``: the master and slave
 images, built by deploy.images (skipped when up to date). ``testbed``: three namespaced hosts
 with their own engines and sshd. ``loopback_testbed``: three 127.0.0.x hosts on one sshd and
-the machine's engine. Each is torn down at the end of the session if the session started it.
+the machine's engine. Each is torn down at the end of the session if the session started it,
+and the namespaced bed's tear-down is checked to leave nothing behind.
+
+Developers sharing one machine: TESTBED_PREFIX/TESTBED_SUBNET give a session its own bed
+(tests/testbed/layout.py), and TESTBED_KEEP_ENGINE=1 keeps the machine's engine running.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +23,7 @@ import docker
 import pytest
 
 from tests.testbed import bed
+from tests.testbed.layout import Layout
 
 ENGINE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "engine.sh"
 TEST_LABEL = "org.scheduler-kit.test"
@@ -39,7 +45,8 @@ def docker_engine() -> Iterator[docker.DockerClient]:
     yield client
     remove_labelled(client)
     client.close()
-    subprocess.run([str(ENGINE_SCRIPT), "stop"], check=True)
+    if os.environ.get("TESTBED_KEEP_ENGINE") != "1":
+        subprocess.run([str(ENGINE_SCRIPT), "stop"], check=True)  # only a dockerd it started
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +59,24 @@ def role_images(docker_engine: docker.DockerClient) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def testbed() -> Iterator[bed.Testbed]:
-    bed_ = bed.up(3)
-    yield bed_
-    if bed_.started:
-        bed.down()
+def testbed_layout() -> Layout:
+    """Read once: the autouse fixtures of single tests may change the environment."""
+    return Layout.from_env()
 
 
 @pytest.fixture(scope="session")
-def loopback_testbed(docker_engine: docker.DockerClient) -> Iterator[bed.Testbed]:
-    bed_ = bed.loopback_up(3)
-    yield bed_
-    if bed_.started:
-        bed.loopback_down()
+def testbed(testbed_layout: Layout) -> Iterator[bed.Testbed]:
+    running = bed.up(3, testbed_layout)
+    yield running
+    if running.started:
+        bed.down(testbed_layout)
+        assert bed.leftovers(testbed_layout) == [], "the test bed's tear-down left these"
+
+
+@pytest.fixture(scope="session")
+def loopback_testbed(docker_engine: docker.DockerClient,
+                     testbed_layout: Layout) -> Iterator[bed.Testbed]:
+    running = bed.loopback_up(3, testbed_layout)
+    yield running
+    if running.started:
+        bed.loopback_down(testbed_layout)

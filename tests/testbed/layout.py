@@ -8,26 +8,47 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "sktb"  # every namespace, link and directory of the test bed carries it
-BRIDGE = f"{PREFIX}0"
-SUBNET = "10.213.47"  # our own bridge; addresses .11, .12, ... are the hosts, .1 this machine
-GATEWAY = f"{SUBNET}.1"
 LOOPBACK_FIRST = 11  # loopback mode: 127.0.0.11, 127.0.0.12, ...
-LOOPBACK_PORT = 2222
 SSH_USER = "root"
 
 
 @dataclass(frozen=True)
-class Paths:
-    """The two roots of the test bed: runtime state (sockets, keys, pids) and engine data."""
+class Layout:
+    """Where one test bed lives: its name prefix, subnet and directories.
 
-    run: Path
-    data: Path
+    Every namespace, link and directory carries ``prefix``, so two beds with different
+    prefixes and subnets (say, two checkouts on one machine) do not meet. From the
+    environment: TESTBED_PREFIX (default sktb, at most 8 characters), TESTBED_SUBNET (first
+    three octets, default 10.213.47), TESTBED_SSH_PORT (loopback mode, default 2222),
+    TESTBED_RUN and TESTBED_DATA (default /run/scheduler-testbed and
+    /var/lib/scheduler-testbed, with -PREFIX appended for a prefix other than sktb).
+    """
+
+    prefix: str = "sktb"
+    subnet: str = "10.213.47"
+    run: Path = Path("/run/scheduler-testbed")
+    data: Path = Path("/var/lib/scheduler-testbed")
+    loopback_port: int = 2222
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Paths:
-        return cls(Path(environ.get("SCHEDULER_TESTBED_RUN", "/run/scheduler-testbed")),
-                   Path(environ.get("SCHEDULER_TESTBED_DATA", "/var/lib/scheduler-testbed")))
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Layout:
+        prefix = environ.get("TESTBED_PREFIX", "sktb")
+        if not (prefix.isalnum() and prefix.islower() and len(prefix) <= 8):
+            raise ValueError(f"TESTBED_PREFIX={prefix!r}: use 1 to 8 lower-case letters/digits")
+        suffix = "" if prefix == "sktb" else f"-{prefix}"
+        return cls(prefix, environ.get("TESTBED_SUBNET", "10.213.47"),
+                   Path(environ.get("TESTBED_RUN", f"/run/scheduler-testbed{suffix}")),
+                   Path(environ.get("TESTBED_DATA", f"/var/lib/scheduler-testbed{suffix}")),
+                   int(environ.get("TESTBED_SSH_PORT", "2222")))
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}0"
+
+    @property
+    def gateway(self) -> str:
+        """This machine's address on the bridge, from which clients reach the hosts."""
+        return f"{self.subnet}.1"
 
     def mode_dir(self, mode: str) -> Path:
         return self.run / mode
@@ -86,24 +107,23 @@ class Host:
                 "docker_url": self.docker_url, "ssh_url": self.ssh_url, "netns": self.netns}
 
 
-def netns_hosts(paths: Paths, count: int) -> list[Host]:
-    """Hosts tb1..tbN, each a network namespace at 10.213.47.(10+i) with its own engine."""
-    home = paths.client_home("net")
-    return [Host(f"tb{i}", f"{SUBNET}.{10 + i}", 22, SSH_USER, home,
-                 host_dir(paths, f"tb{i}") / "docker.sock", netns=f"{PREFIX}-tb{i}")
+def netns_hosts(layout: Layout, count: int) -> list[Host]:
+    """Hosts tb1..tbN, each a network namespace at SUBNET.(10+i) with its own engine."""
+    home = layout.client_home("net")
+    return [Host(f"tb{i}", f"{layout.subnet}.{10 + i}", 22, SSH_USER, home,
+                 host_dir(layout, f"tb{i}") / "docker.sock", netns=f"{layout.prefix}-tb{i}")
             for i in range(1, count + 1)]
 
 
-def loopback_hosts(paths: Paths, count: int, engine_socket: Path,
-                   port: int = LOOPBACK_PORT) -> list[Host]:
-    """Hosts lo1..loN at 127.0.0.11.., one sshd on ``port``, all on the machine's engine."""
-    home = paths.client_home("loopback")
-    return [Host(f"lo{i}", f"127.0.0.{LOOPBACK_FIRST - 1 + i}", port, SSH_USER, home,
-                 engine_socket) for i in range(1, count + 1)]
+def loopback_hosts(layout: Layout, count: int, engine_socket: Path) -> list[Host]:
+    """Hosts lo1..loN at 127.0.0.11.., one sshd on one port, all on the machine's engine."""
+    home = layout.client_home("loopback")
+    return [Host(f"lo{i}", f"127.0.0.{LOOPBACK_FIRST - 1 + i}", layout.loopback_port, SSH_USER,
+                 home, engine_socket) for i in range(1, count + 1)]
 
 
-def host_dir(paths: Paths, name: str) -> Path:
-    return paths.mode_dir("net") / name
+def host_dir(layout: Layout, name: str) -> Path:
+    return layout.mode_dir("net") / name
 
 
 def ssh_client_config(hosts: list[Host]) -> str:
@@ -136,9 +156,9 @@ def sshd_config(*, listen: list[str], port: int, run_dir: Path, authorized_keys:
     return "\n".join(lines) + "\n"
 
 
-def dockerd_argv(paths: Paths, name: str) -> list[str]:
+def dockerd_argv(layout: Layout, name: str) -> list[str]:
     """This host's own engine: own data-root, exec-root, socket; no bridge, no iptables."""
-    run_dir, data = host_dir(paths, name), paths.data / name
+    run_dir, data = host_dir(layout, name), layout.data / name
     return ["dockerd", "--data-root", str(data), "--exec-root", str(run_dir / "exec"),
             "--pidfile", str(run_dir / "dockerd.pid"), "-H", f"unix://{run_dir / 'docker.sock'}",
             "--config-file", str(run_dir / "daemon.json"), "--bridge=none",

@@ -6,7 +6,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.testbed.layout import BRIDGE, GATEWAY, PREFIX, Host
+from tests.testbed.layout import Host, Layout
 from tests.testbed.procs import run
 
 NETNS_DIR = Path("/run/netns")
@@ -16,15 +16,15 @@ def link_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}").exists()
 
 
-def ensure_bridge() -> None:
+def ensure_bridge(layout: Layout) -> None:
     """The bridge on this machine that every host's veth joins; this machine is .1 on it."""
-    if not link_exists(BRIDGE):
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-    run(["ip", "addr", "replace", f"{GATEWAY}/24", "dev", BRIDGE])
-    run(["ip", "link", "set", BRIDGE, "up"])
+    if not link_exists(layout.bridge):
+        run(["ip", "link", "add", layout.bridge, "type", "bridge"])
+    run(["ip", "addr", "replace", f"{layout.gateway}/24", "dev", layout.bridge])
+    run(["ip", "link", "set", layout.bridge, "up"])
 
 
-def ensure_netns(host: Host) -> None:
+def ensure_netns(layout: Layout, host: Host) -> None:
     """The host's network namespace with eth0 at its address, linked to the bridge."""
     assert host.netns is not None
     if not (NETNS_DIR / host.netns).exists():
@@ -32,7 +32,7 @@ def ensure_netns(host: Host) -> None:
     if not link_exists(host.netns):
         run(["ip", "link", "add", host.netns, "type", "veth", "peer", "name", "eth0",
              "netns", host.netns])
-    run(["ip", "link", "set", host.netns, "master", BRIDGE, "up"])
+    run(["ip", "link", "set", host.netns, "master", layout.bridge, "up"])
     run(["ip", "-n", host.netns, "addr", "replace", f"{host.address}/24", "dev", "eth0"])
     run(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
     run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
@@ -64,12 +64,21 @@ def kill_all_in(netns: str) -> None:
                 pass
 
 
-def remove_all() -> None:
-    """Delete every namespace and link named with our prefix, and the bridge."""
-    for handle in NETNS_DIR.glob(f"{PREFIX}-*") if NETNS_DIR.exists() else ():
-        run(["ip", "netns", "delete", handle.name], check=False)
-    for link in Path("/sys/class/net").glob(f"{PREFIX}*"):
-        run(["ip", "link", "delete", link.name], check=False)
+def our_netns(layout: Layout) -> list[str]:
+    """Names of the network namespaces of this bed, whatever their count."""
+    if not NETNS_DIR.exists():
+        return []
+    return sorted(p.name for p in NETNS_DIR.glob(f"{layout.prefix}-*"))
+
+
+def remove_all(layout: Layout) -> None:
+    """Delete every namespace and link named with the bed's prefix, and its bridge."""
+    for name in our_netns(layout):
+        run(["ip", "netns", "delete", name], check=False)
+    for link in [f"{layout.bridge}", *(p.name for p in Path("/sys/class/net").glob(
+            f"{layout.prefix}-*"))]:
+        if link_exists(link):
+            run(["ip", "link", "delete", link], check=False)
 
 
 def is_mounted(path: Path) -> bool:
