@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .errors import UnknownJob
+from .errors import UnknownJob, UnknownWorker
 from .job import Job, JobSpec, State
 
 
@@ -160,6 +160,9 @@ class Board:
         return worker
 
     def lease(self, name: str, n: int) -> list[Job]:
+        """Hand out up to ``n`` jobs to a registered worker that is not draining."""
+        if name not in self.workers:
+            raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         worker = self.seen(name)
         if worker.draining:
             return []

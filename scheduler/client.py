@@ -14,6 +14,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -34,13 +35,14 @@ _UNSET = object()
 class AsyncResult:
     """The handle of one submitted job, like ``multiprocessing.pool.AsyncResult``."""
 
-    __slots__ = ("_client", "_id", "_event", "_outcome", "_value", "_notify", "_callbacks")
+    # No Event per result: creating one costs more than the rest of a submission.
+    # Waiters share the client's condition, notified once per batch of outcomes.
+    __slots__ = ("_client", "_id", "_outcome", "_value", "_notify", "_callbacks")
 
     def __init__(self, client: Client, notify: queue.SimpleQueue | None = None,
                  callbacks: tuple | None = None) -> None:  # fmt: skip
         self._client = client
         self._id: int | None = None
-        self._event = threading.Event()
         self._outcome: tuple | None = None  # (state, result, error, exit_code)
         self._value: Any = _UNSET
         self._notify = notify
@@ -60,7 +62,7 @@ class AsyncResult:
         return self._outcome[0] if self._outcome else None
 
     def ready(self) -> bool:
-        return self._event.is_set()
+        return self._outcome is not None
 
     def successful(self) -> bool:
         if not self.ready():
@@ -68,9 +70,11 @@ class AsyncResult:
         return self.state == State.SUCCEEDED
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._id is None and not self._event.is_set():
+        if self._id is None and self._outcome is None:
             self._client.flush()
-        return self._event.wait(timeout)
+        done = self._client._done
+        with done:
+            return done.wait_for(self.ready, timeout)
 
     def get(self, timeout: float | None = None) -> Any:
         """The job's return value (stdout for a shell job); raises JobFailed if it failed."""
@@ -92,12 +96,16 @@ class AsyncResult:
         raise JobFailed(self._id or 0, state, error, exit_code)
 
     def _set(self, state: str, result: Any, error: str | None, exit_code: int | None) -> None:
+        """Record the outcome; the caller notifies ``client._done`` (once per batch)."""
         self._outcome = (state, result, error, exit_code)
-        self._event.set()
+
+    def _announce(self) -> None:
+        """Tell a waiting iterator or callback; outside any lock."""
         if self._notify is not None:
             self._notify.put(self)
-        if self._callbacks:
+        if self._callbacks and self._outcome:
             callback, error_callback = self._callbacks
+            state, _, error, exit_code = self._outcome
             try:
                 if state == State.SUCCEEDED and callback:
                     callback(self.get())
@@ -142,6 +150,7 @@ class Client:
         self.batch_size = batch_size
         self._session = uuid.uuid4().hex
         self._lock = threading.Condition()
+        self._done = threading.Condition()  # AsyncResult.wait() waits on this
         self._submit_lock = threading.Lock()
         self._buffer: list[tuple[JobSpec, AsyncResult]] = []
         self._buffer_funcs: dict[str, bytes] = {}
@@ -276,12 +285,10 @@ class Client:
             first, count = self._link.call("submit", specs, funcs, self._session, retry=False)
         except ConnectError as exc:
             why = f"{exc}; check `scheduler jobs` before submitting again"
-            for _, handle in batch:
-                handle._set("refused", None, why, None)
+            self._resolve([(h, ("refused", None, why, None)) for _, h in batch])
             raise ConnectError(why) from exc
         except SchedulerError as exc:
-            for _, handle in batch:
-                handle._set("refused", None, str(exc), None)
+            self._resolve([(h, ("refused", None, str(exc), None)) for _, h in batch])
             raise
         early = []
         with self._lock:
@@ -293,18 +300,28 @@ class Client:
                 else:
                     early.append((handle, outcome))
             self._lock.notify_all()
-        for handle, outcome in early:
-            handle._set(*outcome)
+        if early:
+            self._resolve(early)
+
+    def _resolve(self, pairs: list[tuple[AsyncResult, tuple]]) -> None:
+        with self._done:
+            for handle, outcome in pairs:
+                handle._set(*outcome)
+            self._done.notify_all()
+        for handle, _ in pairs:
+            handle._announce()
 
     def _enqueue(self, spec: JobSpec, handle: AsyncResult) -> AsyncResult:
         if self._closed:
             raise SchedulerError("client is closed")
-        self._start_threads()
+        if not self._threads:
+            self._start_threads()
         with self._lock:
             self._buffer.append((spec, handle))
-            full = len(self._buffer) >= self.batch_size
-            self._lock.notify_all()
-        if full:
+            waiting = len(self._buffer)
+            if waiting == 1:
+                self._lock.notify_all()  # wake the flusher
+        if waiting >= self.batch_size:
             self.flush()
         return handle
 
@@ -387,7 +404,7 @@ class Client:
                     self._lock.wait()
                 if self._closed:
                     return
-                self._lock.wait(FLUSH_DELAY)  # let a burst fill the batch
+            time.sleep(FLUSH_DELAY)  # let a burst fill the batch
             try:
                 self.flush()
             except SchedulerError:
@@ -413,18 +430,20 @@ class Client:
             except SchedulerError as exc:
                 with self._lock:
                     lost, self._pending = list(self._pending.values()), {}
-                for orphan in lost:
-                    orphan._set("lost", None, f"{exc}; the job may still finish", None)
+                why = f"{exc}; the job may still finish"
+                self._resolve([(h, ("lost", None, why, None)) for h in lost])
                 if self._closed:
                     return
                 continue
-            for job_id, *outcome in outcomes:
-                with self._lock:
+            ready = []
+            with self._lock:
+                for job_id, *outcome in outcomes:
                     handle = self._pending.pop(job_id, None)
                     if handle is None:
                         self._early[job_id] = tuple(outcome)
-                if handle is not None:
-                    handle._set(*outcome)
+                    else:
+                        ready.append((handle, tuple(outcome)))
+            self._resolve(ready)
 
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"

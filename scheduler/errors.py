@@ -27,6 +27,10 @@ class UnknownJob(SchedulerError):
     """No job with that id."""
 
 
+class UnknownWorker(SchedulerError):
+    """A slave the master does not know (yet, or any more) asked for work; it must register."""
+
+
 class ShuttingDown(SchedulerError):
     """The master is stopping and takes no new work."""
 

@@ -111,6 +111,7 @@ class Job:
     stderr: str | None = None
     # the client(s) waiting for the outcome, usually one; not journaled
     session: str | tuple[str, ...] | None = None
+    journaled: bool = False  # the journal has a row for it
 
     @property
     def label(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import sqlite3
 import threading
 from pathlib import Path
@@ -19,40 +18,51 @@ from .job import Job, State
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = (
-    "id, kind, payload, name, labels, timeout, max_attempts, state, attempts, worker, lease, "
-    "submitted, started, ended, exit_code, result, error, stdout, stderr"
+_FIXED = "id, kind, func, args, name, labels, timeout, max_attempts, submitted"
+_CHANGING = (
+    "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr"
 )
-_SCHEMA = f"""
+_COLUMNS = f"{_FIXED}, {_CHANGING}"
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+_UPDATE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING.split(', '))} WHERE id = ?"
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, name TEXT, labels TEXT,
-    timeout REAL, max_attempts INTEGER, state TEXT NOT NULL, attempts INTEGER, worker TEXT,
-    lease INTEGER, submitted REAL, started REAL, ended REAL, exit_code INTEGER, result BLOB,
-    error TEXT, stdout TEXT, stderr TEXT
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, func TEXT, args BLOB NOT NULL, name TEXT,
+    labels TEXT, timeout REAL, max_attempts INTEGER, submitted REAL, state TEXT NOT NULL,
+    attempts INTEGER, worker TEXT, lease INTEGER, started REAL, ended REAL, exit_code INTEGER,
+    result BLOB, error TEXT, stdout TEXT, stderr TEXT
 );
 CREATE TABLE IF NOT EXISTS funcs (digest TEXT PRIMARY KEY, body BLOB NOT NULL);
--- {_COLUMNS}
 """
 
 
-def job_row(job: Job) -> tuple:
+def _changing(job: Job) -> tuple:
     return (
-        job.id, job.kind, pickle.dumps(job.payload, protocol=5), job.name,
-        json.dumps(job.labels) if job.labels else None, job.timeout, job.max_attempts,
-        str(job.state), job.attempts, job.worker, job.lease, job.submitted, job.started,
-        job.ended, job.exit_code, job.result, job.error, job.stdout, job.stderr,
+        str(job.state), job.attempts, job.worker, job.lease, job.started, job.ended,
+        job.exit_code, job.result, job.error, job.stdout, job.stderr,
     )  # fmt: skip
 
 
+def _fixed(job: Job) -> tuple:
+    if job.kind == "python":  # (function digest, pickled arguments) as they came
+        func, args = job.payload
+    else:  # a shell command stays readable with the sqlite3 tool
+        func, args = None, json.dumps(job.payload).encode()
+    labels = json.dumps(job.labels) if job.labels else None
+    return (job.id, job.kind, func, args, job.name, labels, job.timeout, job.max_attempts,
+            job.submitted)  # fmt: skip
+
+
 def _row_job(row: tuple) -> Job:
-    (id_, kind, payload, name, labels, timeout, max_attempts, state, attempts, worker, lease,
-     submitted, started, ended, exit_code, result, error, stdout, stderr) = row  # fmt: skip
+    (id_, kind, func, args, name, labels, timeout, max_attempts, submitted, state, attempts,
+     worker, lease, started, ended, exit_code, result, error, stdout, stderr) = row  # fmt: skip
+    payload = (func, args) if kind == "python" else tuple(json.loads(args))
     return Job(
-        id=id_, kind=kind, payload=pickle.loads(payload), name=name or "",
+        id=id_, kind=kind, payload=payload, name=name or "",
         labels=json.loads(labels) if labels else None, timeout=timeout,
         max_attempts=max_attempts, state=State(state), attempts=attempts, worker=worker,
         lease=lease, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
-        result=result, error=error, stdout=stdout, stderr=stderr,
+        result=result, error=error, stdout=stdout, stderr=stderr, journaled=True,
     )  # fmt: skip
 
 
@@ -68,7 +78,7 @@ class Journal:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._cond = threading.Condition()
-        self._pending: list[tuple[list[tuple], list[tuple]]] = []
+        self._pending: list[tuple[list[tuple], list[tuple], list[tuple]]] = []
         self._queued_seq = 0
         self._done_seq = 0
         self._error: BaseException | None = None
@@ -82,10 +92,16 @@ class Journal:
         return jobs, funcs
 
     def append(self, jobs: list[Job], funcs: dict[str, bytes] | None = None) -> int:
-        """Queue the current state of these jobs for writing; return a ticket for wait()."""
-        rows = [job_row(j) for j in jobs]
+        """Queue the current state of these jobs for writing; return a ticket for wait().
+
+        Call it under the lock that orders the changes: rows are taken now.
+        """
+        new = [(*_fixed(j), *_changing(j)) for j in jobs if not j.journaled]
+        changed = [(*_changing(j), j.id) for j in jobs if j.journaled]
+        for job in jobs:
+            job.journaled = True
         with self._cond:
-            self._pending.append((rows, list((funcs or {}).items())))
+            self._pending.append((new, changed, list((funcs or {}).items())))
             self._queued_seq += 1
             self._cond.notify_all()
             return self._queued_seq
@@ -106,7 +122,7 @@ class Journal:
         self._thread.join()
         self._db.close()
 
-    def _run(self) -> None:
+    def _run(self) -> None:  # the writer thread
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
@@ -128,15 +144,14 @@ class Journal:
                 self._error = None
                 self._cond.notify_all()
 
-    def _write(self, batch: list[tuple[list[tuple], list[tuple]]]) -> None:
+    def _write(self, batch: list[tuple[list[tuple], list[tuple], list[tuple]]]) -> None:
         self._db.execute("BEGIN")
         try:
-            for rows, funcs in batch:
+            for new, changed, funcs in batch:
                 if funcs:
                     self._db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", funcs)
-                self._db.executemany(
-                    f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})", rows
-                )
+                self._db.executemany(_INSERT, new)
+                self._db.executemany(_UPDATE, changed)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")

@@ -21,14 +21,17 @@ class RateLimit:
         self.suppressed = 0
 
     def __call__(self) -> bool:
+        return self.take(1) == 1
+
+    def take(self, n: int) -> int:
+        """How many of ``n`` events may be told now; the rest are counted."""
         second = int(self.clock())
         if second != self._second:
             self._second, self._count = second, 0
-        self._count += 1
-        if self._count > self.per_second:
-            self.suppressed += 1
-            return False
-        return True
+        allowed = max(0, min(n, self.per_second - self._count))
+        self._count += n
+        self.suppressed += n - allowed
+        return allowed
 
 
 class Progress:
@@ -46,16 +49,13 @@ class Progress:
         """Start counting the rate from the jobs already done (after a restart)."""
         self._last_done = counts[State.SUCCEEDED] + counts[State.FAILED] + counts[State.CANCELLED]
 
-    def dispatched(self, jobs: Iterable[Job], worker: str) -> None:
-        for job in jobs:
-            if self._allow():
-                log.info("job %s dispatched to %s (attempt %d/%d): %s", job.label, worker,
-                         job.attempts, job.max_attempts, job.describe())  # fmt: skip
+    def dispatched(self, jobs: list[Job], worker: str) -> None:
+        for job in jobs[: self._allow.take(len(jobs))]:
+            log.info("job %s dispatched to %s (attempt %d/%d): %s", job.label, worker,
+                     job.attempts, job.max_attempts, job.describe())  # fmt: skip
 
-    def finished(self, jobs: Iterable[Job], worker: str | None = None) -> None:
-        for job in jobs:
-            if not self._allow():
-                continue
+    def finished(self, jobs: list[Job], worker: str | None = None) -> None:
+        for job in jobs[: self._allow.take(len(jobs))]:
             where = f" on {worker or job.worker}" if (worker or job.worker) else ""
             took = f" in {job.ended - job.started:.3f}s" if job.ended and job.started else ""
             if job.state is State.SUCCEEDED:

@@ -11,6 +11,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -50,20 +51,28 @@ class Tail:
 
 
 class _TextTail:
-    """A text stream for ``redirect_stdout`` that keeps only a tail."""
+    """A text stream standing in for sys.stdout/stderr that keeps only a tail."""
+
+    __slots__ = ("_limit", "_tail")
 
     def __init__(self, limit: int) -> None:
-        self._tail = Tail(limit)
+        self._limit = limit
+        self._tail: Tail | None = None  # most jobs print nothing: make it on first write
 
     def write(self, text: str) -> int:
+        if self._tail is None:
+            self._tail = Tail(self._limit)
         self._tail.write(text.encode("utf-8", errors="replace"))
         return len(text)
 
     def flush(self) -> None:
         pass
 
+    def isatty(self) -> bool:
+        return False
+
     def text(self) -> str | None:
-        return self._tail.text()
+        return self._tail.text() if self._tail else None
 
 
 def _killpg(pid: int) -> None:
@@ -171,16 +180,26 @@ def _call(bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limi
             if len(loaded) > FUNC_CACHE:
                 loaded.popitem(last=False)
         args, kwargs = pickle.loads(args_blob)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
-            value = func(*args, **kwargs)
+        sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
         try:
-            blob = cloudpickle.dumps(value)
-        except Exception as exc:
-            raise TypeError(f"the job's return value cannot be pickled: {exc}") from exc
+            value = func(*args, **kwargs)
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        blob = _dumps(value)
         ok, error = True, None
     except BaseException:  # the job's own failure, SystemExit included, is its outcome
         ok, blob, error = False, None, traceback.format_exc()
     return ok, blob, error, out.text(), err.text(), time.monotonic() - started
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # a lambda, a class from __main__...
+        try:
+            return cloudpickle.dumps(value)
+        except Exception as exc:
+            raise TypeError(f"the job's return value cannot be pickled: {exc}") from exc
 
 
 class PythonSlot:

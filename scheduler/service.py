@@ -160,6 +160,7 @@ class Service:
     def register(self, worker: str, host: str = "", pid: int = 0, concurrency: int = 0) -> dict:
         with self._lock:
             record = self._board.seen(worker)
+            self._work.notify_all()
             record.host, record.pid, record.concurrency = host, pid, concurrency
             record.draining = False
         log.info("slave %s registered from %s (pid %s, %s processes)", worker, host, pid,
@@ -174,7 +175,8 @@ class Service:
             while True:
                 jobs = [] if self._closing else self._board.lease(worker, max(0, int(n)))
                 remaining = deadline - self._clock()
-                if jobs or remaining <= 0 or self._closing:
+                draining = self._board.workers[worker].draining
+                if jobs or remaining <= 0 or self._closing or draining:
                     break
                 self._work.wait(remaining)
         self._progress.dispatched(jobs, worker)

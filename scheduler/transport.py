@@ -101,6 +101,13 @@ def connect(address: tuple[str, int], authkey: bytes) -> Any:
     try:
         manager.connect()
         proxy = manager.scheduler()  # type: ignore[attr-defined]
+        # The stdlib proxy's finalizer closes "this thread's connection" once no proxy
+        # of the master's object is left; as every proxy here shares the one service
+        # object, a proxy dying in the middle of another's call closed the socket
+        # under it. The service is a singleton, so its server-side count is moot.
+        finalizer = getattr(proxy, "_close", None)
+        if finalizer is not None:
+            finalizer.cancel()
         forget_connection(proxy)  # a cached one may be from before a master restart
         return proxy
     except AuthenticationError as exc:

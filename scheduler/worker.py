@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .board import Lease, Outcome
-from .errors import AuthError, ConnectError
+from .errors import AuthError, ConnectError, UnknownWorker
 from .progress import RateLimit
 from .runner import Abort, PythonSlot, run_shell
 from .settings import Settings
@@ -68,10 +68,11 @@ class Worker:
         reporter = threading.Thread(target=self._report_loop, name="reporter")
         for t in [*threads, reporter]:
             t.start()
-        for target in (self._fetch_loop, self._heartbeat_loop):
-            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        fetcher = threading.Thread(target=self._fetch_loop, name="fetcher", daemon=True)
+        fetcher.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         self._stop.wait()
-        self._drain(threads, reporter)
+        self._drain(threads, reporter, fetcher)
         return 0
 
     def _register(self) -> None:
@@ -82,7 +83,9 @@ class Worker:
                  *self.settings.master, self.concurrency)  # fmt: skip
         self._touch_health()
 
-    def _drain(self, slots: list[threading.Thread], reporter: threading.Thread) -> None:
+    def _drain(
+        self, slots: list[threading.Thread], reporter: threading.Thread, fetcher: threading.Thread
+    ) -> None:
         grace = self.settings.grace_seconds
         log.info("slave %s draining: taking no new jobs, %.0fs grace for running ones",
                  self.name, grace)  # fmt: skip
@@ -91,7 +94,8 @@ class Worker:
             unstarted = [(lease.job_id, lease.lease) for lease in self._queue]
             self._queue.clear()
             self._cond.notify_all()
-        self._call_quietly("heartbeat", self.name, True)
+        self._call_quietly("heartbeat", self.name, True)  # wakes our own long-poll, empty
+        fetcher.join(LONG_POLL + 1)  # whatever it still got, it hands back itself
         if unstarted:
             self._call_quietly("release", self.name, unstarted)
             log.info("slave %s handed back %d unstarted job(s)", self.name, len(unstarted))
@@ -141,16 +145,20 @@ class Worker:
                 return
             try:
                 leases, funcs = self.link.call("lease", self.name, want, LONG_POLL)
+            except UnknownWorker:
+                if not self._draining.is_set():
+                    self._register()
+                continue
             except ConnectError:
                 return
             with self._cond:
                 self._funcs.update(funcs)
                 if self._draining.is_set():
                     back = [(lease.job_id, lease.lease) for lease in leases]
-                    threading.Thread(target=self._call_quietly,
-                                     args=("release", self.name, back)).start()  # fmt: skip
+                    if back:
+                        self._call_quietly("release", self.name, back)
                     return
-                self._queue.extend(Lease(*lease) for lease in leases)
+                self._queue.extend(leases)
                 self._cond.notify_all()
 
     # -- running -------------------------------------------------------------

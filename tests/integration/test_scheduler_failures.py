@@ -98,12 +98,13 @@ def test_sigterm_drains_a_slave(cluster, tmp_path):
         )
 
 
-def test_drain_past_grace_requeues_the_running_job(cluster):
+def test_drain_past_grace_requeues_the_running_job(cluster, tmp_path):
     slave = cluster.start_slave("hasty", SCHEDULER_GRACE_SECONDS="0.5")
     cluster.wait_slaves("hasty")
+    marker = tmp_path / "started"
     with cluster.client() as client:
-        long = client.submit_shell(["sleep", "30"])
-        wait_until(lambda: client.job(long.id)["state"] == "running", what="job to run")
+        long = client.submit_shell(f"touch {marker}; sleep 30", shell=True)
+        wait_until(marker.exists, what="job to start")
         started = time.monotonic()
         slave.signal(signal.SIGTERM)
         assert slave.wait(20) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.board import Board, Outcome
-from scheduler.errors import UnknownJob
+from scheduler.errors import UnknownJob, UnknownWorker
 from scheduler.job import JobSpec, State
 
 
@@ -31,6 +31,12 @@ def shell(*argv: str, **kw) -> JobSpec:
     return JobSpec("shell", (list(argv), False), **kw)
 
 
+def take(board: Board, worker: str, n: int):
+    """A registered worker asks for work."""
+    board.seen(worker)
+    return board.lease(worker, n)
+
+
 def ok(job, **kw) -> Outcome:
     return Outcome(job.id, job.lease, True, **kw)
 
@@ -38,7 +44,7 @@ def ok(job, **kw) -> Outcome:
 def test_jobs_are_handed_out_in_order_and_finish_once(board):
     a, b, c = board.submit([shell("a"), shell("b"), shell("c")])
     assert (a.id, b.id, c.id) == (1, 2, 3)
-    got = board.lease("w1", 2)
+    got = take(board, "w1", 2)
     assert [j.id for j in got] == [1, 2] and a.state is State.RUNNING and a.attempts == 1
     finished, rejected = board.complete("w1", [ok(a, stdout="hi", duration=0.5)])
     assert finished == [a] and rejected == 0
@@ -52,26 +58,26 @@ def test_jobs_are_handed_out_in_order_and_finish_once(board):
 
 def test_a_failed_outcome_keeps_exit_code_and_error(board):
     (job,) = board.submit([shell("false")])
-    board.lease("w1", 1)
+    take(board, "w1", 1)
     board.complete("w1", [Outcome(job.id, job.lease, False, error="exited with 1", exit_code=1)])
     assert (job.state, job.exit_code, job.error) == (State.FAILED, 1, "exited with 1")
 
 
 def test_a_silent_worker_loses_its_jobs_after_the_lease(board, clock):
     (job,) = board.submit([shell("x")])
-    board.lease("w1", 1)
+    take(board, "w1", 1)
     clock.now += 29
     assert board.expire() == []
     clock.now += 2
     assert board.expire() == [job]
     assert job.state is State.QUEUED and "w1" not in board.workers
-    again = board.lease("w2", 1)
+    again = take(board, "w2", 1)
     assert again == [job] and job.attempts == 2 and job.worker == "w2"
 
 
 def test_heartbeats_and_any_call_renew_the_lease(board, clock):
     board.submit([shell("x")])
-    board.lease("w1", 1)
+    take(board, "w1", 1)
     for _ in range(5):
         clock.now += 20
         board.heartbeat("w1", running=[1])
@@ -80,11 +86,11 @@ def test_heartbeats_and_any_call_renew_the_lease(board, clock):
 
 def test_a_late_outcome_from_a_lapsed_lease_is_rejected(board, clock):
     (job,) = board.submit([shell("x")])
-    (first,) = board.lease("w1", 1)
+    (first,) = take(board, "w1", 1)
     old_lease = first.lease
     clock.now += 31
     board.expire()
-    board.lease("w2", 1)
+    take(board, "w2", 1)
     assert board.complete("w1", [Outcome(job.id, old_lease, True)]) == ([], 1)
     assert job.state is State.RUNNING and job.worker == "w2"
     assert board.complete("w2", [ok(job)])[0] == [job]
@@ -93,7 +99,7 @@ def test_a_late_outcome_from_a_lapsed_lease_is_rejected(board, clock):
 def test_max_attempts_then_failed_with_the_reason(board, clock):
     (job,) = board.submit([shell("x", max_attempts=2)])
     for worker in ("w1", "w2"):
-        board.lease(worker, 1)
+        take(board, worker, 1)
         clock.now += 31
         board.expire()
     assert job.state is State.FAILED and job.attempts == 2
@@ -102,7 +108,7 @@ def test_max_attempts_then_failed_with_the_reason(board, clock):
 
 def test_jobs_only_waiting_on_a_dead_worker_do_not_use_an_attempt(board, clock):
     a, b = board.submit([shell("a", max_attempts=1), shell("b", max_attempts=1)])
-    board.lease("w1", 2)
+    take(board, "w1", 2)
     board.heartbeat("w1", running=[a.id], waiting=[b.id])
     clock.now += 31
     board.expire()
@@ -111,7 +117,7 @@ def test_jobs_only_waiting_on_a_dead_worker_do_not_use_an_attempt(board, clock):
 
 def test_a_lease_lost_in_transit_is_reclaimed_by_heartbeat(board, clock):
     a, b = board.submit([shell("a"), shell("b")])
-    board.lease("w1", 2)  # pretend the reply carrying b never arrived
+    take(board, "w1", 2)  # pretend the reply carrying b never arrived
     board.heartbeat("w1", running=[a.id])
     assert b.state is State.RUNNING  # too recent to tell
     clock.now += 31
@@ -121,25 +127,36 @@ def test_a_lease_lost_in_transit_is_reclaimed_by_heartbeat(board, clock):
 
 def test_release_hands_back_without_counting_an_attempt(board):
     a, b = board.submit([shell("a"), shell("b")])
-    board.lease("w1", 2)
+    take(board, "w1", 2)
     back = board.release("w1", [(b.id, b.lease), (a.id, 999)])
     assert back == [b] and b.state is State.QUEUED and b.attempts == 0
     assert a.state is State.RUNNING
-    assert [j.id for j in board.lease("w2", 5)] == [b.id]
+    assert [j.id for j in take(board, "w2", 5)] == [b.id]
+
+
+def test_an_unknown_or_departed_worker_must_register_first(board):
+    board.submit([shell("a")])
+    with pytest.raises(UnknownWorker):
+        board.lease("stranger", 1)
+    board.seen("w1")
+    board.forget("w1")
+    with pytest.raises(UnknownWorker):
+        board.lease("w1", 1)
+    assert board.counts["queued"] == 1
 
 
 def test_a_draining_worker_gets_nothing(board):
     board.submit([shell("a")])
     board.heartbeat("w1", draining=True)
-    assert board.lease("w1", 1) == []
-    assert len(board.lease("w2", 1)) == 1
+    assert take(board, "w1", 1) == []
+    assert len(take(board, "w2", 1)) == 1
 
 
 def test_cancel_queued_and_running(board):
     a, b = board.submit([shell("a"), shell("b")])
     board.cancel(a.id)
     assert a.state is State.CANCELLED
-    assert [j.id for j in board.lease("w1", 5)] == [b.id]  # the cancelled one is skipped
+    assert [j.id for j in take(board, "w1", 5)] == [b.id]  # the cancelled one is skipped
     board.cancel(b.id)
     assert b.state is State.CANCELLED
     assert board.heartbeat("w1") == [b.id]  # the worker is told to kill it
@@ -151,19 +168,19 @@ def test_cancel_queued_and_running(board):
 
 def test_goodbye_requeues_what_the_worker_still_held(board):
     (a,) = board.submit([shell("a")])
-    board.lease("w1", 1)
+    take(board, "w1", 1)
     board.forget("w1")
     assert a.state is State.QUEUED and a.attempts == 0
 
 
 def test_restore_requeues_running_jobs_and_keeps_ids_and_leases_increasing(board, clock):
     a, b, c = board.submit([shell("a"), shell("b"), shell("c")])
-    board.lease("w1", 2)
+    take(board, "w1", 2)
     board.complete("w1", [ok(a)])
     restored = Board(clock=clock)
     assert restored.restore([a, b, c]) == 1
     assert b.state is State.QUEUED and b.attempts == 0
-    assert [j.id for j in restored.lease("w2", 5)] == [b.id, c.id]
+    assert [j.id for j in take(restored, "w2", 5)] == [b.id, c.id]
     assert b.lease > a.lease
     (d,) = restored.submit([shell("d")])
     assert d.id == 4
@@ -174,5 +191,5 @@ def test_take_dirty_returns_each_changed_job_once(board):
     a, b = board.submit([shell("a"), shell("b")])
     assert {j.id for j in board.take_dirty()} == {a.id, b.id}
     assert board.take_dirty() == []
-    board.lease("w1", 1)
+    take(board, "w1", 1)
     assert board.take_dirty() == [a]

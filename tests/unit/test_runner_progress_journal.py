@@ -65,6 +65,7 @@ def test_journal_round_trip_and_group_commit(tmp_path):
     board = Board()
     jobs = board.submit([JobSpec("shell", (["echo", "hi"], False), "n", {"k": "v"}, 3.0, 2),
                          JobSpec("python", ("d1", b"args"))])  # fmt: skip
+    board.seen("w")
     board.lease("w", 1)
     tickets = [journal.append(board.take_dirty(), {"d1": b"body"}) for _ in range(3)]
     journal.wait(tickets[-1])
