@@ -280,9 +280,23 @@ def build_role(client: docker.DockerClient, plan: BuildPlan, out: IO[str] = sys.
                              "check the engine's log") from exc
     for tag in plan.tags:
         client.api.tag(image_id, plan.repository, tag)
+    _untag_older(client, plan)
     image = client.images.get(image_id)
     return BuiltImage(plan.role, plan.repository, str(image.id), plan.tags,
                       int(image.attrs.get("Size", 0)), skipped)
+
+
+def _untag_older(client: docker.DockerClient, plan: BuildPlan) -> None:
+    """Drop this repository's other hash tags, so superseded builds do not pile up; an image
+    that a container still uses stays."""
+    current = f"{plan.repository}:{plan.tags[1]}"
+    for image in client.images.list(name=plan.repository):
+        for ref in image.tags:
+            if ref.startswith(f"{plan.repository}:hash-") and ref != current:
+                try:
+                    client.images.remove(ref)
+                except docker.errors.APIError:
+                    pass
 
 
 def build_images(client: docker.DockerClient | None = None, *,

@@ -27,7 +27,10 @@ def ensure_bridge(layout: Layout) -> None:
 def ensure_netns(layout: Layout, host: Host) -> None:
     """The host's network namespace with eth0 at its address, linked to the bridge."""
     assert host.netns is not None
-    if not (NETNS_DIR / host.netns).exists():
+    handle = NETNS_DIR / host.netns
+    if handle.exists() and not is_mounted(handle):
+        handle.unlink()  # a handle that outlived its namespace (a reboot, a crash)
+    if not handle.exists():
         run(["ip", "netns", "add", host.netns])
     if not link_exists(host.netns):
         run(["ip", "link", "add", host.netns, "type", "veth", "peer", "name", "eth0",
