@@ -4,12 +4,21 @@
 #
 #   scripts/engine.sh start|stop|status
 #
-# Its pidfile and log live in $SCHEDULER_KIT_RUN (default /run/scheduler-kit), never in git.
+# Its pidfile and log live in $ENGINE_RUN_DIR (default /run/scheduler-kit), never in git.
+# With DOCKER_HOST=unix:///some/other.sock, a second engine starts there with its exec-root in
+# ENGINE_RUN_DIR and its data in ENGINE_DATA_ROOT (a cold run beside a machine's engine).
 set -euo pipefail
 
-RUN_DIR=${SCHEDULER_KIT_RUN:-/run/scheduler-kit}
+RUN_DIR=${ENGINE_RUN_DIR:-/run/scheduler-kit}
 PIDFILE=$RUN_DIR/dockerd.pid
 LOG=$RUN_DIR/dockerd.log
+DAEMON_ARGS=()
+case "${DOCKER_HOST:-}" in
+  "" | unix:///var/run/docker.sock | unix:///run/docker.sock) ;;
+  unix://*) DAEMON_ARGS=(-H "$DOCKER_HOST" --exec-root "$RUN_DIR/exec"
+                         --data-root "${ENGINE_DATA_ROOT:?set it for an engine on $DOCKER_HOST}") ;;
+  *) ;;  # a remote engine: only used, never started here
+esac
 
 answers() {
   # `docker version` asks the server too; the CLI may be newer than the engine, which is fine.
@@ -29,16 +38,22 @@ start() {
   if answers; then
     return 0
   fi
+  mkdir -p "$RUN_DIR"
+  # Two `make test` at once: the second waits here, then finds the first one's engine.
+  exec 9>"$RUN_DIR/engine.lock"
+  flock 9
+  if answers; then
+    return 0
+  fi
   if our_pid >/dev/null; then
     echo "engine: dockerd $(our_pid) is running but does not answer; see $LOG" >&2
     exit 1
   fi
-  mkdir -p "$RUN_DIR"
   rm -f "$PIDFILE"
   echo "engine: starting dockerd (log: $LOG)" >&2
   # No bridge and no iptables: every container uses host networking, and an iptables-managing
   # engine would set FORWARD to DROP, which cuts the test bed's bridge (see ENVIRONMENT.md).
-  setsid dockerd --bridge=none --iptables=false --pidfile "$PIDFILE" \
+  setsid dockerd --bridge=none --iptables=false --pidfile "$PIDFILE" "${DAEMON_ARGS[@]}" \
     </dev/null >>"$LOG" 2>&1 &
   for _ in $(seq 1 120); do
     answers && return 0

@@ -8,6 +8,7 @@ Bring-up is idempotent; tear-down removes every process, namespace, link, mount 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -61,10 +62,24 @@ class TestbedError(RuntimeError):
 # ---- net mode ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """One bring-up or tear-down of a bed at a time, across processes."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    with open(layout.run / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up(count: int = 3, layout: Layout | None = None) -> Testbed:
     """Bring up ``count`` namespaced hosts (quick when they already run)."""
     layout = layout or Layout.from_env()
     _require_root()
+    with _locked(layout):
+        return _up(count, layout)
+
+
+def _up(count: int, layout: Layout) -> Testbed:
     hosts = netns_hosts(layout, count)
     mode_dir = layout.mode_dir("net")
     mode_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +96,11 @@ def up(count: int = 3, layout: Layout | None = None) -> Testbed:
 def down(layout: Layout | None = None) -> None:
     """Remove every namespaced host (any count), including leftovers of a crashed run."""
     layout = layout or Layout.from_env()
+    with _locked(layout):
+        _down(layout)
+
+
+def _down(layout: Layout) -> None:
     mode_dir = layout.mode_dir("net")
     dirs = sorted(mode_dir.glob("tb*")) if mode_dir.exists() else []
     with ThreadPoolExecutor(max_workers=max(len(dirs), 1)) as pool:
@@ -146,7 +166,11 @@ def loopback_up(count: int = 3, layout: Layout | None = None,
     """Bring up ``count`` loopback hosts served by one sshd on the machine's own engine."""
     layout = layout or Layout.from_env()
     _require_root()
-    socket_path = engine_socket or local_engine_socket()
+    with _locked(layout):
+        return _loopback_up(count, layout, engine_socket or local_engine_socket())
+
+
+def _loopback_up(count: int, layout: Layout, socket_path: Path) -> Testbed:
     hosts = loopback_hosts(layout, count, socket_path)
     run_dir = layout.mode_dir("loopback")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +192,11 @@ def loopback_up(count: int = 3, layout: Layout | None = None,
 
 def loopback_down(layout: Layout | None = None) -> None:
     """Stop the loopback sshd and remove its files; the machine's engine is left alone."""
-    run_dir = (layout or Layout.from_env()).mode_dir("loopback")
-    procs.stop(run_dir / "sshd.pid", str(run_dir))
-    shutil.rmtree(run_dir, ignore_errors=True)
+    layout = layout or Layout.from_env()
+    run_dir = layout.mode_dir("loopback")
+    with _locked(layout):
+        procs.stop(run_dir / "sshd.pid", str(run_dir))
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def local_engine_socket(environ: Mapping[str, str] = os.environ) -> Path:
