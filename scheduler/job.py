@@ -46,7 +46,8 @@ def validate(spec: Any, funcs: dict[str, bytes]) -> JobSpec:
         raise SubmitError(
             f"malformed job spec {type(spec).__name__}; submit through scheduler.Client"
         )
-    spec = JobSpec(*spec)
+    if type(spec) is not JobSpec:
+        spec = JobSpec(*spec)
     if spec.kind not in KINDS:
         raise SubmitError(f"unknown job kind {spec.kind!r}; use one of {', '.join(KINDS)}")
     if not isinstance(spec.payload, tuple) or len(spec.payload) != 2:
@@ -58,7 +59,7 @@ def validate(spec: Any, funcs: dict[str, bytes]) -> JobSpec:
     elif not isinstance(spec.payload[1], bytes):
         raise SubmitError("python job arguments must be a pickled blob")
     if spec.timeout is not None and not (
-        isinstance(spec.timeout, int | float) and spec.timeout > 0
+        isinstance(spec.timeout, (int, float)) and spec.timeout > 0  # noqa: UP038 (faster)
     ):
         raise SubmitError(f"timeout must be a positive number of seconds, got {spec.timeout!r}")
     if spec.max_attempts is not None and not (

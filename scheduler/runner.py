@@ -259,7 +259,8 @@ class PythonSlot:
 
     def _wait_one(self, lease: Lease, abort: Abort) -> Outcome:
         started = time.monotonic()
-        timed_out = not self._conn.poll(lease.timeout)
+        # poll() builds a selector each call: only pay for it when there is a deadline
+        timed_out = lease.timeout is not None and not self._conn.poll(lease.timeout)
         if timed_out:
             self.kill()
         else:

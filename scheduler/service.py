@@ -186,7 +186,7 @@ class Service:
 
     def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int]:
         """Apply finished jobs; return (accepted, rejected)."""
-        outs = [Outcome(*o) for o in outcomes]
+        outs = [o if type(o) is Outcome else Outcome(*o) for o in outcomes]
         with self._lock:
             finished, rejected = self._board.complete(worker, outs)
             self._route(finished)
@@ -263,16 +263,17 @@ class Service:
 
     def _route(self, jobs: Iterable[Job]) -> None:
         woke = False
+        outboxes = self._outboxes
         for job in jobs:
-            if job.session is None:
+            session = job.session
+            if session is None:
                 continue
-            sessions = job.session if isinstance(job.session, tuple) else (job.session,)
-            for session in sessions:
-                box = self._outboxes.get(session)
+            job.session = None
+            for one in session if type(session) is tuple else (session,):
+                box = outboxes.get(one)
                 if box is not None:
                     box.append(job.id)
                     woke = True
-            job.session = None
         if woke:
             self._done.notify_all()
 

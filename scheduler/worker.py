@@ -33,6 +33,7 @@ MAX_PREFETCH = 256
 MAX_CHILD_BATCH = 64
 SHORT_JOB = 0.005  # seconds; jobs shorter than this on average are batched to the child
 LONG_POLL = 5.0
+REPORT_GAP = 0.002  # seconds; a slave busy with short jobs reports at most this often
 
 
 class Worker:
@@ -42,7 +43,8 @@ class Worker:
         self.concurrency = settings.concurrency
         self._stop = stop
         self.link = Link(settings.master, settings.authkey.reveal(), stopping=stop.is_set)
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # slots wait here for work, drain for idle slots
+        self._has_room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._queue: deque[Lease] = deque()
         self._funcs: dict[str, bytes] = {}
         # keyed by (job id, lease): after a master restart the same job can come twice
@@ -94,6 +96,7 @@ class Worker:
             unstarted = [(lease.job_id, lease.lease) for lease in self._queue]
             self._queue.clear()
             self._cond.notify_all()
+            self._has_room.notify_all()
         self._call_quietly("heartbeat", self.name, True)  # wakes our own long-poll, empty
         fetcher.join(LONG_POLL + 1)  # whatever it still got, it hands back itself
         if unstarted:
@@ -128,19 +131,20 @@ class Worker:
 
     # -- fetching ------------------------------------------------------------
 
-    def _room(self) -> int:
+    def _room(self) -> tuple[int, int]:
+        """(free places, the fewest worth a round trip to the master)."""
         prefetch = self.concurrency
         if self._avg > 0:
             prefetch = math.ceil(self.concurrency * TARGET_BATCH_SECONDS / self._avg)
-        prefetch = min(MAX_PREFETCH, prefetch)
-        return self.concurrency + prefetch - len(self._queue) - len(self._running)
+        target = self.concurrency + min(MAX_PREFETCH, prefetch)
+        return target - len(self._queue) - len(self._running), max(1, target // 2)
 
     def _fetch_loop(self) -> None:
         while not self._draining.is_set():
             with self._cond:
-                while not self._draining.is_set() and self._room() <= 0:
-                    self._cond.wait(1.0)
-                want = self._room()
+                while not self._draining.is_set() and self._room()[0] < self._room()[1]:
+                    self._has_room.wait(1.0)
+                want = self._room()[0]
             if self._draining.is_set():
                 return
             try:
@@ -209,7 +213,9 @@ class Worker:
             self._avg = (
                 outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
             )
-            self._cond.notify_all()
+            free, worth = self._room()
+            if free >= worth:
+                self._has_room.notify()
         if abort.requeue:
             self._requeue.append((outcome.job_id, outcome.lease))
             return
@@ -240,9 +246,11 @@ class Worker:
     # -- reporting and heartbeats ----------------------------------------------
 
     def _report_loop(self) -> None:
+        last = 0.0
         while (first := self._results.get()) is not None:
-            batch = [first]
-            stop = False
+            batch, stop = [first], False
+            if time.monotonic() - last < REPORT_GAP:
+                time.sleep(REPORT_GAP)  # busy: let outcomes gather into one message
             while len(batch) < 1000:
                 try:
                     item = self._results.get_nowait()
@@ -252,6 +260,7 @@ class Worker:
                     stop = True
                     break
                 batch.append(item)
+            last = time.monotonic()
             self._call_quietly("report", self.name, batch)
             if stop:
                 return
