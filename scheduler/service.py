@@ -269,7 +269,7 @@ class Service:
             if session is None:
                 continue
             job.session = None
-            for one in session if type(session) is tuple else (session,):
+            for one in session if isinstance(session, tuple) else (session,):
                 box = outboxes.get(one)
                 if box is not None:
                     box.append(job.id)
