@@ -138,10 +138,12 @@ def up(
     workers: Annotated[int | None, typer.Option(
         min=0, help="worker count (default: workers.count)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    no_build: Annotated[bool, typer.Option(
+        "--no-build", help="use the images last built here (deployctl build)")] = False,
 ) -> None:  # fmt: skip
     """Build, ship, start master and workers; wait until the workers have registered."""
     with _session() as ctx:
-        result = cluster.up(ctx, workers, dry_run)
+        result = cluster.up(ctx, workers, dry_run, build=not no_build)
         _finish(ctx, result, dry_run, "up")
 
 

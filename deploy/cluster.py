@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from . import authkey, engine, master
 from .authkey import Secret
 from .config import Config, Host
-from .errors import DeployError, PartialFailure
+from .errors import DeployError, MasterError, PartialFailure
 from .parallel import across
 from .planner import (
     Action,
@@ -172,12 +172,13 @@ class Result:
 
 
 def up(
-    ctx: Context, workers: int | None, dry_run: bool, executor: Executor | None = None
-) -> Result:
+    ctx: Context, workers: int | None, dry_run: bool, executor: Executor | None = None,
+    build: bool = True,
+) -> Result:  # fmt: skip
     """Build and ship as needed, start master and workers, wait until the workers registered."""
     key = ctx.key(create=not dry_run) if not dry_run else _key_or_placeholder(ctx)
     seen = observe(ctx)
-    images = ensure_images(ctx, seen.reachable, build=not dry_run, ship=not dry_run)
+    images = ensure_images(ctx, seen.reachable, build=build and not dry_run, ship=not dry_run)
     reachable = seen.reachable - set(ctx.failures)
     busy = _busy(ctx, key, seen) if not dry_run else {}
     count = ctx.config.workers.count if workers is None else workers
@@ -222,8 +223,11 @@ def _carry_out(
     master_ok = ctx.config.master.host not in ctx.failures
     if master_ok:
         ctx.echo(f"waiting for the master and {len(expected)} worker(s) to register")
-        status = master.wait_ready(ctx.config, ctx.pool, key, expected,
-                                   ctx.config.master.ready_timeout)  # fmt: skip
+        try:
+            status = master.wait_ready(ctx.config, ctx.pool, key, expected,
+                                       ctx.config.master.ready_timeout)  # fmt: skip
+        except MasterError as exc:
+            raise MasterError(exc.subject, exc.detail + _master_log_tail(ctx), exc.hint) from exc
     return Result(tuple(actions), status)
 
 
@@ -236,6 +240,17 @@ def _expected_workers(seen: Observation, actions: Sequence[Action], failed: set[
         if isinstance(action, Create) and action.spec.role == WORKER and action.host not in failed:
             names.add(action.spec.name)
     return sorted(names)
+
+
+def _master_log_tail(ctx: Context, lines: int = 6) -> str:
+    """The master container's last log lines, to say why it does not answer."""
+    name = f"{ctx.config.cluster}-master"
+    try:
+        tail = [t for _, t in engine.logs(ctx.engines, ctx.config.master_host, name, False,
+                                          lines, None)]  # fmt: skip
+    except DeployError:
+        return ""
+    return "\n  last lines of its log:\n    " + "\n    ".join(tail) if tail else ""
 
 
 def _busy(ctx: Context, key: Secret, seen: Observation) -> dict[str, int]:

@@ -86,6 +86,9 @@ def ensure_images(
         images = build_here(ctx) if build else local_images(ctx)
     if not ship:
         return images
+    if UNBUILT in (images.master.id, images.slave.id):
+        raise DeployError("images", f"{images.master.ref} or {images.slave.ref} not found here",
+                          "run 'deployctl build' first")  # fmt: skip
     targets = [h for h in ctx.config.hosts if h.name in hosts and h.name not in ctx.failures]
     missing = across(targets, lambda h: _missing(ctx, h, images), ctx.config.parallel, ctx.fail)
     todo = {name: refs for name, refs in missing.results.items() if refs}
