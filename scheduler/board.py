@@ -151,19 +151,26 @@ class Board:
 
     # -- slaves --------------------------------------------------------------
 
-    def seen(self, name: str) -> Worker:
-        """Note that a worker was heard from; every call from a slave renews its leases."""
+    def register(self, name: str) -> Worker:
+        """A slave (re)joins; only registered workers are handed jobs."""
         worker = self.workers.get(name)
         if worker is None:
             worker = self.workers[name] = Worker(name=name, last_seen=self.clock())
         worker.last_seen = self.clock()
         return worker
 
+    def seen(self, name: str) -> Worker | None:
+        """Note that a worker was heard from; every call from a slave renews its leases."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.last_seen = self.clock()
+        return worker
+
     def lease(self, name: str, n: int) -> list[Job]:
         """Hand out up to ``n`` jobs to a registered worker that is not draining."""
-        if name not in self.workers:
-            raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         worker = self.seen(name)
+        if worker is None:
+            raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         if worker.draining:
             return []
         now = self.clock()
@@ -193,7 +200,8 @@ class Board:
             if job is None or job.state is not State.RUNNING or job.lease != out.lease:
                 rejected += 1
                 continue
-            worker.held.pop(job.id, None)
+            if worker is not None:
+                worker.held.pop(job.id, None)
             job.exit_code, job.stdout, job.stderr = out.exit_code, out.stdout, out.stderr
             job.result = out.result
             job.started = now - out.duration
@@ -209,7 +217,8 @@ class Board:
             job = self.jobs.get(job_id)
             if job is None or job.state is not State.RUNNING or job.lease != lease:
                 continue
-            worker.held.pop(job_id, None)
+            if worker is not None:
+                worker.held.pop(job_id, None)
             job.attempts = max(0, job.attempts - 1)
             self._requeue(job)
             back.append(job)
@@ -222,8 +231,9 @@ class Board:
         draining: bool = False,
         running: Iterable[int] | None = None,
         waiting: Iterable[int] = (),
-    ) -> list[int]:
-        """Renew a worker's leases; return the running jobs it must kill (cancelled).
+    ) -> list[int] | None:
+        """Renew a worker's leases; return the running jobs it must kill (cancelled),
+        or None if the worker is not registered (it must register again).
 
         ``running`` and ``waiting`` are what the worker says it has. A job we think it
         holds, handed out longer than a lease ago and absent from both, was lost in
@@ -231,6 +241,8 @@ class Board:
         Jobs still waiting do not count as an attempt if the worker dies.
         """
         worker = self.seen(name)
+        if worker is None:
+            return None
         worker.draining = draining
         worker.waiting = set(waiting)
         if running is not None:

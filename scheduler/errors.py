@@ -31,6 +31,10 @@ class UnknownWorker(SchedulerError):
     """A slave the master does not know (yet, or any more) asked for work; it must register."""
 
 
+class JournalError(SchedulerError):
+    """The journal cannot be used as it is (another format, unreadable)."""
+
+
 class ShuttingDown(SchedulerError):
     """The master is stopping and takes no new work."""
 

@@ -14,10 +14,13 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from .errors import JournalError
 from .job import Job, State
 
 log = logging.getLogger(__name__)
 
+
+SCHEMA_VERSION = 1
 _FIXED = "id, kind, func, args, name, labels, timeout, max_attempts, submitted"
 _CHANGING = (
     "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr"
@@ -76,7 +79,7 @@ class Journal:
         # only an OS crash or power loss can roll back the last transactions.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._check_schema()
         self._cond = threading.Condition()
         self._pending: list[tuple[list[tuple], list[tuple], list[tuple]]] = []
         self._queued_seq = 0
@@ -85,6 +88,19 @@ class Journal:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
+
+    def _check_schema(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
+        if version == 0 and tables.fetchone()[0] == 0:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            self._db.close()
+            raise JournalError(
+                f"journal {self.path} has format {version}, this master reads format "
+                f"{SCHEMA_VERSION}; finish its jobs with the matching version, or move it aside"
+            )
 
     def load(self) -> tuple[list[Job], dict[str, bytes]]:
         jobs = [_row_job(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM jobs")]

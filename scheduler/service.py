@@ -159,7 +159,7 @@ class Service:
 
     def register(self, worker: str, host: str = "", pid: int = 0, concurrency: int = 0) -> dict:
         with self._lock:
-            record = self._board.seen(worker)
+            record = self._board.register(worker)
             self._work.notify_all()
             record.host, record.pid, record.concurrency = host, pid, concurrency
             record.draining = False
@@ -213,12 +213,11 @@ class Service:
         waiting: list[int] | None = None,
     ) -> dict[str, Any]:
         with self._lock:
-            known = worker in self._board.workers
             cancels = self._board.heartbeat(
                 worker, draining=draining, running=running, waiting=waiting or ()
             )
             self._work.notify_all()
-        return {"cancel": cancels, "known": known}
+        return {"cancel": cancels or [], "known": cancels is not None}
 
     def goodbye(self, worker: str) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ def shell(*argv: str, **kw) -> JobSpec:
 
 def take(board: Board, worker: str, n: int):
     """A registered worker asks for work."""
-    board.seen(worker)
+    board.register(worker)
     return board.lease(worker, n)
 
 
@@ -138,17 +138,20 @@ def test_an_unknown_or_departed_worker_must_register_first(board):
     board.submit([shell("a")])
     with pytest.raises(UnknownWorker):
         board.lease("stranger", 1)
-    board.seen("w1")
+    board.register("w1")
     board.forget("w1")
     with pytest.raises(UnknownWorker):
         board.lease("w1", 1)
+    # a late heartbeat does not bring it back: it has to register again
+    assert board.heartbeat("w1", running=[]) is None and "w1" not in board.workers
     assert board.counts["queued"] == 1
 
 
 def test_a_draining_worker_gets_nothing(board):
     board.submit([shell("a")])
+    board.register("w1")
     board.heartbeat("w1", draining=True)
-    assert take(board, "w1", 1) == []
+    assert board.lease("w1", 1) == []
     assert len(take(board, "w2", 1)) == 1
 
 

@@ -65,7 +65,7 @@ def test_journal_round_trip_and_group_commit(tmp_path):
     board = Board()
     jobs = board.submit([JobSpec("shell", (["echo", "hi"], False), "n", {"k": "v"}, 3.0, 2),
                          JobSpec("python", ("d1", b"args"))])  # fmt: skip
-    board.seen("w")
+    board.register("w")
     board.lease("w", 1)
     tickets = [journal.append(board.take_dirty(), {"d1": b"body"}) for _ in range(3)]
     journal.wait(tickets[-1])
@@ -78,3 +78,18 @@ def test_journal_round_trip_and_group_commit(tmp_path):
     assert by_id[1].payload == (["echo", "hi"], False) and by_id[1].labels == {"k": "v"}
     assert by_id[1].state is State.RUNNING and by_id[1].lease == jobs[0].lease
     assert by_id[2].state is State.QUEUED
+
+
+def test_a_journal_of_another_format_is_refused_clearly(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from scheduler.errors import JournalError
+
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB)")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="has format 0, this master reads format 1"):
+        Journal(tmp_path)
