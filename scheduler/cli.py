@@ -146,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.set_defaults(func=func)
+        # accepted after the command too: `scheduler jobs --master host:port`
+        sp.add_argument("--master", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
     s = add("submit", cmd_submit, "submit shell commands")

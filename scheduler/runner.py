@@ -156,6 +156,7 @@ FUNC_CACHE = 256
 def _child_main(conn: Any, limit: int) -> None:
     """A slot's child process: run batches of calls, one result message per call."""
     os.setsid()  # its own process group, so a kill takes whatever the job started
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     bodies: dict[str, bytes] = {}
@@ -168,6 +169,17 @@ def _child_main(conn: Any, limit: int) -> None:
         bodies.update(funcs)
         for digest, args_blob in calls:
             conn.send(_call(bodies, loaded, digest, args_blob, limit))
+
+
+def _die_with_parent() -> None:
+    """If the slave is killed outright (OOM killer, kill -9), its job processes go too."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child exits at its next job instead
+        pass
 
 
 def _call(bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limit: int) -> tuple:

@@ -41,6 +41,25 @@ def test_kill9_of_a_slave_mid_job_loses_nothing(cluster, tmp_path):
     assert "requeued (its slave stopped answering)" in cluster.master.log()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_job_processes_die_with_a_killed_slave(cluster, tmp_path):
+    slave = cluster.start_slave("oomed")
+    cluster.wait_slaves("oomed")
+    with cluster.client() as client:
+        client.apply_async(jobs.nap, (60, str(tmp_path), "long"))
+        (mark,) = wait_until(lambda: list(tmp_path.glob("long-*")), what="job to start")
+        pid = int(mark.name.split("-")[1])
+        slave.signal(signal.SIGKILL)  # as the OOM killer would
+        wait_until(lambda: not _alive(pid), timeout=5, what="the orphaned job process to die")
+
+
 def test_a_late_result_from_a_lapsed_lease_is_rejected(cluster):
     frozen = cluster.start_slave("frozen")
     cluster.wait_slaves("frozen")
