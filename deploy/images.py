@@ -211,7 +211,8 @@ def _cloudpickle_files(prefix: str) -> list[ContextFile]:
 def connect(base_url: str | None = None) -> docker.DockerClient:
     """A Docker client for ``base_url`` (default: the environment's engine)."""
     try:
-        client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        client = (docker.DockerClient(base_url=base_url, timeout=300) if base_url
+                  else docker.from_env(timeout=300))
         client.ping()
     except docker.errors.DockerException as exc:
         raise ImageError("docker engine", f"does not answer ({exc})",

@@ -62,15 +62,6 @@ class TestbedError(RuntimeError):
 # ---- net mode ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(layout: Layout) -> Iterator[None]:
-    """One bring-up or tear-down of a bed at a time, across processes."""
-    layout.run.mkdir(parents=True, exist_ok=True)
-    with open(layout.run / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def up(count: int = 3, layout: Layout | None = None) -> Testbed:
     """Bring up ``count`` namespaced hosts (quick when they already run)."""
     layout = layout or Layout.from_env()
@@ -207,6 +198,17 @@ def local_engine_socket(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 # ---- shared -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """One bring-up or tear-down of a bed at a time, across processes."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    with open(layout.run / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        if [p.name for p in layout.run.iterdir()] == [".lock"]:  # nothing of the bed is left
+            shutil.rmtree(layout.run, ignore_errors=True)
 
 
 def _start_sshd(prefix: list[str], config: Path, run_dir: Path) -> None:
