@@ -270,8 +270,7 @@ def leftovers(layout: Layout | None = None) -> list[str]:
     found = [f"process {pid}: {cmd[:80]}" for pid, cmd in _processes_mentioning(
         (f"{mode_dir}/", f"{layout.data}/"))]
     found += [f"netns {name}" for name in netns.our_netns(layout)]
-    found += [f"link {name}" for name in sorted(p.name for p in Path("/sys/class/net").glob(
-        f"{layout.prefix}*"))]
+    found += [f"link {name}" for name in netns.our_links(layout)]
     found += [f"mount {point}" for point in
               netns.mounts_below(mode_dir) + netns.mounts_below(layout.data)]
     found += [f"directory {path}" for path in (mode_dir, layout.data) if path.exists()]

@@ -74,14 +74,18 @@ def our_netns(layout: Layout) -> list[str]:
     return sorted(p.name for p in NETNS_DIR.glob(f"{layout.prefix}-*"))
 
 
+def our_links(layout: Layout) -> list[str]:
+    """The bed's bridge and the host ends of its veth pairs, whatever their count."""
+    veths = sorted(p.name for p in Path("/sys/class/net").glob(f"{layout.prefix}-*"))
+    return [layout.bridge, *veths] if link_exists(layout.bridge) else veths
+
+
 def remove_all(layout: Layout) -> None:
     """Delete every namespace and link named with the bed's prefix, and its bridge."""
     for name in our_netns(layout):
         run(["ip", "netns", "delete", name], check=False)
-    for link in [f"{layout.bridge}", *(p.name for p in Path("/sys/class/net").glob(
-            f"{layout.prefix}-*"))]:
-        if link_exists(link):
-            run(["ip", "link", "delete", link], check=False)
+    for link in our_links(layout):
+        run(["ip", "link", "delete", link], check=False)
 
 
 def is_mounted(path: Path) -> bool:
