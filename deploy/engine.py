@@ -16,6 +16,7 @@ from typing import IO, Any
 import docker
 import docker.errors
 import requests
+from docker.transport import UnixHTTPAdapter
 
 from .authkey import Secret
 from .config import Host
@@ -27,6 +28,7 @@ from .ssh import Forwarder, SSHPool
 log = logging.getLogger(__name__)
 API_TIMEOUT = 120
 CHUNK = 2**20
+POOL_SIZE = 32  # idle engine connections kept per host (log streams each hold one)
 # This machine's engine (DOCKER_HOST or the default socket): where images are built.
 LOCAL_HOST = Host("this machine", "127.0.0.1", 0, None, None)
 
@@ -66,14 +68,12 @@ class Engines:
 
     def _open(self, host: Host) -> docker.DockerClient:
         with self.guard(host, "connect to the Docker engine"):
-            if host.local:
-                url = host.docker_host
-            else:
+            if not host.local:
                 self.pool.client(host)  # log in now: SSH and host-key errors come out as they are
                 path, self._forwarders[host.name] = self.pool.docker_socket(host)
-                url = f"unix://{path}"
-            if url:
-                client = docker.DockerClient(base_url=url, timeout=API_TIMEOUT)
+                return _ForwardedClient(path, API_TIMEOUT)
+            if host.docker_host:
+                client = docker.DockerClient(base_url=host.docker_host, timeout=API_TIMEOUT)
             else:
                 client = docker.from_env(timeout=API_TIMEOUT)
             client.ping()
@@ -104,6 +104,39 @@ class Engines:
         self._clients.clear()
 
 
+class _OnePool(UnixHTTPAdapter):
+    """One pool of connections per engine, where docker-py keeps one per request URL.
+
+    docker-py keys its unix-socket pools by the whole URL, query included, so each new path
+    opens a new connection. Locally that is free; through the SSH forwarder every connection
+    is a new channel running ``docker system dial-stdio`` on the host (0.2-0.4 s), which made
+    each distinct API call of ``up`` pay for one.
+    """
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection("engine", proxies)
+
+
+class _ForwardedAPI(docker.APIClient):
+    """The low-level client of an engine behind the SSH forwarder's socket at ``path``."""
+
+    def __init__(self, path: str, timeout: int) -> None:
+        # A version given up front skips the SDK's negotiation, which would go through the
+        # adapter replaced below; it is negotiated on ours instead, and that one request also
+        # tells that the engine answers.
+        super().__init__(base_url=f"unix://{path}", timeout=timeout,
+                         version=docker.constants.MINIMUM_DOCKER_API_VERSION)  # fmt: skip
+        self._custom_adapter = _OnePool(f"http+unix://{path}", timeout, max_pool_size=POOL_SIZE)
+        self.mount("http+docker://", self._custom_adapter)
+        self._version = self._retrieve_server_version()
+
+
+class _ForwardedClient(docker.DockerClient):
+    def __init__(self, path: str, timeout: int) -> None:
+        # DockerClient.__init__ only makes its APIClient; this one is ours
+        self.api = _ForwardedAPI(path, timeout)
+
+
 def _where(host: Host) -> str:
     return host.ssh.address if host.ssh else (host.docker_host or "local engine")
 
@@ -114,12 +147,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def observe(engines: Engines, host: Host, cluster: str) -> list[Observed]:
-    """Containers of ``cluster`` on ``host``, read back by label."""
+    """Containers of ``cluster`` on ``host``, read back by label (one request, no inspects)."""
     client = engines.client(host)
     with engines.guard(host, "list containers"):
-        found = client.containers.list(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
-    return [_observed(host.name, c.id, c.name, c.labels, c.status, c.attrs.get("ImageID", ""))
-            for c in found]  # fmt: skip
+        found = client.api.containers(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
+    return [_observed(host.name, c["Id"], c["Names"][0].lstrip("/"), c.get("Labels") or {},
+                      c.get("State", "?"), c.get("ImageID", "")) for c in found]  # fmt: skip
 
 
 def _observed(
@@ -144,9 +177,14 @@ def create(engines: Engines, host: Host, spec: ContainerSpec) -> str:
             _ensure_volume(client, volume, {L_CLUSTER: dict(spec.labels)[L_CLUSTER]})
         args["host_config"] = client.api.create_host_config(**host_config)  # type: ignore[arg-type]
         args["environment"] = env
-        with contextlib.suppress(docker.errors.NotFound):
-            client.api.remove_container(spec.name, force=True)  # a leftover without our labels
-        cid = client.api.create_container(**args)["Id"]
+        try:
+            cid = client.api.create_container(**args)["Id"]
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            # the name is taken by a leftover without our labels (or a half-made one)
+            client.api.remove_container(spec.name, force=True)
+            cid = client.api.create_container(**args)["Id"]
         client.api.start(cid)
     return str(cid)
 
@@ -241,8 +279,8 @@ def pull(engines: Engines, host: Host, target: str, ref: str) -> None:
 def rows(engines: Engines, host: Host, cluster: str) -> list[ContainerRow]:
     client = engines.client(host)
     with engines.guard(host, "list containers"):
-        found = client.containers.list(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
-        details = [client.api.inspect_container(c.id) for c in found]
+        found = client.api.containers(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
+        details = [client.api.inspect_container(c["Id"]) for c in found]
     return [_row(host.name, d) for d in details]
 
 
