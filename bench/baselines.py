@@ -101,10 +101,14 @@ def pool_pids(pool: Any) -> list[int]:
 
 @contextlib.contextmanager
 def stdlib_pool(processes: int) -> Iterator[Any]:
-    """``multiprocessing.Pool`` (fork, the Linux default), terminated on the way out."""
+    """``multiprocessing.Pool`` (fork): closed when done, terminated on errors."""
     pool = multiprocessing.get_context("fork").Pool(processes)
     try:
         yield pool
-    finally:
+    except BaseException:
         pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
         pool.join()

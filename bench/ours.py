@@ -6,13 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from scheduler import Client, worker
+from scheduler import Client
 
 from .procs import BenchError, Proc, Procs, descendants
 from .workloads import noop
-
-# How long a slave's lease call may wait in the master (see Cluster.restart_slaves).
-LONG_POLL = float(getattr(worker, "LONG_POLL", 5.0))
 
 
 class Cluster:
@@ -73,18 +70,6 @@ class Cluster:
             if self.procs.stop(slave, timeout=30) != 0:
                 raise BenchError(f"{slave.name} did not drain cleanly:\n{slave.tail()}")
         self.slaves = []
-
-    def restart_slaves(self, count: int, concurrency: int) -> None:
-        """Stop the slaves, start new ones, and let the old ones' last lease calls run out.
-
-        A slave exits with its ``lease`` long-poll still waiting in the master; jobs
-        submitted before that poll times out are handed to the departed slave and come
-        back only when the lease lapses (30 s). Waiting it out keeps that out of the numbers.
-        """
-        self.stop_slaves()
-        stopped = time.monotonic()
-        self.start_slaves(count, concurrency)
-        time.sleep(max(0.0, stopped + LONG_POLL + 0.5 - time.monotonic()))
 
     def stop(self) -> None:
         """Slaves, client, master, in that order; the master must exit 0 on SIGTERM."""

@@ -32,9 +32,9 @@ class Row:
         return self.bar(self.ours)
 
     def as_dict(self) -> dict:
-        data = asdict(self)
+        data = {**asdict(self), "ratio": self.ratio, "met": self.met}
         del data["bar"]
-        return {**data, "ratio": self.ratio, "met": self.met}
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()}
 
 
 def _number(value: float | None, unit: str) -> str:

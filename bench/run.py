@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -151,8 +151,10 @@ def bench_ours(rows: Rows, s: Sizes, procs: Procs, workdir: Path, phase: Phases)
         samples = measure.latency(client, s.calls)
         rows.p50.ours, rows.p99.ours = latency_ms(samples, 50), latency_ms(samples, 99)
     with phase("ours: 2 slaves x 2 processes, sleep jobs", 90):
-        cluster.restart_slaves(2, concurrency=2)
-        # Warm up with the same jobs: the slaves size their prefetch by past job times.
+        cluster.stop_slaves()
+        cluster.start_slaves(2, concurrency=2)
+        # Warm the slots up with the same jobs: slaves size their prefetch by past job
+        # times, so no-op jobs first would measure that instead (see the closing note).
         measure.sleeps(client, 20, s.sleep_seconds)
         rows.sleep.ours = measure.sleeps(client, s.sleeps, s.sleep_seconds)
         cluster.stop()
@@ -189,7 +191,7 @@ def run_all(rows: Rows, s: Sizes, workdir: Path) -> None:
 
 
 LEGEND = """\
-ours: master + 2 slaves x 1 process (2 x 2 for the sleep row), journal on, all on loopback.
+ours: master + 2 slaves x 1 process (2 x 2, warmed up, for the sleep row), journal on, loopback.
 classic: bench/classic, 2 slave processes (4 for the sleep row), one job per round trip.
 Pool: multiprocessing.Pool(2) (Pool(4) for the sleep row). us, ms, s, MB: lower is better.
 CPU per job counts every process of the contender, client included."""
@@ -201,17 +203,15 @@ def load_line(load: tuple[float, float]) -> str:
     return f"load average {load[0]:.1f} at start, {load[1]:.1f} at end, {cpus} CPUs{busy}."
 
 
-def _interrupt(main_pid: int) -> Callable[[int, FrameType | None], None]:
-    """SIGTERM in this process unwinds like Ctrl-C; forked children (Pool) just die."""
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that everything started is stopped."""
+    raise KeyboardInterrupt
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt
 
-    return handler
+def _default_sigterm() -> None:
+    # Forked children (Pool workers, the classic manager's server) must not inherit the
+    # unwinding handler: a Pool worker blocked on its queue's lock then ignores terminate().
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
     sizes = replace(sizes, jobs=args.jobs or sizes.jobs, queued=args.queued or sizes.queued)
-    signal.signal(signal.SIGTERM, _interrupt(os.getpid()))
+    signal.signal(signal.SIGTERM, _interrupt)
+    os.register_at_fork(after_in_child=_default_sigterm)
     rows, status, started = Rows.empty(sizes), 0, time.monotonic()
     load_start = os.getloadavg()[0]
     try:
