@@ -65,7 +65,8 @@ class Worker:
             "pid": self.pid,
             "concurrency": self.concurrency,
             "draining": self.draining,
-            "running": sorted(self.held),
+            "running": sorted(j for j in self.held if j not in self.waiting),
+            "waiting": sorted(j for j in self.held if j in self.waiting),  # prefetched
             "last_heartbeat": self.last_seen,
         }
 
@@ -85,6 +86,7 @@ class Board:
         self.workers: dict[str, Worker] = {}
         self.counts: Counter[str] = Counter({s: 0 for s in State})
         self.dirty: set[int] = set()  # jobs changed since the journal last saw them
+        self.hungry: set[str] = set()  # workers that asked for work and found none
         self._queue: deque[int] = deque()
         self._next_id = 1
         self._next_lease = 1
@@ -173,6 +175,9 @@ class Board:
             raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         if worker.draining:
             return []
+        if self.hungry - {name}:
+            # others wait with nothing: take no more than a slot's worth ahead
+            n = min(n, max(0, max(1, worker.concurrency) - len(worker.held)))
         now = self.clock()
         handed: list[Job] = []
         while len(handed) < n and self._queue:
@@ -188,7 +193,23 @@ class Board:
             handed.append(job)
         self.counts[State.QUEUED] -= len(handed)
         self.counts[State.RUNNING] += len(handed)
+        if handed:
+            self.hungry.discard(name)
+        elif not self._queue:
+            self.hungry.add(name)
         return handed
+
+    def give_back(self, name: str) -> int:
+        """How many prefetched jobs ``name`` should hand back for idle workers (work stealing).
+
+        A slave leases ahead of its slots when jobs are short; when jobs turn out long,
+        others may sit idle while it holds a queue. Half of its surplus goes back.
+        """
+        worker = self.workers.get(name)
+        if worker is None or self._queue or not (self.hungry - {name}):
+            return 0
+        surplus = len(worker.held) - max(1, worker.concurrency)
+        return (surplus + 1) // 2 if surplus > 0 else 0
 
     def complete(self, name: str, outcomes: Iterable[Outcome]) -> tuple[list[Job], int]:
         """Apply outcomes that carry the current lease; return (finished jobs, rejected count)."""
@@ -259,6 +280,7 @@ class Board:
 
     def forget(self, name: str) -> None:
         """A worker said goodbye; anything it still held goes back to the queue."""
+        self.hungry.discard(name)
         worker = self.workers.pop(name, None)
         if worker is not None:
             for job_id in list(worker.held):
@@ -272,6 +294,7 @@ class Board:
         changed = []
         for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
             del self.workers[worker.name]
+            self.hungry.discard(worker.name)
             for job_id in worker.held:
                 job = self.jobs[job_id]
                 if job_id in worker.waiting:  # it never started there

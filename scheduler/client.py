@@ -140,9 +140,10 @@ class Client:
         env = os.environ if environ is None else environ
         where = master or env.get("SCHEDULER_MASTER") or "127.0.0.1:8888"
         self.address = settings.parse_address(where, "master") if isinstance(where, str) else where
-        key = settings.authkey_from(
-            authkey if authkey is not None else env.get("SCHEDULER_AUTHKEY")
-        )
+        if authkey is not None:
+            key = settings.authkey_from(authkey, "authkey")
+        else:
+            key = settings.authkey_from_environ(env)
         self._authkey = key.reveal()
         self._link = Link(self.address, self._authkey, stopping=lambda: self._closed,
                           patience=RECONNECT_PATIENCE)  # fmt: skip

@@ -184,17 +184,18 @@ class Service:
         digests = {j.payload[0] for j in jobs if j.kind == "python"}
         return leases, {d: self._funcs[d] for d in digests}
 
-    def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int]:
-        """Apply finished jobs; return (accepted, rejected)."""
+    def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int, int]:
+        """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves)."""
         outs = [o if type(o) is Outcome else Outcome(*o) for o in outcomes]
         with self._lock:
             finished, rejected = self._board.complete(worker, outs)
             self._route(finished)
+            give_back = self._board.give_back(worker)
         if rejected:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
         self._progress.finished(finished, worker)
-        return len(finished), rejected
+        return len(finished), rejected, give_back
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
         with self._lock:
@@ -216,8 +217,9 @@ class Service:
             cancels = self._board.heartbeat(
                 worker, draining=draining, running=running, waiting=waiting or ()
             )
+            give_back = self._board.give_back(worker)
             self._work.notify_all()
-        return {"cancel": cancels or [], "known": cancels is not None}
+        return {"cancel": cancels or [], "known": cancels is not None, "give_back": give_back}
 
     def goodbye(self, worker: str) -> None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -43,7 +44,10 @@ class Settings:
     master: tuple[str, int] = ("127.0.0.1", 8888)
     state_dir: str = "./scheduler-state"
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
-    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # the pid alone repeats across containers (always 1): a random tail keeps names apart
+    worker_name: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    )
     lease_seconds: float = 30.0
     max_attempts: int = 3
     grace_seconds: float = 60.0
@@ -66,7 +70,7 @@ _VARS = {
     "SCHEDULER_PROGRESS_SECONDS": ("progress_seconds", "posfloat"),
     "SCHEDULER_HEALTH_FILE": ("health_file", "str"),
 }
-VARIABLES = ("SCHEDULER_AUTHKEY", *_VARS)
+VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
 
 
 def _convert(name: str, kind: str, raw: str) -> object:
@@ -97,6 +101,19 @@ def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> 
     return Secret(key)
 
 
+def authkey_from_environ(environ: Mapping[str, str]) -> Secret:
+    """``SCHEDULER_AUTHKEY``, else the first line of the file ``SCHEDULER_AUTHKEY_FILE``."""
+    path = environ.get("SCHEDULER_AUTHKEY_FILE", "").strip()
+    if environ.get("SCHEDULER_AUTHKEY") or not path:
+        return authkey_from(environ.get("SCHEDULER_AUTHKEY"))
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"SCHEDULER_AUTHKEY_FILE: cannot read {path}: {exc.strerror}") from None
+    return authkey_from(raw, f"the key in {path}")
+
+
 def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build settings from ``environ`` (default ``os.environ``); None overrides are ignored."""
     environ = os.environ if environ is None else environ
@@ -110,6 +127,8 @@ def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Setti
             raise TypeError(f"unknown setting {attr}")
         if value is not None:
             values[attr] = value
-    if not isinstance(values.get("authkey"), Secret):
-        values["authkey"] = authkey_from(values.get("authkey") or environ.get("SCHEDULER_AUTHKEY"))  # type: ignore[arg-type]
+    if values.get("authkey") is None:
+        values["authkey"] = authkey_from_environ(environ)
+    elif not isinstance(values["authkey"], Secret):
+        values["authkey"] = authkey_from(values["authkey"])  # type: ignore[arg-type]
     return Settings(**values)  # type: ignore[arg-type]

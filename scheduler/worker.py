@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 TARGET_BATCH_SECONDS = 0.05  # prefetch about this much work per slot
 MAX_PREFETCH = 256
-MAX_CHILD_BATCH = 64
-SHORT_JOB = 0.005  # seconds; jobs shorter than this on average are batched to the child
+MAX_CHILD_BATCH = 16  # jobs sent to a child cannot be handed back: keep batches short
+SHORT_JOB = 0.002  # seconds; jobs shorter than this on average are batched to the child
 LONG_POLL = 5.0
 REPORT_GAP = 0.002  # seconds; a slave busy with short jobs reports at most this often
 
@@ -249,8 +249,8 @@ class Worker:
         last = 0.0
         while (first := self._results.get()) is not None:
             batch, stop = [first], False
-            if time.monotonic() - last < REPORT_GAP:
-                time.sleep(REPORT_GAP)  # busy: let outcomes gather into one message
+            if time.monotonic() - last < REPORT_GAP and self._running:
+                time.sleep(REPORT_GAP)  # busy with more: let outcomes gather into one message
             while len(batch) < 1000:
                 try:
                     item = self._results.get_nowait()
@@ -261,7 +261,9 @@ class Worker:
                     break
                 batch.append(item)
             last = time.monotonic()
-            self._call_quietly("report", self.name, batch)
+            reply = self._call_quietly("report", self.name, batch)
+            if reply:
+                self._give_back(reply[2])
             if stop:
                 return
 
@@ -282,7 +284,16 @@ class Worker:
                             "registering again", self.name)  # fmt: skip
                 self._register()
             self._cancel(reply["cancel"])
+            self._give_back(reply.get("give_back", 0))
             self._touch_health()
+
+    def _give_back(self, n: int) -> None:
+        """Hand the last ``n`` unstarted jobs back to the master for idle slaves."""
+        with self._cond:
+            back = [self._queue.pop() for _ in range(min(n, len(self._queue)))]
+        if back:
+            self._call_quietly("release", self.name, [(b.job_id, b.lease) for b in back])
+            log.info("slave %s handed %d queued job(s) to idle slaves", self.name, len(back))
 
     def _cancel(self, job_ids: list[int]) -> None:
         with self._cond:

@@ -29,7 +29,12 @@ def test_kill9_of_a_slave_mid_job_loses_nothing(cluster, tmp_path):
     with cluster.client() as client:
         handles = [client.apply_async(jobs.nap, (1.5, str(marks), f"j{i}")) for i in range(4)]
         wait_until(lambda: len(os.listdir(marks)) >= 2, what="two jobs to start")
-        time.sleep(0.6)  # a heartbeat tells the master which two are only waiting
+
+        def two_waiting() -> bool:  # a heartbeat told the master which two only wait
+            (worker,) = client.status()["workers"]
+            return len(worker["waiting"]) == 2
+
+        wait_until(two_waiting, what="the master to know which jobs only wait")
         doomed.signal(signal.SIGKILL)
         cluster.start_slave("rescuer", concurrency=2)
         results = [h.get(timeout=30) for h in handles]

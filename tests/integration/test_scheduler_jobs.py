@@ -189,3 +189,14 @@ def test_cli_submit_jobs_status_cancel_wait(busy, tmp_path):
     assert "cancelled" in cli("cancel", long_id).stdout
     assert "Traceback" not in cli("cancel", "999999", ok=False).stderr
     assert "human" not in cli("status").stdout and "s1" in cli("status").stdout
+
+
+def test_long_jobs_after_short_ones_are_shared_between_slaves(cluster):
+    """Prefetch grows on tiny jobs; when jobs turn long, idle slaves take the surplus back."""
+    for name in ("a", "b"):
+        cluster.start_slave(name)
+    cluster.wait_slaves("a", "b")
+    with cluster.client() as client:
+        client.map(jobs.noop_item, range(3000), chunksize=1)  # both slaves learn "jobs are tiny"
+        ran_on = client.map(jobs.nap, [0.05] * 60, chunksize=1)
+    assert min(ran_on.count("a"), ran_on.count("b")) >= 15, ran_on

@@ -196,3 +196,19 @@ def test_take_dirty_returns_each_changed_job_once(board):
     assert board.take_dirty() == []
     take(board, "w1", 1)
     assert board.take_dirty() == [a]
+
+
+def test_work_stealing_gives_prefetched_jobs_to_idle_workers(board):
+    jobs = board.submit([shell(str(i)) for i in range(10)])
+    board.register("busy").concurrency = 2
+    board.register("idle").concurrency = 2
+    assert len(board.lease("busy", 10)) == 10  # prefetched everything while jobs looked short
+    assert board.give_back("busy") == 0  # nobody is waiting yet
+    assert board.lease("idle", 4) == [] and board.hungry == {"idle"}
+    n = board.give_back("busy")
+    assert n == 4  # half of its 8 beyond its 2 slots
+    back = board.release("busy", [(j.id, j.lease) for j in jobs[-n:]])
+    assert len(back) == 4 and all(j.attempts == 0 for j in back)
+    # the busy one may not grab them again beyond its slots while another waits
+    assert board.lease("busy", 10) == []
+    assert len(board.lease("idle", 4)) == 4 and board.hungry == set()

@@ -30,13 +30,16 @@ def test_content_hash_is_stable_and_ignores_file_order() -> None:
     assert len(digest) == 12
 
 
-@pytest.mark.parametrize("change", [
-    lambda f, v, b: ((ContextFile("Dockerfile", b"FROM y\n"), f[1]), v, b),
-    lambda f, v, b: ((f[0], ContextFile("kit/bin/run", b"#!/bin/sh\n", 0o644)), v, b),
-    lambda f, v, b: ((ContextFile("Dockerfile2", b"FROM x\n"), f[1]), v, b),
-    lambda f, v, b: (f, "0.2.0", b),
-    lambda f, v, b: (f, v, "sha256:other-base"),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda f, v, b: ((ContextFile("Dockerfile", b"FROM y\n"), f[1]), v, b),
+        lambda f, v, b: ((f[0], ContextFile("kit/bin/run", b"#!/bin/sh\n", 0o644)), v, b),
+        lambda f, v, b: ((ContextFile("Dockerfile2", b"FROM x\n"), f[1]), v, b),
+        lambda f, v, b: (f, "0.2.0", b),
+        lambda f, v, b: (f, v, "sha256:other-base"),
+    ],
+)
 def test_content_hash_changes_with_any_input(change) -> None:
     before = content_hash(FILES, "0.1.0", "sha256:b")
     assert content_hash(*change(FILES, "0.1.0", "sha256:b")) != before
@@ -87,8 +90,12 @@ def test_version_comes_from_pyproject(tmp_path: Path) -> None:
 
 def test_follow_build_echoes_output_and_returns_the_image_id() -> None:
     out = io.StringIO()
-    chunks = [{"stream": "Step 1/2 : FROM x\n"}, {"stream": " ---> abc\n"},
-              {"aux": {"ID": "sha256:feed"}}, {"stream": "Successfully built feed\n"}]
+    chunks = [
+        {"stream": "Step 1/2 : FROM x\n"},
+        {"stream": " ---> abc\n"},
+        {"aux": {"ID": "sha256:feed"}},
+        {"stream": "Successfully built feed\n"},
+    ]
     assert follow_build(chunks, "scheduler-master", out) == "sha256:feed"
     assert "Step 1/2 : FROM x" in out.getvalue()
 
@@ -99,8 +106,11 @@ def test_follow_build_falls_back_to_the_success_line() -> None:
 
 
 def test_follow_build_error_names_the_failing_step() -> None:
-    chunks = [{"stream": "Step 1/3 : FROM x\n"}, {"stream": "Step 2/3 : RUN false\n"},
-              {"error": "The command '/bin/sh -c false' returned a non-zero code: 1"}]
+    chunks = [
+        {"stream": "Step 1/3 : FROM x\n"},
+        {"stream": "Step 2/3 : RUN false\n"},
+        {"error": "The command '/bin/sh -c false' returned a non-zero code: 1"},
+    ]
     with pytest.raises(ImageError) as info:
         follow_build(chunks, "scheduler-slave", io.StringIO())
     assert isinstance(info.value, DeployError)

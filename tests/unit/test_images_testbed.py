@@ -60,9 +60,13 @@ def test_client_config_is_what_paramiko_reads_for_docker_py(tmp_path: Path) -> N
 
 
 def test_sshd_config_sets_the_hosts_docker_host_and_key_login_only() -> None:
-    text = sshd_config(listen=["10.213.47.11"], port=22, run_dir=Path("/r/net/tb1"),
-                       authorized_keys=Path("/r/net/authorized_keys"),
-                       docker_socket=Path("/r/net/tb1/docker.sock"))
+    text = sshd_config(
+        listen=["10.213.47.11"],
+        port=22,
+        run_dir=Path("/r/net/tb1"),
+        authorized_keys=Path("/r/net/authorized_keys"),
+        docker_socket=Path("/r/net/tb1/docker.sock"),
+    )
     lines = text.splitlines()
     assert "SetEnv DOCKER_HOST=unix:///r/net/tb1/docker.sock" in lines
     assert "PasswordAuthentication no" in lines and "ListenAddress 10.213.47.11" in lines
@@ -77,10 +81,13 @@ def test_dockerd_argv_owns_its_roots_and_keeps_off_iptables() -> None:
     assert "--iptables=false" in argv and "--bridge=none" in argv
 
 
-@pytest.mark.parametrize(("docker_host", "socket"), [
-    ("", "/var/run/docker.sock"),
-    ("unix:///tmp/d.sock", "/tmp/d.sock"),
-    ("tcp://127.0.0.1:2375", "/var/run/docker.sock"),
-])
+@pytest.mark.parametrize(
+    ("docker_host", "socket"),
+    [
+        ("", "/var/run/docker.sock"),
+        ("unix:///tmp/d.sock", "/tmp/d.sock"),
+        ("tcp://127.0.0.1:2375", "/var/run/docker.sock"),
+    ],
+)
 def test_local_engine_socket(docker_host: str, socket: str) -> None:
     assert local_engine_socket({"DOCKER_HOST": docker_host}) == Path(socket)

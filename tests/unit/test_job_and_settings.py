@@ -62,6 +62,25 @@ def test_bad_settings_name_the_variable(env, message):
     assert KEY not in str(exc.value)
 
 
+def test_authkey_from_a_file(tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text(KEY + "\n")
+    assert load({"SCHEDULER_AUTHKEY_FILE": str(keyfile)}).authkey.reveal() == KEY.encode()
+    # the variable itself wins over the file
+    assert (
+        load(
+            {"SCHEDULER_AUTHKEY": "z" * 16, "SCHEDULER_AUTHKEY_FILE": str(keyfile)}
+        ).authkey.reveal()
+        == b"z" * 16
+    )
+    with pytest.raises(ConfigError, match="SCHEDULER_AUTHKEY_FILE: cannot read"):
+        load({"SCHEDULER_AUTHKEY_FILE": str(tmp_path / "missing")})
+    keyfile.write_text("short\n")
+    with pytest.raises(ConfigError, match="too short") as exc:
+        load({"SCHEDULER_AUTHKEY_FILE": str(keyfile)})
+    assert "short" not in str(exc.value).replace("too short", "")
+
+
 def test_addresses():
     assert parse_address("[::1]:80", "x") == ("::1", 80)
     with pytest.raises(ConfigError):
