@@ -20,6 +20,15 @@ from .errors import UnknownJob, UnknownWorker
 from .job import Job, JobSpec, State
 
 
+class Journaled(NamedTuple):
+    """What the journal holds beyond the jobs loaded into memory."""
+
+    total: int
+    counts: dict[str, int]
+    max_id: int
+    max_lease: int
+
+
 class Lease(NamedTuple):
     """A job as handed to a slave."""
 
@@ -87,27 +96,43 @@ class Board:
         self.counts: Counter[str] = Counter({s: 0 for s in State})
         self.dirty: set[int] = set()  # jobs changed since the journal last saw them
         self.hungry: set[str] = set()  # workers that asked for work and found none
+        self.total = 0  # jobs ever submitted, in memory or only in the journal
+        self._finished: deque[int] = deque()  # finished job ids, oldest first
         self._queue: deque[int] = deque()
         self._next_id = 1
         self._next_lease = 1
 
     # -- loading -------------------------------------------------------------
 
-    def restore(self, jobs: Iterable[Job]) -> int:
-        """Load jobs from the journal; jobs that were running go back to the queue."""
+    def restore(self, jobs: Iterable[Job], stored: Journaled | None = None) -> int:
+        """Load jobs from the journal; jobs that were running go back to the queue.
+
+        ``stored`` describes the whole journal when only part of it was loaded (finished
+        jobs beyond the in-memory window stay on disk but still count).
+        """
+        jobs = sorted(jobs, key=lambda j: j.id)
+        if stored is None:
+            last = jobs[-1].id if jobs else 0
+            stored = Journaled(len(jobs), dict(Counter(str(j.state) for j in jobs)), last,
+                               max((j.lease for j in jobs), default=0))  # fmt: skip
+        self._next_id, self._next_lease = stored.max_id + 1, stored.max_lease + 1
+        self.total = stored.total
+        for state, n in stored.counts.items():
+            self.counts[State(state)] += n
         requeued = 0
-        for job in sorted(jobs, key=lambda j: j.id):
+        for job in jobs:
             self.jobs[job.id] = job
-            self._next_id = max(self._next_id, job.id + 1)
-            self._next_lease = max(self._next_lease, job.lease + 1)
             if job.state is State.RUNNING:
                 # The master went away, not the job: this hand-out does not count.
                 job.state, job.attempts, job.started = State.QUEUED, max(0, job.attempts - 1), None
+                self.counts[State.RUNNING] -= 1
+                self.counts[State.QUEUED] += 1
                 self.dirty.add(job.id)
                 requeued += 1
             if job.state is State.QUEUED:
                 self._queue.append(job.id)
-            self.counts[job.state] += 1
+            elif job.state.terminal:
+                self._finished.append(job.id)
         return requeued
 
     # -- clients -------------------------------------------------------------
@@ -132,6 +157,7 @@ class Board:
             self.dirty.add(job.id)
             new.append(job)
         self.counts[State.QUEUED] += len(new)
+        self.total += len(new)
         return new
 
     def get(self, job_id: int) -> Job:
@@ -330,7 +356,7 @@ class Board:
     def status(self) -> dict:
         return {
             "counts": {str(k): v for k, v in self.counts.items()},
-            "total": len(self.jobs),
+            "total": self.total,
             "workers": [w.view() for w in sorted(self.workers.values(), key=lambda w: w.name)],
         }
 
@@ -351,3 +377,20 @@ class Board:
         job.state, job.error = state, error
         job.ended = self.clock() if now is None else now
         self.dirty.add(job.id)
+        self._finished.append(job.id)
+
+    def evict(self, keep: int) -> int:
+        """Drop the oldest finished jobs beyond ``keep`` from memory; the journal has them.
+
+        Call after their last change went to the journal (not dirty any more).
+        """
+        dropped = 0
+        while len(self._finished) > keep:
+            job = self.jobs.get(self._finished[0])
+            if job is not None and (job.id in self.dirty or not job.journaled):
+                break  # not written yet; next time
+            self._finished.popleft()
+            if job is not None:
+                del self.jobs[job.id]
+                dropped += 1
+        return dropped

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from .board import Journaled
 from .errors import JournalError
 from .job import Job, State
 
@@ -80,6 +81,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._check_schema()
+        # lookups of jobs evicted from memory run beside the writer (WAL allows it)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False)
+        self._read_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pending: list[tuple[list[tuple], list[tuple], list[tuple]]] = []
         self._queued_seq = 0
@@ -102,10 +106,31 @@ class Journal:
                 f"{SCHEMA_VERSION}; finish its jobs with the matching version, or move it aside"
             )
 
-    def load(self) -> tuple[list[Job], dict[str, bytes]]:
-        jobs = [_row_job(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM jobs")]
+    def load(self, keep_finished: int) -> tuple[list[Job], dict[str, bytes], Journaled]:
+        """Unfinished jobs, the ``keep_finished`` latest finished ones, and totals of all."""
+        unfinished = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'running')"
+        )
+        finished = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ('queued', 'running') "
+            "ORDER BY id DESC LIMIT ?",
+            (keep_finished,),
+        )
+        jobs = [_row_job(r) for r in [*unfinished, *finished]]
         funcs = dict(self._db.execute("SELECT digest, body FROM funcs"))
-        return jobs, funcs
+        counts = dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+        max_id, max_lease = self._db.execute(
+            "SELECT coalesce(max(id), 0), coalesce(max(lease), 0) FROM jobs"
+        ).fetchone()
+        return jobs, funcs, Journaled(sum(counts.values()), counts, max_id, max_lease)
+
+    def fetch(self, job_id: int) -> Job | None:
+        """A job that is no longer kept in memory (finished long ago)."""
+        with self._read_lock:
+            row = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return _row_job(row) if row else None
 
     def append(self, jobs: list[Job], funcs: dict[str, bytes] | None = None) -> int:
         """Queue the current state of these jobs for writing; return a ticket for wait().
@@ -136,6 +161,7 @@ class Journal:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        self._reader.close()
         self._db.close()
 
     def _run(self) -> None:  # the writer thread

@@ -32,10 +32,11 @@ def parser() -> argparse.ArgumentParser:
 
 def run(cfg: settings.Settings, stop: threading.Event) -> int:
     journal = Journal(cfg.state_dir)
-    jobs, funcs = journal.load()
+    jobs, funcs, stored = journal.load(cfg.keep_finished)
     board = Board(lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts)
-    requeued = board.restore(jobs)
-    service = Service(board, journal, funcs, Progress(time.time, cfg.progress_seconds))
+    requeued = board.restore(jobs, stored)
+    progress = Progress(time.time, cfg.progress_seconds)
+    service = Service(board, journal, funcs, progress, keep_finished=cfg.keep_finished)
     try:
         server = transport.serve(service, cfg.bind, cfg.authkey.reveal())
     except SchedulerError:
@@ -44,7 +45,7 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     threading.Thread(target=server.serve_forever, name="manager", daemon=True).start()
     host, port = server.address  # type: ignore[misc,str-unpack]
     log.info("master listening on %s:%d; journal %s (%d jobs, %d requeued after restart)",
-             host, port, journal.path, len(jobs), requeued)  # fmt: skip
+             host, port, journal.path, stored.total, requeued)  # fmt: skip
     while not stop.wait(TICK):
         service.tick()
     log.info("master stopping: refusing new work, flushing the journal")

@@ -38,7 +38,9 @@ class Service:
         funcs: dict[str, bytes],
         progress: Progress,
         clock: Callable[[], float] = time.time,
+        keep_finished: int = 100_000,
     ) -> None:
+        self._keep = keep_finished
         self._board = board
         self._journal = journal
         self._funcs = funcs
@@ -47,7 +49,7 @@ class Service:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._done = threading.Condition(self._lock)
-        self._outboxes: dict[str, list[int]] = {}
+        self._outboxes: dict[str, list[tuple]] = {}  # session -> outcomes not yet collected
         self._session_seen: dict[str, float] = {}
         self._closing = False
         self._started = clock()
@@ -95,12 +97,12 @@ class Service:
             box = self._touch_session(session)
             found = 0
             for job_id in ids:
-                job = self._board.jobs.get(job_id)
+                job = self._board.jobs.get(job_id) or self._journal.fetch(job_id)
                 if job is None:
                     continue
                 found += 1
                 if job.state.terminal:
-                    box.append(job.id)
+                    box.append(_outcome(job))
                 elif job.session is None or job.session == session:
                     job.session = session
                 else:  # several clients wait on it
@@ -121,7 +123,7 @@ class Service:
                 self._session_seen[session] = self._clock()
                 if box:
                     self._outboxes[session] = []
-                    return [_outcome(self._board.jobs[i]) for i in box]
+                    return box
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._closing:
                     return []
@@ -129,7 +131,13 @@ class Service:
 
     def get(self, job_id: int, with_result: bool = False) -> dict[str, Any]:
         with self._lock:
-            return self._board.get(job_id).info(with_result=with_result)
+            job = self._board.jobs.get(job_id)
+            if job is not None:
+                return job.info(with_result=with_result)
+        old = self._journal.fetch(job_id)  # finished long ago: only on disk
+        if old is None:
+            self._board.get(job_id)  # raises UnknownJob with its message
+        return old.info(with_result=with_result)  # type: ignore[union-attr]
 
     def jobs(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         try:
@@ -140,6 +148,8 @@ class Service:
             return [j.info() for j in self._board.select(wanted, limit)]
 
     def cancel(self, job_id: int) -> dict[str, Any]:
+        if job_id not in self._board.jobs:
+            return self.get(job_id)  # finished long ago, or unknown (raises)
         with self._lock:
             before = self._board.get(job_id).state
             job = self._board.cancel(job_id)
@@ -237,7 +247,8 @@ class Service:
                 self._route([j for j in changed if j.state.terminal])
                 self._work.notify_all()
             self._journal.append(self._board.take_dirty())
-            counts, total = dict(self._board.counts), len(self._board.jobs)
+            self._board.evict(self._keep)
+            counts, total = dict(self._board.counts), self._board.total
             stale = self._clock() - SESSION_IDLE
             for session in [s for s, t in self._session_seen.items() if t < stale]:
                 del self._session_seen[session], self._outboxes[session]
@@ -252,13 +263,13 @@ class Service:
             self._work.notify_all()
             self._done.notify_all()
             ticket = self._journal.append(self._board.take_dirty())
-            counts, total = dict(self._board.counts), len(self._board.jobs)
+            counts, total = dict(self._board.counts), self._board.total
         self._journal.wait(ticket)
         self._progress.tick(counts, total, force=True)
 
     # -- internals -----------------------------------------------------------
 
-    def _touch_session(self, session: str) -> list[int]:
+    def _touch_session(self, session: str) -> list[tuple]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
 
@@ -273,7 +284,7 @@ class Service:
             for one in session if isinstance(session, tuple) else (session,):
                 box = outboxes.get(one)
                 if box is not None:
-                    box.append(job.id)
+                    box.append(_outcome(job))
                     woke = True
         if woke:
             self._done.notify_all()

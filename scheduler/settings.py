@@ -54,6 +54,7 @@ class Settings:
     output_limit: int = 64 * 1024
     progress_seconds: float = 5.0
     health_file: str = "/tmp/scheduler-slave.health"
+    keep_finished: int = 100_000
 
 
 # variable -> (field, parser)
@@ -69,6 +70,7 @@ _VARS = {
     "SCHEDULER_OUTPUT_LIMIT": ("output_limit", "posint"),
     "SCHEDULER_PROGRESS_SECONDS": ("progress_seconds", "posfloat"),
     "SCHEDULER_HEALTH_FILE": ("health_file", "str"),
+    "SCHEDULER_KEEP_FINISHED": ("keep_finished", "posint"),
 }
 VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
 

@@ -200,3 +200,29 @@ def test_long_jobs_after_short_ones_are_shared_between_slaves(cluster):
         client.map(jobs.noop_item, range(3000), chunksize=1)  # both slaves learn "jobs are tiny"
         ran_on = client.map(jobs.nap, [0.05] * 60, chunksize=1)
     assert min(ran_on.count("a"), ran_on.count("b")) >= 15, ran_on
+
+
+def test_old_finished_jobs_leave_memory_but_stay_in_the_journal(tmp_path):
+    from .scheduler_procs import Cluster
+
+    small = Cluster(tmp_path)
+    small.start_master(SCHEDULER_KEEP_FINISHED="5")
+    try:
+        small.start_slave("s1")
+        with small.client() as client:
+            handles = [client.apply_async(jobs.square, (i,)) for i in range(20)]
+            assert [h.get(timeout=30) for h in handles] == [i * i for i in range(20)]
+            first = handles[0].id
+            wait_until(lambda: len(client.jobs(state="succeeded")) == 5, what="eviction")
+            assert client.job(first)["state"] == "succeeded"  # read back from the journal
+            assert client.status()["counts"]["succeeded"] == 20
+        small.kill_master()
+        small.start_master(SCHEDULER_KEEP_FINISHED="5")
+        with small.client() as client:
+            status = client.status()
+            assert (status["total"], status["counts"]["succeeded"]) == (20, 20)
+            assert client.result(first).get(timeout=10) == 0
+            assert client.apply_async(jobs.square, (9,)).get(timeout=30) == 81
+            assert client.job(21)["state"] == "succeeded"
+    finally:
+        small.stop()

@@ -212,3 +212,16 @@ def test_work_stealing_gives_prefetched_jobs_to_idle_workers(board):
     # the busy one may not grab them again beyond its slots while another waits
     assert board.lease("busy", 10) == []
     assert len(board.lease("idle", 4)) == 4 and board.hungry == set()
+
+
+def test_finished_jobs_beyond_the_window_leave_memory_but_still_count(board):
+    jobs = board.submit([shell(str(i)) for i in range(5)])
+    board.register("w")
+    for job in board.lease("w", 5):
+        board.complete("w", [ok(job)])
+    assert board.evict(keep=2) == 0  # not journaled yet: kept
+    for job in board.take_dirty():
+        job.journaled = True
+    assert board.evict(keep=2) == 3
+    assert sorted(board.jobs) == [jobs[3].id, jobs[4].id]
+    assert board.status()["counts"]["succeeded"] == 5 and board.status()["total"] == 5

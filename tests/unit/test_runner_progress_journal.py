@@ -71,7 +71,7 @@ def test_journal_round_trip_and_group_commit(tmp_path):
     journal.wait(tickets[-1])
     journal.close()
     again = Journal(state)
-    loaded, funcs = again.load()
+    loaded, funcs, _ = again.load(keep_finished=10)
     again.close()
     assert funcs == {"d1": b"body"}
     by_id = {j.id: j for j in loaded}
@@ -93,3 +93,27 @@ def test_a_journal_of_another_format_is_refused_clearly(tmp_path):
     db.close()
     with pytest.raises(JournalError, match="has format 0, this master reads format 1"):
         Journal(tmp_path)
+
+
+def test_restart_loads_unfinished_and_recent_finished_jobs_only(tmp_path):
+    from scheduler.board import Outcome
+
+    journal = Journal(tmp_path)
+    board = Board()
+    board.submit([JobSpec("shell", (["true"], False)) for _ in range(6)])
+    board.register("w")
+    for job in board.lease("w", 4):
+        board.complete("w", [Outcome(job.id, job.lease, True)])
+    board.lease("w", 1)  # job 5 running, job 6 queued
+    journal.wait(journal.append(board.take_dirty()))
+    loaded, _, stored = journal.load(keep_finished=2)
+    assert sorted(j.id for j in loaded) == [3, 4, 5, 6]
+    assert stored.total == 6 and stored.counts == {"succeeded": 4, "running": 1, "queued": 1}
+    again = Board()
+    assert again.restore(loaded, stored) == 1
+    assert again.status()["counts"] == {
+        "queued": 2, "running": 0, "succeeded": 4, "failed": 0, "cancelled": 0,
+    }  # fmt: skip
+    assert again.submit([JobSpec("shell", (["true"], False))])[0].id == 7
+    assert journal.fetch(1).state is State.SUCCEEDED and journal.fetch(99) is None
+    journal.close()
