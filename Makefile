@@ -34,8 +34,11 @@ lint: venv
 	$(VENV)/bin/ruff check scheduler deploy tests bench
 	$(VENV)/bin/mypy scheduler deploy
 
-bench: venv
-	$(PY) -m bench.run
+# The scheduler against the classic design and multiprocessing.Pool, then deployctl's timings
+# on the 3-host test bed. QUICK=1 for a short scheduler run.
+bench: deps
+	$(PY) -m bench.run $(if $(QUICK),--quick)
+	$(PY) -m deploy.bench
 
 # ---- images and test bed (owned by the images/test-bed work) ----
 # Role images scheduler-master/-slave, tagged VERSION, hash-<inputs> and latest; skipped when
