@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -44,12 +45,17 @@ class Options:
 OPTS = Options()
 
 
+_WRITING = threading.Lock()  # hosts report from threads: one whole line at a time
+
+
 def _echo(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    with _WRITING:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _out(text: str) -> None:
-    print(text, flush=True)
+    with _WRITING:
+        print(text, flush=True)
 
 
 @contextlib.contextmanager
@@ -128,7 +134,9 @@ def build() -> None:
 def ship_cmd() -> None:
     """Make the images present on every host (registry, or docker save/load over SSH)."""
     with _session() as ctx:
-        ship.ensure_images(ctx, frozenset(h.name for h in ctx.config.hosts), build=True, ship=True)
+        images = ship.build_here(ctx)
+        both = (images.master, images.slave)
+        ship.ensure_images(ctx, {h.name: both for h in ctx.config.hosts})
         ctx.raise_failures("ship")
         _out("images present on every host")
 
@@ -174,7 +182,7 @@ def down(
 
 def _finish(ctx: cluster.Context, result: cluster.Result, dry_run: bool, name: str) -> None:
     if dry_run:
-        _out(render.plan(result.actions))
+        _out(render.plan(result.actions, result.shipments))
     elif result.status is not None or name != "down":
         _out(render.status_text(watch.status(ctx), time.time()))
     elif not result.actions:
@@ -204,7 +212,12 @@ def logs(
 ) -> None:  # fmt: skip
     """Container output with a host/container prefix; -f follows every host at once."""
     with _session() as ctx:
-        watch.logs(ctx, target, follow, tail, since, _out)
+        try:
+            watch.logs(ctx, target, follow, tail, since, _out)
+        except KeyboardInterrupt:
+            if not follow:
+                raise
+            raise typer.Exit(130) from None  # how following ends: nothing was being made
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,24 +14,28 @@ from . import authkey, engine, master
 from .authkey import Secret
 from .config import Config, Host
 from .errors import DeployError, MasterError, PartialFailure
-from .parallel import across
+from .master import MasterLink
+from .parallel import across, each
 from .planner import (
     Action,
     Create,
     Observed,
     Remove,
     RemoveVolume,
+    Ship,
     Start,
+    images_needed,
     plan_down,
     plan_up,
     state_volume,
 )
-from .ship import ensure_images, running_images
+from .ship import build_here, local_images, plan_shipping, running_images, send
 from .specs import MASTER, WORKER, Images
 from .ssh import SSHPool
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
+HOST_CONCURRENCY = 4  # containers made or removed at once on one host
 
 
 @dataclass
@@ -43,6 +48,14 @@ class Context:
     engines: engine.Engines
     echo: Echo
     failures: dict[str, DeployError] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)  # set by Ctrl-C
+    master_link: MasterLink | None = None
+
+    def master(self) -> MasterLink:
+        """The command's one link to the master (opened on first use, closed by ``session``)."""
+        if self.master_link is None:
+            self.master_link = MasterLink(self.config, self.pool)
+        return self.master_link
 
     def fail(self, host: Host, error: DeployError) -> None:
         self.failures.setdefault(host.name, error)
@@ -61,9 +74,12 @@ def session(config: Config, environ: Mapping[str, str], echo: Echo,
             accept_new: bool = False) -> Iterator[Context]:  # fmt: skip
     pool = SSHPool(accept_new)
     engines = engine.Engines(pool)
+    ctx = Context(config, environ, pool, engines, echo)
     try:
-        yield Context(config, environ, pool, engines, echo)
+        yield ctx
     finally:
+        if ctx.master_link is not None:
+            ctx.master_link.close()
         engines.close()
         pool.close()
 
@@ -120,8 +136,10 @@ def run(
 ) -> set[str]:
     """In phases: the master's actions, the workers' (or the reverse), then volumes.
 
-    Within a phase, each host's actions run in order and hosts run in parallel; a host that
-    failed is skipped in later phases. Returns the failed hosts (errors are in ``ctx``).
+    Within a phase hosts run in parallel, and so do the containers of one host; the actions
+    on one container keep their order (an outdated worker goes before its replacement comes).
+    A host that failed, in this run or earlier in the command, is skipped. Ctrl-C starts
+    nothing more. Returns the hosts that failed here (errors are in ``ctx``).
     """
     masters = [a for a in actions if _is_master(a)]
     workers = [a for a in actions if not _is_master(a) and not isinstance(a, RemoveVolume)]
@@ -132,15 +150,11 @@ def run(
         by_host: dict[str, list[Action]] = {}
         for action in phase:
             by_host.setdefault(action.host, []).append(action)
-        hosts = [ctx.config.host(name) for name in by_host if name not in failed]
-        out = across(hosts, functools.partial(_run_phase, by_host, executor),
-                     ctx.config.parallel, ctx.fail)  # fmt: skip
+        hosts = [ctx.config.host(n) for n in by_host if n not in failed and n not in ctx.failures]
+        out = across(hosts, functools.partial(_run_host, ctx, by_host, executor),
+                     ctx.config.parallel, ctx.fail, ctx.stop)  # fmt: skip
         failed |= set(out.errors)
     return failed
-
-
-def _run_phase(by_host: dict[str, list[Action]], executor: Executor, host: Host) -> None:
-    _run_host(host, by_host[host.name], executor)
 
 
 def _is_master(action: Action) -> bool:
@@ -151,8 +165,35 @@ def _is_master(action: Action) -> bool:
     return False
 
 
-def _run_host(host: Host, actions: list[Action], executor: Executor) -> None:
-    for action in actions:
+def _run_host(
+    ctx: Context, by_host: dict[str, list[Action]], executor: Executor, host: Host
+) -> None:
+    """The host's containers in parallel; its first error is raised once all have ended."""
+    chains: dict[str, list[Action]] = {}
+    for action in by_host[host.name]:
+        chains.setdefault(_subject(action), []).append(action)
+    work = functools.partial(_run_chain, ctx.stop, executor, host)
+    errors = [e for _, e in each(list(chains.values()), work, HOST_CONCURRENCY, ctx.stop,
+                                 f"host-{host.name}") if e is not None]  # fmt: skip
+    for other in {str(e): e for e in errors[1:]}.values():
+        if str(other) != str(errors[0]):
+            ctx.echo(f"error: {other}")
+    if errors:
+        raise errors[0]
+
+
+def _subject(action: Action) -> str:
+    if isinstance(action, Create):
+        return action.spec.name
+    if isinstance(action, Start | Remove):
+        return action.container.name
+    return f"volume {action.name}"
+
+
+def _run_chain(stop: threading.Event, executor: Executor, host: Host, chain: list[Action]) -> None:
+    for action in chain:
+        if stop.is_set():
+            return
         if isinstance(action, Create):
             executor.create(host, action)
         elif isinstance(action, Start):
@@ -169,21 +210,22 @@ class Result:
 
     actions: tuple[Action, ...]
     status: dict[str, Any] | None
+    shipments: tuple[Ship, ...] = ()
 
 
 def up(
     ctx: Context, workers: int | None, dry_run: bool, executor: Executor | None = None,
     build: bool = True,
 ) -> Result:  # fmt: skip
-    """Build and ship as needed, start master and workers, wait until the workers registered."""
+    """Build as needed, start master and workers (shipping them their images), wait until the
+    workers registered. A dry run plans with the images last built here."""
     key = ctx.key(create=not dry_run) if not dry_run else _key_or_placeholder(ctx)
     seen = observe(ctx)
-    images = ensure_images(ctx, seen.reachable, build=build and not dry_run, ship=not dry_run)
-    reachable = seen.reachable - set(ctx.failures)
-    busy = _busy(ctx, key, seen) if not dry_run else {}
+    images = build_here(ctx) if build and not dry_run else local_images(ctx)
+    busy = _busy(ctx, key, seen)
     count = ctx.config.workers.count if workers is None else workers
-    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(reachable))
-    return _carry_out(ctx, key, seen, actions, dry_run, executor, "up")
+    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable))
+    return _carry_out(ctx, key, seen, actions, dry_run, executor)
 
 
 def scale(ctx: Context, count: int, dry_run: bool, executor: Executor | None = None) -> Result:
@@ -194,10 +236,7 @@ def scale(ctx: Context, count: int, dry_run: bool, executor: Executor | None = N
     busy = _busy(ctx, key, seen)
     actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable),
                       with_master=False)  # fmt: skip
-    if not dry_run:
-        needs = {a.host for a in actions if isinstance(a, Create)}
-        ensure_images(ctx, frozenset(needs), build=False, ship=True, images=images)
-    return _carry_out(ctx, key, seen, actions, dry_run, executor, "scale")
+    return _carry_out(ctx, key, seen, actions, dry_run, executor)
 
 
 def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None = None) -> Result:
@@ -213,22 +252,26 @@ def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None =
 
 def _carry_out(
     ctx: Context, key: Secret, seen: Observation, actions: list[Action], dry_run: bool,
-    executor: Executor | None, name: str,
+    executor: Executor | None,
 ) -> Result:  # fmt: skip
+    """Ship the images new containers need, run the plan, wait for master and workers."""
+    shipments = tuple(plan_shipping(ctx, images_needed(actions)))
     if dry_run:
-        return Result(tuple(actions), None)
+        return Result(tuple(actions), None, shipments)
+    send(ctx, shipments)
     failed = run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
     expected = _expected_workers(seen, actions, failed | set(ctx.failures))
     status = None
     master_ok = ctx.config.master.host not in ctx.failures
     if master_ok:
+        if any(_is_master(a) for a in actions):
+            ctx.master().reset()  # a client made before talks to the master just replaced
         ctx.echo(f"waiting for the master and {len(expected)} worker(s) to register")
         try:
-            status = master.wait_ready(ctx.config, ctx.pool, key, expected,
-                                       ctx.config.master.ready_timeout)  # fmt: skip
+            status = ctx.master().wait_ready(key, expected, ctx.config.master.ready_timeout)
         except MasterError as exc:
             raise MasterError(exc.subject, exc.detail + _master_log_tail(ctx), exc.hint) from exc
-    return Result(tuple(actions), status)
+    return Result(tuple(actions), status, shipments)
 
 
 def _expected_workers(seen: Observation, actions: Sequence[Action], failed: set[str]) -> list[str]:
@@ -258,7 +301,7 @@ def _busy(ctx: Context, key: Secret, seen: Observation) -> dict[str, int]:
     if not any(o.role == MASTER and o.running for o in seen.containers):
         return {}
     try:
-        with master.client(ctx.config, ctx.pool, key) as c:
+        with ctx.master().use(key) as c:
             return master.busy_workers(c.status())
     except DeployError as exc:
         ctx.echo(f"warning: cannot ask the master which workers are busy ({exc}); "

@@ -300,13 +300,27 @@ def _row(host: str, info: dict[str, Any]) -> ContainerRow:
 def logs(
     engines: Engines, host: Host, container: str, follow: bool, tail: int | None, since: str | None
 ) -> Iterator[tuple[str, str]]:
-    """(timestamp, line) of a container's output (stdout and stderr), following when asked."""
+    """(timestamp, line) of a container's output (stdout and stderr), following when asked.
+
+    The request is made here, so an unreachable host or a missing container raises at once;
+    the lines come as they are read.
+    """
     kwargs: dict[str, Any] = {"stream": True, "follow": follow, "timestamps": True,
                               "tail": "all" if tail is None else tail}  # fmt: skip
     if since:
         kwargs["since"] = _since(since)
     with engines.guard(host, f"read logs of {container}"):
-        stream = engines.client(host).api.logs(container, **kwargs)
+        try:
+            stream = engines.client(host).api.logs(container, **kwargs)
+        except docker.errors.NotFound:
+            return iter(())  # removed meanwhile: nothing (more) to read
+    return _lines(engines, host, container, stream)
+
+
+def _lines(
+    engines: Engines, host: Host, container: str, stream: Iterator[bytes]
+) -> Iterator[tuple[str, str]]:
+    with engines.guard(host, f"read logs of {container}"):
         pending = b""
         for chunk in stream:
             pending += chunk
@@ -315,6 +329,15 @@ def logs(
                 yield _stamped(line)
         if pending:
             yield _stamped(pending)
+
+
+def state(engines: Engines, host: Host, container: str) -> str | None:
+    """The container's state (running, exited, ...), or None when it no longer exists."""
+    with engines.guard(host, f"inspect container {container}"):
+        try:
+            return str(engines.client(host).api.inspect_container(container)["State"]["Status"])
+        except docker.errors.NotFound:
+            return None
 
 
 def _stamped(line: bytes) -> tuple[str, str]:

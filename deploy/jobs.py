@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import master
 from .cluster import Context
 from .errors import DeployError, JobsFailed
 
@@ -40,7 +39,7 @@ def submit(
     timeout: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Submit ``commands``; with ``wait``, follow them to the end and raise if any failed."""
-    with master.client(ctx.config, ctx.pool, ctx.key(create=False)) as c:
+    with ctx.master().use(ctx.key(create=False)) as c:
         handles = [c.submit_shell(list(argv)) for argv in commands]
         c.flush()
         ids = [h.id for h in handles]
@@ -68,5 +67,5 @@ def submit(
 
 
 def jobs(ctx: Context, state: str | None) -> list[dict[str, Any]]:
-    with master.client(ctx.config, ctx.pool, ctx.key(create=False)) as c:
+    with ctx.master().use(ctx.key(create=False)) as c:
         return list(c.jobs(state=state))

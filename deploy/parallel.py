@@ -1,8 +1,14 @@
-"""Run one function per host in parallel, with a cap, collecting each host's error."""
+"""Run one function per host (or per container of a host) in parallel, with a cap.
+
+A DeployError stays with its item and the others go on; anything else is a bug and is raised.
+Ctrl-C sets ``stop`` (so work that checks it starts nothing more), cancels what has not
+started, and waits for what has.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -11,6 +17,7 @@ from .config import Host
 from .errors import DeployError
 
 T = TypeVar("T")
+ItemT = TypeVar("ItemT")
 
 
 @dataclass
@@ -30,26 +37,42 @@ def across(
     work: Callable[[Host], T],
     cap: int,
     on_error: Callable[[Host, DeployError], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Outcome[T]:
-    """``work(host)`` for every host, at most ``cap`` at once.
-
-    A DeployError stays with its host and the others go on; anything else is a bug and
-    is raised. Ctrl-C cancels what has not started and waits for what has.
-    """
+    """``work(host)`` for every host, at most ``cap`` at once; errors reported as they come."""
     hosts = list(hosts)
     outcome: Outcome[T] = Outcome()
-    if not hosts:
-        return outcome
-    pool = ThreadPoolExecutor(max_workers=max(1, min(cap, len(hosts))), thread_name_prefix="host")
+    for host, (result, error) in zip(hosts, each(hosts, work, cap, stop, "host"), strict=True):
+        if error is None:
+            outcome.results[host.name] = result  # type: ignore[assignment]
+        else:
+            outcome.errors[host.name] = error
+            if on_error:
+                on_error(host, error)
+    return outcome
+
+
+def each(
+    items: Sequence[ItemT],
+    work: Callable[[ItemT], T],
+    cap: int,
+    stop: threading.Event | None = None,
+    name: str = "work",
+) -> Iterator[tuple[T | None, DeployError | None]]:
+    """``(result, None)`` or ``(None, error)`` per item, in the items' order, as each is done."""
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(cap, len(items))), thread_name_prefix=name)
     try:
-        futures = {host.name: (host, pool.submit(work, host)) for host in hosts}
-        for name, (host, future) in futures.items():
+        futures = [pool.submit(work, item) for item in items]
+        for future in futures:
             try:
-                outcome.results[name] = future.result()
+                yield future.result(), None
             except DeployError as exc:
-                outcome.errors[name] = exc
-                if on_error:
-                    on_error(host, exc)
+                yield None, exc
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return outcome

@@ -18,6 +18,7 @@ from .specs import (
     STOP_MARGIN,
     WORKER,
     ContainerSpec,
+    ImageRef,
     Images,
     master_spec,
     volume_name,
@@ -83,6 +84,36 @@ class RemoveVolume:
 
 
 Action = Create | Start | Remove | RemoveVolume
+
+
+@dataclass(frozen=True)
+class Ship:
+    """Images a host will receive before its containers are made: ones it lacks, by id."""
+
+    host: str
+    images: tuple[ImageRef, ...]
+    found: tuple[str | None, ...]  # the id each reference has on the host now; None: absent
+
+
+def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
+    """Per host, the images its new containers run (restarted ones have theirs)."""
+    needed: dict[str, dict[str, ImageRef]] = {}
+    for action in actions:
+        if isinstance(action, Create):
+            needed.setdefault(action.host, {})[action.spec.image.ref] = action.spec.image
+    return {h: tuple(sorted(refs.values(), key=lambda r: r.ref)) for h, refs in needed.items()}
+
+
+def plan_ship(
+    needed: Mapping[str, Sequence[ImageRef]], found: Mapping[str, Mapping[str, str | None]]
+) -> list[Ship]:
+    """A Ship for each host in ``found`` (host -> reference -> id there) that lacks an image."""
+    ships = []
+    for host, have in found.items():
+        lacking = [ref for ref in needed[host] if have.get(ref.ref) != ref.id]
+        if lacking:
+            ships.append(Ship(host, tuple(lacking), tuple(have.get(r.ref) for r in lacking)))
+    return ships
 
 
 def place(hosts: Sequence[tuple[str, int | None]], count: int) -> dict[str, int]:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .engine import ContainerRow, stamp_seconds
-from .planner import Action, Create, Remove, RemoveVolume, Start
+from .planner import Action, Create, Remove, RemoveVolume, Ship, Start
+from .specs import UNBUILT
 from .watch import Status
 
 
@@ -35,10 +36,21 @@ def describe(action: Action) -> str:
     return f"{action.host}: remove volume {action.name}"
 
 
-def plan(actions: Sequence[Action]) -> str:
-    if not actions:
+def plan(actions: Sequence[Action], shipments: Sequence[Ship] = ()) -> str:
+    """The images each host would receive, then the container actions."""
+    if not actions and not shipments:
         return "nothing to do: the cluster already matches the inventory"
-    return "\n".join(describe(a) for a in actions)
+    return "\n".join([*(shipment(s) for s in shipments), *(describe(a) for a in actions)])
+
+
+def shipment(ship: Ship) -> str:
+    """``tb2: ship scheduler-slave:latest 19f619fa9245 (absent there)``, one line per host."""
+    parts = []
+    for ref, there in zip(ship.images, ship.found, strict=True):
+        mine = "not built here yet" if ref.id == UNBUILT else ref.version
+        why = "absent there" if there is None else f"there: {there.removeprefix('sha256:')[:12]}"
+        parts.append(f"{ref.ref} {mine} ({why})")
+    return f"{ship.host}: ship {', '.join(parts)}"
 
 
 def _uptime(row: ContainerRow, now: float) -> float | None:

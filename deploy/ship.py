@@ -1,8 +1,9 @@
 """Make the role images present on every host that runs them: build here, then ship.
 
-Shipping goes through a registry when ``images.registry`` is set, else ``docker save`` of the
-missing images (shared layers once) streamed over each host's SSH connection into ``docker load``.
-Hosts that already hold the same image id are skipped.
+Each host gets the images it lacks, by id: through a registry when ``images.registry`` is set,
+else ``docker save`` of those images (shared layers once) streamed over the host's SSH connection
+into ``docker load``. What would be sent is planned first (``plan_shipping``), so a dry run shows
+it without sending anything.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine
 from .config import Host
 from .errors import DeployError
-from .parallel import across
-from .specs import MASTER, ImageRef, Images
+from .parallel import across, each
+from .planner import Ship, plan_ship
+from .specs import MASTER, UNBUILT, ImageRef, Images
 
 if TYPE_CHECKING:
     from .cluster import Context, Observation
-
-UNBUILT = "unbuilt"
 
 
 class _EchoWriter(io.StringIO):
@@ -78,50 +78,60 @@ def running_images(ctx: Context, seen: Observation) -> Images:
     return Images(refs[MASTER], refs["worker"])
 
 
-def ensure_images(
-    ctx: Context, hosts: frozenset[str], build: bool, ship: bool, images: Images | None = None
-) -> Images:
-    """Build (when asked) and ship to ``hosts``; hosts that fail are recorded in ``ctx``."""
-    if images is None:
-        images = build_here(ctx) if build else local_images(ctx)
-    if not ship:
-        return images
-    if UNBUILT in (images.master.id, images.slave.id):
-        raise DeployError("images", f"{images.master.ref} or {images.slave.ref} not found here",
+def plan_shipping(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]) -> list[Ship]:
+    """What each host of ``needed`` lacks, from the image ids found there (nothing is sent)."""
+
+    def found(host: Host) -> dict[str, str | None]:
+        return {ref.ref: engine.image_id(ctx.engines, host, ref.ref) for ref in needed[host.name]}
+
+    targets = [h for h in ctx.config.hosts if h.name in needed and h.name not in ctx.failures]
+    return plan_ship(needed, across(targets, found, ctx.config.parallel, ctx.fail).results)
+
+
+def send(ctx: Context, shipments: Sequence[Ship]) -> None:
+    """Carry ``shipments`` out; hosts that fail are recorded in ``ctx``."""
+    if not shipments:
+        return
+    unbuilt = sorted({r.ref for s in shipments for r in s.images if r.id == UNBUILT})
+    if unbuilt:
+        raise DeployError("images", f"{' and '.join(unbuilt)} not found here",
                           "run 'deployctl build' first")  # fmt: skip
-    targets = [h for h in ctx.config.hosts if h.name in hosts and h.name not in ctx.failures]
-    missing = across(targets, lambda h: _missing(ctx, h, images), ctx.config.parallel, ctx.fail)
-    todo = {name: refs for name, refs in missing.results.items() if refs}
-    if not todo:
-        return images
+    todo = {s.host: [r.ref for r in s.images] for s in shipments}
     if ctx.config.images.registry:
-        _via_registry(ctx, images, todo)
+        _via_registry(ctx, todo)
     else:
         _via_ssh(ctx, todo)
-    return images
 
 
-def _missing(ctx: Context, host: Host, images: Images) -> list[str]:
-    have = [engine.image_id(ctx.engines, host, ref.ref) for ref in (images.master, images.slave)]
-    return [ref.ref for ref, found in zip((images.master, images.slave), have, strict=True)
-            if found != ref.id]  # fmt: skip
+def ensure_images(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]) -> list[Ship]:
+    """Make the images present on each host of ``needed``: plan by id, then send."""
+    shipments = plan_shipping(ctx, needed)
+    send(ctx, shipments)
+    return shipments
 
 
 def _via_ssh(ctx: Context, todo: dict[str, list[str]]) -> None:
-    """Save each distinct set of missing images once, then stream it to its hosts in parallel."""
+    """Save each distinct set of missing images once and stream it to its hosts, sets at once."""
     groups: dict[tuple[str, ...], list[Host]] = {}
     for name, refs in todo.items():
         groups.setdefault(tuple(sorted(refs)), []).append(ctx.config.host(name))
-    for group, hosts in groups.items():
-        with tempfile.TemporaryDirectory(prefix="deployctl-ship-", dir=_tmp_dir()) as tmp:
-            path = os.path.join(tmp, "images.tar")
-            started = time.monotonic()
-            with open(path, "wb") as out:
-                size = engine.save(ctx.engines, engine.LOCAL_HOST, list(group), out)
-            ctx.echo(f"saved {' '.join(group)} ({size / 1e6:.0f} MB) in "
-                     f"{time.monotonic() - started:.1f}s")  # fmt: skip
-            load = functools.partial(_load, ctx, path=path, size=size)
-            across(hosts, load, ctx.config.parallel, ctx.fail)
+    work = functools.partial(_save_and_load, ctx)
+    errors = [e for _, e in each(list(groups.items()), work, len(groups), ctx.stop, "ship") if e]
+    if errors:
+        raise errors[0]  # saving here failed: no host can get these images
+
+
+def _save_and_load(ctx: Context, group: tuple[tuple[str, ...], list[Host]]) -> None:
+    refs, hosts = group
+    with tempfile.TemporaryDirectory(prefix="deployctl-ship-", dir=_tmp_dir()) as tmp:
+        path = os.path.join(tmp, "images.tar")
+        started = time.monotonic()
+        with open(path, "wb") as out:
+            size = engine.save(ctx.engines, engine.LOCAL_HOST, list(refs), out)
+        ctx.echo(f"saved {' '.join(refs)} ({size / 1e6:.0f} MB) in "
+                 f"{time.monotonic() - started:.1f}s")  # fmt: skip
+        load = functools.partial(_load, ctx, path=path, size=size)
+        across(hosts, load, ctx.config.parallel, ctx.fail, ctx.stop)
 
 
 def _load(ctx: Context, host: Host, path: str, size: int) -> None:
@@ -144,14 +154,14 @@ def _load(ctx: Context, host: Host, path: str, size: int) -> None:
     ctx.echo(f"{host.name}: images loaded in {took:.1f}s ({size / 1e6 / max(took, 1e-3):.0f} MB/s)")
 
 
-def _via_registry(ctx: Context, images: Images, todo: dict[str, list[str]]) -> None:
+def _via_registry(ctx: Context, todo: dict[str, list[str]]) -> None:
     registry = ctx.config.images.registry
     assert registry
-    remote = {ref.ref: f"{registry.rstrip('/')}/{ref.ref}" for ref in (images.master, images.slave)}
+    refs = sorted({ref for refs in todo.values() for ref in refs})
+    remote = {ref: f"{registry.rstrip('/')}/{ref}" for ref in refs}
     for ref, target in remote.items():
-        if any(ref in refs for refs in todo.values()):
-            engine.push(ctx.engines, engine.LOCAL_HOST, ref, target)
-            ctx.echo(f"pushed {target}")
+        engine.push(ctx.engines, engine.LOCAL_HOST, ref, target)
+        ctx.echo(f"pushed {target}")
 
     def pull(host: Host) -> None:
         for ref in todo[host.name]:

@@ -20,6 +20,7 @@ L_VERSION, L_SPEC = f"{LABEL}.version", f"{LABEL}.spec"
 MASTER, WORKER = "master", "worker"
 STATE_DIR = "/var/lib/scheduler"
 MASTER_STOP_TIMEOUT = 30
+UNBUILT = "unbuilt"  # the image id of a role image not built on this machine yet
 STOP_MARGIN = 15  # seconds beyond the drain grace before docker sends SIGKILL
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import engine, master
+from . import engine
 from .cluster import Context, observe
 from .config import Host
 from .errors import DeployError, HostError
@@ -54,7 +54,7 @@ def status(ctx: Context) -> Status:
         error = "no master container; run 'deployctl up'"
     else:
         try:
-            with master.client(ctx.config, ctx.pool, ctx.key(create=False)) as c:
+            with ctx.master().use(ctx.key(create=False)) as c:
                 view = c.status()
         except DeployError as exc:
             error = str(exc)
@@ -83,54 +83,77 @@ def logs(
     """Print the chosen containers' lines prefixed ``host/name |``; with ``follow``, keep going.
 
     Without ``follow`` the lines of all containers are merged by time. With it, each container
-    is followed by its own thread; a host that drops out is retried while the others go on.
+    is followed by its own thread; a host that drops out is retried while the others go on,
+    and its lines are picked up where they stopped once it is back.
     """
     chosen = pick(observe(ctx).containers, target)
     width = max((len(f"{o.host}/{o.name}") for o in chosen), default=0)
     lines: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
-    threads = [
-        threading.Thread(target=_stream, args=(ctx, o, follow, tail, since, lines), daemon=True)
-        for o in chosen
-    ]
+    begun = time.time()
+
+    def reader(o: Observed) -> threading.Thread:
+        args = (ctx, o, follow, tail, since, begun, lines)
+        return threading.Thread(target=_stream, args=args, daemon=True, name=f"logs-{o.name}")
+
+    threads = [reader(o) for o in chosen]
     for t in threads:
         t.start()
     done, merged = 0, []
-    while done < len(threads):
-        item = lines.get()
-        if item is None:
-            done += 1
-        elif follow:
-            write(f"{item[1]:<{width}} | {item[2]}")
-        else:
-            merged.append(item)
+    try:
+        while done < len(threads):
+            item = lines.get()
+            if item is None:
+                done += 1
+            elif follow:
+                write(f"{item[1]:<{width}} | {item[2]}")
+            else:
+                merged.append(item)
+    finally:
+        ctx.stop.set()  # Ctrl-C: the streams end quietly while the connections close
     for _, who, text in sorted(merged, key=lambda i: i[0]):
         write(f"{who:<{width}} | {text}")
 
 
 def _stream(
-    ctx: Context, o: Observed, follow: bool, tail: int | None, since: str | None,
+    ctx: Context, o: Observed, follow: bool, tail: int | None, since: str | None, begun: float,
     out: queue.Queue[tuple[str, str, str] | None],
 ) -> None:  # fmt: skip
     who = f"{o.host}/{o.name}"
     host = ctx.config.host(o.host)
+    last, away = "", False  # the last line's time; whether the user was told it is away
     try:
-        while True:
-            last = ""
+        while not ctx.stop.is_set():
             try:
-                for stamp, text in engine.logs(ctx.engines, host, o.id, follow, tail, since):
+                for stamp, text in engine.logs(ctx.engines, host, o.name, follow, tail, since):
+                    if away:
+                        ctx.echo(f"{who}: following again")
+                        away = False
                     last = stamp
                     out.put((stamp, who, text))
-                if not follow:
+                if not follow or ctx.stop.is_set():
                     return
-                ctx.echo(f"{who}: container stopped; waiting for it to come back")
+                now = engine.state(ctx.engines, host, o.name)
+                if now is None:
+                    ctx.echo(f"{who}: container removed; no longer followed")
+                    return
+                if now != "running" and not away:
+                    ctx.echo(f"{who}: container {now}; waiting for it to come back")
+                    away = True
             except HostError as exc:
+                if ctx.stop.is_set():
+                    return
                 if not follow:
                     ctx.echo(f"error: {exc}")
                     return
-                ctx.echo(f"warning: {who}: {exc.detail}; retrying in {RETRY_SECONDS:g}s")
-            time.sleep(RETRY_SECONDS)
-            # resume after the last line seen, so nothing is printed twice
-            if last:
-                since, tail = f"{engine.stamp_seconds(last) + 1e-6:.6f}", None
+                if not away:
+                    ctx.echo(f"warning: {who}: {exc.detail}; trying again every "
+                             f"{RETRY_SECONDS:g}s while the other hosts go on")  # fmt: skip
+                    away = True
+            if ctx.stop.wait(RETRY_SECONDS):
+                return
+            # Resume after the last line seen, so nothing is printed twice; with no line
+            # seen yet, from when following began, so that --tail is not printed again.
+            since = f"{engine.stamp_seconds(last) + 1e-6:.6f}" if last else since or f"{begun:.6f}"
+            tail = None
     finally:
         out.put(None)

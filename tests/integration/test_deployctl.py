@@ -10,18 +10,24 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 import docker.errors
 import pytest
 
-from tests.testbed import Testbed
+from tests.testbed import Layout, Testbed
+from tests.testbed.bed import up as bring_up
+from tests.testbed.layout import host_dir
+from tests.testbed.procs import live_pid
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +61,20 @@ class Bed:
                 out[host.name] = sorted((c.name, c.id) for c in found)
         return out
 
-    def run(self, *args: str, inventory: str = "cluster.toml", check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def address(self, name: str) -> str:
+        return next(h.address for h in self.testbed.hosts if h.name == name)
+
+    def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SCHEDULER_", "DEPLOYCTL_"))}  # fmt: skip
         env["HOME"] = str(self.home)
+        return env
+
+    def run(self, *args: str, inventory: str = "cluster.toml", check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
         proc = subprocess.run([str(DEPLOYCTL), "-i", inventory, *args], cwd=self.workdir,
-                              env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                              env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"deployctl {' '.join(args)} exited {proc.returncode}:\n"
                                  f"{proc.stdout}\n{proc.stderr}")  # fmt: skip
@@ -184,6 +197,113 @@ def test_logs_show_dispatch_and_progress(bed: Bed, up) -> None:
     assert "tb2/itest-worker-" in every and "tb1/itest-master" in every
 
 
+@dataclass
+class Follower:
+    """``deployctl logs -f`` running in the background, its output collected line by line."""
+
+    proc: subprocess.Popen[str]
+    out: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @classmethod
+    def start(cls, bed: Bed, *args: str) -> Follower:
+        proc = subprocess.Popen([str(DEPLOYCTL), "logs", "-f", *args], cwd=bed.workdir,
+                                env=bed.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        follower = cls(proc)
+        for stream, into in ((proc.stdout, follower.out), (proc.stderr, follower.err)):
+            threading.Thread(target=follower._read, args=(stream, into), daemon=True).start()
+        return follower
+
+    def _read(self, stream, into: list[str]) -> None:  # type: ignore[no-untyped-def]
+        for line in stream:
+            with self.changed:
+                into.append(line.rstrip("\n"))
+                self.changed.notify_all()
+
+    def wait(self, what: str, holds: Callable[[], bool], timeout: float = 60) -> None:
+        with self.changed:
+            if not self.changed.wait_for(holds, timeout):
+                seen = "\n".join(self.out[-30:] + ["--- stderr"] + self.err)
+                raise AssertionError(f"deployctl logs -f: no {what} within {timeout:g}s\n{seen}")
+
+    def lines_of(self, who: str) -> list[str]:
+        with self.changed:
+            return [line for line in self.out if line.startswith(f"{who} ")]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # how a user ends following
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def _drop_sshd(layout: Layout, host: str) -> None:
+    """End the host's sshd: the listener (by its pidfile) and every session it forked."""
+    run_dir = host_dir(layout, host)
+    listener = live_pid(run_dir / "sshd.pid", str(run_dir))
+    assert listener is not None, f"{host}: sshd is not running"
+    sessions = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                if _parent(p) == listener]  # fmt: skip
+    for pid in [listener, *sessions]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _restart(bed: Bed, host: str, name: str) -> None:
+    """Restart a container through the host's own engine socket (not over SSH)."""
+    with bed.engine(host) as client:
+        client.containers.get(name).restart(timeout=10)
+
+
+def test_logs_follow_survives_a_host_dropping_out(
+    bed: Bed, up, testbed_layout: Layout
+) -> None:  # fmt: skip
+    """tb3's sshd goes away mid-follow: the other hosts' lines keep coming, and the lines tb3
+    wrote meanwhile come once it is back, none twice. (On a shared bed, other sessions over
+    tb3's SSH are cut for those seconds too.)"""
+    names = {h: [n for n, _ in found if "-worker-" in n] for h, found in bed.containers().items()}
+    on_tb2, on_tb3 = f"tb2/{names['tb2'][0]}", f"tb3/{names['tb3'][0]}"
+    connected = "connected to master"
+    follower = Follower.start(bed, "--tail", "1")
+    try:
+        follower.wait("line from every host", lambda: {ln.split("/")[0] for ln in follower.out}
+                      >= {"tb1", "tb2", "tb3"})  # fmt: skip
+        _drop_sshd(testbed_layout, "tb3")
+        follower.wait("warning about tb3", lambda: any(
+            line.startswith(f"warning: {on_tb3}: ") for line in follower.err))  # fmt: skip
+        before = len(follower.lines_of(on_tb3))
+        _restart(bed, "tb3", names["tb3"][0])  # lines on tb3 while deployctl cannot reach it
+        _restart(bed, "tb2", names["tb2"][0])
+        follower.wait("tb2 line while tb3 is away", lambda: any(
+            connected in line for line in follower.lines_of(on_tb2)[1:]))  # fmt: skip
+        assert len(follower.lines_of(on_tb3)) == before  # tb3 really was out of reach
+        bring_up(3, testbed_layout)  # sshd back; tb3's engine and containers never stopped
+        follower.wait("tb3's lines from while it was away", lambda: any(
+            connected in line for line in follower.lines_of(on_tb3)[before:]))  # fmt: skip
+        assert f"{on_tb3}: following again" in follower.err
+        time.sleep(2)  # anything printed twice would come now
+        tb3 = follower.lines_of(on_tb3)
+        assert len(tb3) == len(set(tb3)), "a line of tb3 was printed twice"
+        assert any("draining" in line for line in tb3[before:])  # from before the restart
+    finally:
+        code = follower.stop()
+        bring_up(3, testbed_layout)  # whatever happened above, tb3's sshd runs again
+    assert code == 130, follower.err
+    assert not any("Traceback" in line or "interrupted" in line for line in follower.err)
+
+
 def _override(bed: Bed, name: str, host: str, line: str) -> None:
     text = inventory(["tb1", "tb2", "tb3"]).replace(
         f'name = "{host}"\n', f'name = "{host}"\n{line}'
@@ -197,8 +317,8 @@ def test_unknown_host_key_is_refused_until_trusted(bed: Bed, up) -> None:
     _override(bed, "fresh.toml", "tb2", f'known_hosts = "{fresh}"\n')
     refused = bed.run("status", inventory="fresh.toml", check=False)
     assert refused.returncode == 3
-    match = re.search(r"host tb2 \(10\.213\.47\.12:22\): host key not in .*?(SHA256:\S+)\)",
-                      refused.stdout)  # fmt: skip
+    match = re.search(rf"host tb2 \({re.escape(bed.address('tb2'))}:22\): host key not in "
+                      r".*?(SHA256:\S+)\)", refused.stdout)  # fmt: skip
     assert match, refused.stdout
     assert "deployctl hosts trust tb2 --fingerprint" in refused.stdout
     wrong = bed.run("hosts", "trust", "tb2", "--fingerprint", "SHA256:nope",
@@ -210,10 +330,10 @@ def test_unknown_host_key_is_refused_until_trusted(bed: Bed, up) -> None:
 
 def test_changed_host_key_is_always_refused(bed: Bed, up) -> None:
     real = (bed.home / ".ssh" / "known_hosts").read_text()
-    entry = next(line for line in real.splitlines() if line.startswith("10.213.47.13 "))
+    entry = next(line for line in real.splitlines() if line.startswith(f"{bed.address('tb3')} "))
     forged = bed.workdir / "forged_known_hosts"
     # tb3's address with tb1's key: what a man in the middle would look like
-    tb1_key = next(line for line in real.splitlines() if line.startswith("10.213.47.11 "))
+    tb1_key = next(line for line in real.splitlines() if line.startswith(f"{bed.address('tb1')} "))
     forged.write_text(entry.split()[0] + " " + " ".join(tb1_key.split()[1:]) + "\n")
     _override(bed, "forged.toml", "tb3", f'known_hosts = "{forged}"\n')
     for args in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from deploy.authkey import Secret
 from deploy.errors import HostError, MasterError
 from deploy.planner import Create, Observed, Remove, plan_down, plan_up
 from deploy.specs import ImageRef, Images
+from scheduler import AuthError, ConnectError
 
 KEY = Secret("k" * 32)
 IMAGES = Images(ImageRef("m:1", "sha256:" + "a" * 64), ImageRef("s:1", "sha256:" + "b" * 64))
@@ -57,15 +59,75 @@ def context(hosts: str = "h1 h2 h3") -> cluster.Context:
     return cluster.Context(cfg, {}, None, None, echoed.append)  # type: ignore[arg-type]
 
 
-def test_master_first_then_every_host_in_order() -> None:
+def test_master_first_then_the_workers_of_every_host() -> None:
     ctx = context()
     actions = plan_up(ctx.config, IMAGES, KEY, [], 4, {})
     rec = Recorder()
     assert cluster.run(ctx, actions, rec) == set()
     assert rec.calls[0] == ("create", "h1", "c-master")
-    per_host = {h: [c[2] for c in rec.calls[1:] if c[1] == h] for h in ("h1", "h2", "h3")}
+    per_host = {h: sorted(c[2] for c in rec.calls[1:] if c[1] == h) for h in ("h1", "h2", "h3")}
     assert per_host == {"h1": ["c-worker-1", "c-worker-2"], "h2": ["c-worker-3"],
                         "h3": ["c-worker-4"]}  # fmt: skip
+
+
+class Meeting(Recorder):
+    """Creates wait until ``count`` of them run at once: it passes only if they run in parallel."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(count, timeout=10)
+
+    def create(self, host: config.Host, action: Create) -> None:
+        if action.spec.role == "worker":
+            self.barrier.wait()
+        super().create(host, action)
+
+
+def test_the_containers_of_one_host_are_made_at_once() -> None:
+    ctx = context("h1")
+    actions = plan_up(ctx.config, IMAGES, KEY, [], cluster.HOST_CONCURRENCY, {})
+    rec = Meeting(cluster.HOST_CONCURRENCY)
+    assert cluster.run(ctx, actions, rec) == set()
+    assert len(rec.calls) == 1 + cluster.HOST_CONCURRENCY
+
+
+def test_an_outdated_worker_goes_before_its_replacement_comes() -> None:
+    ctx = context("h1")
+    old = Observed("h1", "x", "c-worker-1", "worker", 1, "", "stale", "running")
+    actions = plan_up(ctx.config, IMAGES, KEY, [old], 3, {}, with_master=False)
+    rec = Recorder()
+    cluster.run(ctx, actions, rec)
+    mine = [c[0] for c in rec.calls if c[2] == "c-worker-1"]
+    assert mine == ["remove", "create"] and len(rec.calls) == 4
+
+
+class Interrupting(Recorder):
+    """Ctrl-C arrives while the first removal runs."""
+
+    def __init__(self, ctx: cluster.Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def remove(self, host: config.Host, action: Remove) -> None:
+        self.ctx.stop.set()
+        super().remove(host, action)
+
+
+def test_after_ctrl_c_nothing_more_starts() -> None:
+    ctx = context("h1")
+    old = Observed("h1", "x", "c-worker-1", "worker", 1, "", "stale", "running")
+    actions = plan_up(ctx.config, IMAGES, KEY, [old], 1, {}, with_master=False)
+    rec = Interrupting(ctx)
+    cluster.run(ctx, actions, rec)
+    assert rec.calls == [("remove", "h1", "c-worker-1")]  # not made again half-way
+
+
+def test_a_host_that_failed_earlier_in_the_command_is_skipped() -> None:
+    ctx = context()
+    ctx.failures["h2"] = HostError("h2", "h2", "images not shipped", "fix it")
+    rec = Recorder()
+    assert cluster.run(ctx, plan_up(ctx.config, IMAGES, KEY, [], 3, {}), rec) == set()
+    assert "h2" not in {c[1] for c in rec.calls}
 
 
 def test_one_broken_host_does_not_stop_the_others() -> None:
@@ -134,3 +196,54 @@ def test_down_removes_workers_before_the_master_and_volumes_last() -> None:
     actions = plan_down(ctx.config, world, [("h1", "c-state")])
     cluster.run(ctx, actions, rec, master_first=False)
     assert [c[2] for c in rec.calls] == ["c-worker-1", "c-master", "c-state"]
+
+
+class Opener:
+    """Stands in for scheduler.Client(master=..., authkey=...): refuses ``refusals`` times."""
+
+    def __init__(self, client: FakeClient, refusals: int = 0, error: type = ConnectError) -> None:
+        self.client, self.refusals, self.error = client, refusals, error
+        self.calls: list[str] = []
+
+    def __call__(self, master: str, authkey: str) -> FakeClient:
+        self.calls.append(master)
+        if len(self.calls) <= self.refusals:
+            raise self.error("not yet")
+        return self.client
+
+
+def link(opener: Opener, probes: list[str]) -> master.MasterLink:
+    ctx = context()
+
+    def probe(address: str, port: int) -> bool:
+        probes.append(f"{address}:{port}")
+        return True
+
+    return master.MasterLink(ctx.config, None, opener, probe)  # type: ignore[arg-type]
+
+
+def test_the_master_is_waited_for_then_one_client_serves_the_command() -> None:
+    clock, probes = Clock(), []
+    opener = Opener(FakeClient([{"workers": [{"name": "w1"}]}]), refusals=2)
+    m = link(opener, probes)
+    assert m.wait_ready(KEY, ["w1"], 10, clock, clock.sleep)["workers"] == [{"name": "w1"}]
+    with m.use(KEY) as c:
+        c.status()
+    assert opener.calls == ["h1:8888"] * 3 and clock.now == 0.5  # opened once it answered
+    assert probes == ["h1:8888"]  # the port answered: not probed again
+
+
+def test_a_master_with_another_key_is_reported_at_once() -> None:
+    clock = Clock()
+    m = link(Opener(FakeClient([{}]), refusals=5, error=AuthError), [])
+    with pytest.raises(MasterError, match="refuses the authkey"):
+        m.wait_ready(KEY, ["w1"], 10, clock, clock.sleep)
+    assert clock.now == 0
+
+
+def test_a_master_that_never_answers_times_out_without_the_key() -> None:
+    clock = Clock()
+    m = link(Opener(FakeClient([{}]), refusals=1000), [])
+    with pytest.raises(MasterError, match="does not answer after 2s") as err:
+        m.wait_ready(KEY, ["w1"], 2, clock, clock.sleep)
+    assert KEY.reveal() not in str(err.value)

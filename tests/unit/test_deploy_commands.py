@@ -13,7 +13,7 @@ import pytest
 from deploy import authkey, config, render, specs
 from deploy.authkey import Secret
 from deploy.errors import DeployError, HostError, PartialFailure
-from deploy.planner import Observed, Remove, Start, plan_up
+from deploy.planner import Observed, Remove, Ship, Start, plan_up
 from deploy.ssh import dial_command, known_hosts_entry
 
 KEY = Secret("super-secret-key-" + "x" * 20)
@@ -82,6 +82,19 @@ def test_dry_run_plan_masks_the_key() -> None:
     assert "SCHEDULER_AUTHKEY=********" in text
     assert text.splitlines()[0].startswith("h1: create demo-master (master, image scheduler-master")
     assert render.plan([]) == "nothing to do: the cluster already matches the inventory"
+
+
+def test_dry_run_says_which_hosts_receive_which_images() -> None:
+    other, unbuilt = "sha256:" + "c" * 64, specs.ImageRef("scheduler-slave:latest", specs.UNBUILT)
+    ships = [Ship("h1", (IMAGES.master, IMAGES.slave), (None, other)),
+             Ship("h2", (unbuilt,), (None,))]  # fmt: skip
+    lines = render.plan(plan_up(make_config(), IMAGES, KEY, [], 2, {}), ships).splitlines()
+    assert lines[:2] == [
+        "h1: ship scheduler-master:hash-a aaaaaaaaaaaa (absent there), "
+        "scheduler-slave:hash-b bbbbbbbbbbbb (there: cccccccccccc)",
+        "h2: ship scheduler-slave:latest not built here yet (absent there)",
+    ]  # fmt: skip
+    assert lines[2].startswith("h1: create demo-master")
 
 
 def test_describe_removals_and_starts() -> None:

@@ -15,9 +15,12 @@ from deploy.planner import (
     Observed,
     Remove,
     RemoveVolume,
+    Ship,
     Start,
+    images_needed,
     place,
     plan_down,
+    plan_ship,
     plan_up,
     state_volume,
 )  # fmt: skip
@@ -179,3 +182,25 @@ def test_down_drains_workers_then_stops_the_master_then_volumes() -> None:
     assert [a.container.role for a in actions[:-1]] == ["worker"] * 3 + ["master"]
     assert actions[-1] == RemoveVolume("h1", "c-state")
     assert plan_down(THREE, [], []) == []
+
+
+def test_images_go_only_where_new_containers_run_them() -> None:
+    actions = plan_up(THREE, IMAGES, KEY, [], 2, {})
+    assert images_needed(actions) == {"h1": (IMAGES.master, IMAGES.slave), "h2": (IMAGES.slave,)}
+    world = run(actions, [])
+    stopped = [Observed(**{**o.__dict__, "state": "exited"}) for o in world]
+    assert images_needed(plan_up(THREE, IMAGES, KEY, stopped, 2, {})) == {}  # restarts: no images
+
+
+def test_ship_plan_sends_what_a_host_lacks_by_id() -> None:
+    needed = {"h1": (IMAGES.master, IMAGES.slave), "h2": (IMAGES.slave,), "h3": (IMAGES.slave,)}
+    found = {
+        "h1": {IMAGES.master.ref: IMAGES.master.id, IMAGES.slave.ref: None},
+        "h2": {IMAGES.slave.ref: "sha256:" + "c" * 64},  # same name, another build
+        "h3": {IMAGES.slave.ref: IMAGES.slave.id},
+    }
+    assert plan_ship(needed, found) == [
+        Ship("h1", (IMAGES.slave,), (None,)),
+        Ship("h2", (IMAGES.slave,), ("sha256:" + "c" * 64,)),
+    ]  # fmt: skip
+    assert plan_ship(needed, {"h3": found["h3"]}) == []  # unreachable hosts are not in found
