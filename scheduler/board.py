@@ -19,6 +19,8 @@ from typing import NamedTuple
 from .errors import UnknownJob, UnknownWorker
 from .job import Job, JobSpec, State
 
+STEAL_SECONDS = 0.2  # less queued work than this is not worth a round trip to move
+
 
 class Journaled(NamedTuple):
     """What the journal holds beyond the jobs loaded into memory."""
@@ -63,6 +65,7 @@ class Worker:
     pid: int = 0
     concurrency: int = 0
     draining: bool = False
+    avg_seconds: float = 0.0  # moving average of its jobs' run times
     held: dict[int, int] = field(default_factory=dict)  # job id -> lease
     waiting: set[int] = field(default_factory=set)  # held but not started, at the last heartbeat
     cancels: set[int] = field(default_factory=set)
@@ -201,7 +204,7 @@ class Board:
             raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         if worker.draining:
             return []
-        if self.hungry - {name}:
+        if self.hungry - {name} and self._ahead(worker) > 0:
             # others wait with nothing: take no more than a slot's worth ahead
             n = min(n, max(0, max(1, worker.concurrency) - len(worker.held)))
         now = self.clock()
@@ -221,7 +224,7 @@ class Board:
         self.counts[State.RUNNING] += len(handed)
         if handed:
             self.hungry.discard(name)
-        elif not self._queue:
+        elif n > 0 and not self._queue:
             self.hungry.add(name)
         return handed
 
@@ -234,8 +237,13 @@ class Board:
         worker = self.workers.get(name)
         if worker is None or self._queue or not (self.hungry - {name}):
             return 0
-        surplus = len(worker.held) - max(1, worker.concurrency)
+        surplus = self._ahead(worker)
         return (surplus + 1) // 2 if surplus > 0 else 0
+
+    def _ahead(self, worker: Worker) -> int:
+        """Jobs a worker holds beyond its slots, if they are worth moving (>= STEAL_SECONDS)."""
+        surplus = len(worker.held) - max(1, worker.concurrency)
+        return surplus if surplus * worker.avg_seconds >= STEAL_SECONDS else 0
 
     def complete(self, name: str, outcomes: Iterable[Outcome]) -> tuple[list[Job], int]:
         """Apply outcomes that carry the current lease; return (finished jobs, rejected count)."""
@@ -249,6 +257,7 @@ class Board:
                 continue
             if worker is not None:
                 worker.held.pop(job.id, None)
+                worker.avg_seconds = 0.8 * worker.avg_seconds + 0.2 * out.duration
             job.exit_code, job.stdout, job.stderr = out.exit_code, out.stdout, out.stderr
             job.result = out.result
             job.started = now - out.duration

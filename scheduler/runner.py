@@ -151,10 +151,15 @@ def _pump(stream: Any, tail: Tail) -> None:
 # -- Python callables ---------------------------------------------------------
 
 FUNC_CACHE = 256
+RESULT_GAP = 0.001  # seconds: a child running a batch reports at least this often
 
 
 def _child_main(conn: Any, limit: int) -> None:
-    """A slot's child process: run batches of calls, one result message per call."""
+    """A slot's child process: run batches of calls, sending results in order.
+
+    Results go back in small groups (at most RESULT_GAP apart) rather than one message
+    each: for tiny jobs the message, not the job, is the cost.
+    """
     os.setsid()  # its own process group, so a kill takes whatever the job started
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -167,8 +172,12 @@ def _child_main(conn: Any, limit: int) -> None:
         except (EOFError, OSError):
             return
         bodies.update(funcs)
-        for digest, args_blob in calls:
-            conn.send(_call(bodies, loaded, digest, args_blob, limit))
+        results, sent, last = [], time.monotonic(), len(calls) - 1
+        for i, (digest, args_blob) in enumerate(calls):
+            results.append(_call(bodies, loaded, digest, args_blob, limit))
+            if i == last or time.monotonic() - sent >= RESULT_GAP:
+                conn.send(results)
+                results, sent = [], time.monotonic()
 
 
 def _die_with_parent() -> None:
@@ -224,6 +233,8 @@ class PythonSlot:
         self._conn: Any = None
         self._sent: set[str] = set()
         self.current: Lease | None = None
+        self._started = 0.0
+        self._timed_out = False
 
     def _ensure(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -257,30 +268,39 @@ class PythonSlot:
         self._conn.send(([lease.payload for lease in batch], {d: funcs[d] for d in need}))
         self._sent |= need
         abort.arm(self.kill)
+        i = 0
         try:
-            for i, lease in enumerate(batch):
-                self.current = lease
-                outcome = self._wait_one(lease, abort)
-                done(outcome)
-                if self._proc is None:
-                    return batch[i + 1 :]  # the child died; the rest need a fresh one
+            while i < len(batch):
+                self.current = batch[i] if len(batch) == 1 else None  # cancel kills singles only
+                results = self._wait(batch[i], abort)
+                for ok, blob, error, out, err, took in results or ():
+                    lease = batch[i]
+                    done(Outcome(lease.job_id, lease.lease, ok, blob, error, None, out, err, took))
+                    i += 1
+                if results is None:  # the child died running batch[i]
+                    done(self._death(batch[i], abort))
+                    return batch[i + 1 :]  # the rest need a fresh child
             return []
         finally:
             self.current = None
             abort.arm(None)
 
-    def _wait_one(self, lease: Lease, abort: Abort) -> Outcome:
-        started = time.monotonic()
+    def _wait(self, lease: Lease, abort: Abort) -> list[tuple] | None:
+        """The next group of results, or None if the child died (killed, crashed, timed out)."""
+        self._started = time.monotonic()
         # poll() builds a selector each call: only pay for it when there is a deadline
-        timed_out = lease.timeout is not None and not self._conn.poll(lease.timeout)
-        if timed_out:
+        self._timed_out = lease.timeout is not None and not self._conn.poll(lease.timeout)
+        if self._timed_out:
             self.kill()
-        else:
-            try:
-                ok, blob, error, out, err, took = self._conn.recv()
-                return Outcome(lease.job_id, lease.lease, ok, blob, error, None, out, err, took)
-            except (EOFError, OSError):
-                pass
+            return None
+        try:
+            results: list[tuple] = self._conn.recv()
+            return results
+        except (EOFError, OSError):
+            return None
+
+    def _death(self, lease: Lease, abort: Abort) -> Outcome:
+        started, timed_out = self._started, self._timed_out
         self._proc.join(timeout=5)
         code, self._proc = self._proc.exitcode, None
         if timed_out:

@@ -175,11 +175,16 @@ class Worker:
                 return None
             first = self._queue.popleft()
             batch = [first]
-            if first.kind == "python" and 0 < self._avg < SHORT_JOB:
+            if first.kind == "python" and first.timeout is None and 0 < self._avg < SHORT_JOB:
                 # tiny jobs go to the child in batches: one pipe round trip per job costs more
                 share = math.ceil((len(self._queue) + 1) / self.concurrency)
                 limit = min(MAX_CHILD_BATCH, share)
-                while len(batch) < limit and self._queue and self._queue[0].kind == "python":
+                while (
+                    len(batch) < limit
+                    and self._queue
+                    and self._queue[0].kind == "python"
+                    and self._queue[0].timeout is None  # deadlines are kept one job at a time
+                ):
                     batch.append(self._queue.popleft())
             self._busy_slots += 1
             return batch

@@ -202,16 +202,18 @@ def test_work_stealing_gives_prefetched_jobs_to_idle_workers(board):
     jobs = board.submit([shell(str(i)) for i in range(10)])
     board.register("busy").concurrency = 2
     board.register("idle").concurrency = 2
-    assert len(board.lease("busy", 10)) == 10  # prefetched everything while jobs looked short
-    assert board.give_back("busy") == 0  # nobody is waiting yet
-    assert board.lease("idle", 4) == [] and board.hungry == {"idle"}
+    assert len(board.lease("busy", 10)) == 10  # prefetched while jobs looked tiny
+    board.complete("busy", [ok(jobs[0], duration=0.001)])
+    assert board.lease("idle", 4) == [] and board.give_back("busy") == 0  # not worth moving
+    board.complete("busy", [ok(jobs[1], duration=2.0)])  # then they turned out long
+    assert board.hungry == {"idle"}
     n = board.give_back("busy")
-    assert n == 4  # half of its 8 beyond its 2 slots
+    assert n == 3  # half of the 6 it holds beyond its 2 slots
     back = board.release("busy", [(j.id, j.lease) for j in jobs[-n:]])
-    assert len(back) == 4 and all(j.attempts == 0 for j in back)
+    assert len(back) == 3 and all(j.attempts == 0 for j in back)
     # the busy one may not grab them again beyond its slots while another waits
     assert board.lease("busy", 10) == []
-    assert len(board.lease("idle", 4)) == 4 and board.hungry == set()
+    assert len(board.lease("idle", 4)) == 3 and board.hungry == set()
 
 
 def test_finished_jobs_beyond_the_window_leave_memory_but_still_count(board):
