@@ -141,24 +141,18 @@ class Board:
     # -- clients -------------------------------------------------------------
 
     def submit(self, specs: Iterable[JobSpec]) -> list[Job]:
-        now = self.clock()
-        new = []
-        for spec in specs:
-            job = Job(
-                id=self._next_id,
-                kind=spec.kind,
-                payload=spec.payload,
-                name=spec.name,
-                labels=spec.labels or None,
-                timeout=spec.timeout,
-                max_attempts=spec.max_attempts or self.max_attempts,
-                submitted=now,
-            )
-            self._next_id += 1
-            self.jobs[job.id] = job
-            self._queue.append(job.id)
-            self.dirty.add(job.id)
-            new.append(job)
+        now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
+        new = [
+            # positional: this loop runs for every job submitted
+            Job(i, kind, payload, name, labels or None, timeout, attempts or default_attempts,
+                State.QUEUED, 0, None, 0, now)  # fmt: skip
+            for i, (kind, payload, name, labels, timeout, attempts) in enumerate(specs, first)
+        ]
+        self._next_id = first + len(new)
+        ids = range(first, self._next_id)
+        self.jobs.update(zip(ids, new, strict=True))
+        self._queue.extend(ids)
+        self.dirty.update(ids)
         self.counts[State.QUEUED] += len(new)
         self.total += len(new)
         return new
