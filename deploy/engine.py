@@ -16,6 +16,7 @@ from typing import IO, Any
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 from docker.transport import UnixHTTPAdapter
 
 from .authkey import Secret
@@ -57,14 +58,26 @@ class Engines:
         self._forwarders: dict[str, Forwarder] = {}
         self._lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
+        self._closed = False
 
     def client(self, host: Host) -> docker.DockerClient:
         with self._lock:
+            self._check_open(host)
             lock = self._host_locks.setdefault(host.name, threading.Lock())
         with lock:
-            if host.name not in self._clients:
-                self._clients[host.name] = self._open(host)
-            return self._clients[host.name]
+            client = self._clients.get(host.name)
+            if client is None:
+                client = self._open(host)
+                with self._lock:
+                    if self._closed:
+                        client.close()
+                    self._check_open(host)
+                    self._clients[host.name] = client
+            return client
+
+    def _check_open(self, host: Host) -> None:
+        if self._closed:
+            raise HostError(host.name, _where(host), "connections closed")
 
     def _open(self, host: Host) -> docker.DockerClient:
         with self.guard(host, "connect to the Docker engine"):
@@ -90,7 +103,9 @@ class Engines:
             detail = exc.explanation or str(exc)
             raise HostError(host.name, _where(host), f"cannot {doing}: {detail}",
                             "see the engine's message above") from exc  # fmt: skip
-        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+        except (docker.errors.DockerException, requests.RequestException, OSError,
+                urllib3.exceptions.HTTPError) as exc:  # fmt: skip
+            # urllib3's errors come straight through when a log stream breaks off mid-read
             far = self._forwarders.get(host.name)
             why = far.last_error if far and far.last_error else _reason(exc)
             hint = ("is dockerd running there, and is the docker CLI installed for "
@@ -99,9 +114,13 @@ class Engines:
             raise HostError(host.name, _where(host), f"cannot {doing}: {why}", hint) from exc
 
     def close(self) -> None:
-        for client in self._clients.values():
+        """Close every client; threads still using them get HostError from now on."""
+        with self._lock:
+            self._closed = True
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
             client.close()
-        self._clients.clear()
 
 
 class _OnePool(UnixHTTPAdapter):
@@ -227,6 +246,13 @@ def image_id(engines: Engines, host: Host, ref: str) -> str | None:
             return str(engines.client(host).images.get(ref).id)
         except docker.errors.ImageNotFound:
             return None
+
+
+def tag(engines: Engines, host: Host, image: str, ref: str) -> None:
+    """Name the image ``image`` (an id) ``ref`` on the host."""
+    repo, _, version = ref.rpartition(":")
+    with engines.guard(host, f"tag {ref}"):
+        engines.client(host).api.tag(image, repo, version)
 
 
 def save(engines: Engines, host: Host, refs: list[str], out: IO[bytes]) -> int:

@@ -88,11 +88,14 @@ Action = Create | Start | Remove | RemoveVolume
 
 @dataclass(frozen=True)
 class Ship:
-    """Images a host will receive before its containers are made: ones it lacks, by id."""
+    """Images a host lacks, by id, before its containers are made: sent, or only named there
+    when the host holds the same image under another name (say, after ``ship`` sent the
+    content-hash tag and ``up --no-build`` runs ``latest``)."""
 
     host: str
-    images: tuple[ImageRef, ...]
-    found: tuple[str | None, ...]  # the id each reference has on the host now; None: absent
+    images: tuple[ImageRef, ...]  # to send
+    found: tuple[str | None, ...]  # the id each of those names has on the host now; None: absent
+    names: tuple[ImageRef, ...] = ()  # there by id: only to be tagged
 
 
 def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
@@ -105,14 +108,18 @@ def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
 
 
 def plan_ship(
-    needed: Mapping[str, Sequence[ImageRef]], found: Mapping[str, Mapping[str, str | None]]
+    needed: Mapping[str, Sequence[ImageRef]],
+    found: Mapping[str, Mapping[str, tuple[str | None, bool]]],
 ) -> list[Ship]:
-    """A Ship for each host in ``found`` (host -> reference -> id there) that lacks an image."""
+    """A Ship for each host in ``found`` that lacks an image. ``found`` maps a host to each
+    reference's (id under that name there, whether the reference's id is there at all)."""
     ships = []
     for host, have in found.items():
-        lacking = [ref for ref in needed[host] if have.get(ref.ref) != ref.id]
+        lacking = [ref for ref in needed[host] if have[ref.ref][0] != ref.id]
+        send = tuple(ref for ref in lacking if not have[ref.ref][1])
+        name = tuple(ref for ref in lacking if have[ref.ref][1])
         if lacking:
-            ships.append(Ship(host, tuple(lacking), tuple(have.get(r.ref) for r in lacking)))
+            ships.append(Ship(host, send, tuple(have[r.ref][0] for r in send), name))
     return ships
 
 

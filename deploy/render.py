@@ -50,7 +50,10 @@ def shipment(ship: Ship) -> str:
         mine = "not built here yet" if ref.id == UNBUILT else ref.version
         why = "absent there" if there is None else f"there: {there.removeprefix('sha256:')[:12]}"
         parts.append(f"{ref.ref} {mine} ({why})")
-    return f"{ship.host}: ship {', '.join(parts)}"
+    sent = f"ship {', '.join(parts)}" if parts else ""
+    named = ", ".join(f"{r.ref} {r.version}" for r in ship.names)
+    named = f"name {named} (there under another name)" if named else ""
+    return f"{ship.host}: {'; '.join(p for p in (sent, named) if p)}"
 
 
 def _uptime(row: ContainerRow, now: float) -> float | None:

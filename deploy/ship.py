@@ -81,8 +81,15 @@ def running_images(ctx: Context, seen: Observation) -> Images:
 def plan_shipping(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]) -> list[Ship]:
     """What each host of ``needed`` lacks, from the image ids found there (nothing is sent)."""
 
-    def found(host: Host) -> dict[str, str | None]:
-        return {ref.ref: engine.image_id(ctx.engines, host, ref.ref) for ref in needed[host.name]}
+    def found(host: Host) -> dict[str, tuple[str | None, bool]]:
+        have = {}
+        for ref in needed[host.name]:
+            named = engine.image_id(ctx.engines, host, ref.ref)
+            by_id = named == ref.id or (
+                ref.id != UNBUILT and engine.image_id(ctx.engines, host, ref.id) is not None
+            )
+            have[ref.ref] = (named, by_id)
+        return have
 
     targets = [h for h in ctx.config.hosts if h.name in needed and h.name not in ctx.failures]
     return plan_ship(needed, across(targets, found, ctx.config.parallel, ctx.fail).results)
@@ -90,17 +97,30 @@ def plan_shipping(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]) -> lis
 
 def send(ctx: Context, shipments: Sequence[Ship]) -> None:
     """Carry ``shipments`` out; hosts that fail are recorded in ``ctx``."""
-    if not shipments:
-        return
     unbuilt = sorted({r.ref for s in shipments for r in s.images if r.id == UNBUILT})
     if unbuilt:
         raise DeployError("images", f"{' and '.join(unbuilt)} not found here",
                           "run 'deployctl build' first")  # fmt: skip
-    todo = {s.host: [r.ref for r in s.images] for s in shipments}
+    _name(ctx, [s for s in shipments if s.names])
+    todo = {s.host: [r.ref for r in s.images] for s in shipments if s.images}
+    if not todo:
+        return
     if ctx.config.images.registry:
         _via_registry(ctx, todo)
     else:
         _via_ssh(ctx, todo)
+
+
+def _name(ctx: Context, shipments: Sequence[Ship]) -> None:
+    """Tag images that hosts hold under another name: nothing to send."""
+    names = {s.host: s.names for s in shipments}
+
+    def tag(host: Host) -> None:
+        for ref in names[host.name]:
+            engine.tag(ctx.engines, host, ref.id, ref.ref)
+            ctx.echo(f"{host.name}: named {ref.ref} (image {ref.version} was there)")
+
+    across([ctx.config.host(n) for n in names], tag, ctx.config.parallel, ctx.fail, ctx.stop)
 
 
 def ensure_images(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]) -> list[Ship]:

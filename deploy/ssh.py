@@ -12,6 +12,7 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import socket
 import tempfile
 import threading
@@ -294,18 +295,29 @@ class SSHPool:
         self._tunnels: dict[tuple[str, str, int], tuple[str, int]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._closed = False
         self._dir = tempfile.mkdtemp(prefix="deployctl-")
 
     def client(self, host: Host, slot: int = 0) -> paramiko.SSHClient:
         with self._guard:
+            self._check_open(host)
             lock = self._locks.setdefault(host.name, threading.Lock())
         with lock:
             client = self._clients.get((host.name, slot))
             transport = client.get_transport() if client else None
             if client is None or transport is None or not transport.is_active():
                 client = connect(host, self.accept_new)
-                self._clients[(host.name, slot)] = client
+                with self._guard:
+                    if self._closed:
+                        client.close()
+                    self._check_open(host)
+                    self._clients[(host.name, slot)] = client
             return client
+
+    def _check_open(self, host: Host) -> None:
+        """Refuse new connections once closing (threads still streaming end quietly)."""
+        if self._closed:
+            raise HostError(host.name, host.ssh.address if host.ssh else "", "connections closed")
 
     def open(self, host: Host, opener: Callable[[paramiko.Transport], paramiko.Channel]) -> Any:
         """A new channel on the first connection that accepts one."""
@@ -331,6 +343,7 @@ class SSHPool:
             return self.open(host, session)
 
         with self._guard:
+            self._check_open(host)
             path = os.path.join(self._dir, f"{len(self._forwarders)}.sock")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
@@ -350,6 +363,7 @@ class SSHPool:
                                                             ("127.0.0.1", 0)))  # fmt: skip
 
         with self._guard:
+            self._check_open(host)
             if key not in self._tunnels:
                 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 listener.bind(("127.0.0.1", 0))
@@ -359,11 +373,13 @@ class SSHPool:
             return self._tunnels[key]
 
     def close(self) -> None:
-        for forwarder in self._forwarders:
+        """End every connection; threads still using the pool get HostError from now on."""
+        with self._guard:
+            self._closed = True
+            forwarders, clients = list(self._forwarders), list(self._clients.values())
+            self._clients.clear()
+        for forwarder in forwarders:
             forwarder.close()
-        for client in self._clients.values():
+        for client in clients:
             client.close()
-        self._clients.clear()
-        for name in os.listdir(self._dir):
-            os.unlink(os.path.join(self._dir, name))
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)

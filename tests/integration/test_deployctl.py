@@ -300,7 +300,7 @@ def test_logs_follow_survives_a_host_dropping_out(
     finally:
         code = follower.stop()
         bring_up(3, testbed_layout)  # whatever happened above, tb3's sshd runs again
-    assert code == 130, follower.err
+    assert code == 130, f"exit {code}:\n" + "\n".join(follower.err)
     assert not any("Traceback" in line or "interrupted" in line for line in follower.err)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deploy import cluster, config, master
+from deploy import cluster, config, engine, master, ssh
 from deploy.authkey import Secret
 from deploy.errors import HostError, MasterError
 from deploy.planner import Create, Observed, Remove, plan_down, plan_up
@@ -247,3 +247,16 @@ def test_a_master_that_never_answers_times_out_without_the_key() -> None:
     with pytest.raises(MasterError, match="does not answer after 2s") as err:
         m.wait_ready(KEY, ["w1"], 2, clock, clock.sleep)
     assert KEY.reveal() not in str(err.value)
+
+
+def test_closed_connections_refuse_late_users_with_a_host_error() -> None:
+    """After Ctrl-C the session closes while log threads may still retry: they get HostError."""
+    host = context("h1").config.host("h1")
+    pool = ssh.SSHPool()
+    engines = engine.Engines(pool)
+    engines.close()
+    pool.close()
+    for use in (lambda: engines.client(host), lambda: pool.client(host),
+                lambda: pool.docker_socket(host)):  # fmt: skip
+        with pytest.raises(HostError, match="connections closed"):
+            use()

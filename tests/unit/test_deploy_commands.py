@@ -87,14 +87,15 @@ def test_dry_run_plan_masks_the_key() -> None:
 def test_dry_run_says_which_hosts_receive_which_images() -> None:
     other, unbuilt = "sha256:" + "c" * 64, specs.ImageRef("scheduler-slave:latest", specs.UNBUILT)
     ships = [Ship("h1", (IMAGES.master, IMAGES.slave), (None, other)),
-             Ship("h2", (unbuilt,), (None,))]  # fmt: skip
+             Ship("h2", (unbuilt,), (None,)), Ship("h3", (), (), (IMAGES.slave,))]  # fmt: skip
     lines = render.plan(plan_up(make_config(), IMAGES, KEY, [], 2, {}), ships).splitlines()
-    assert lines[:2] == [
+    assert lines[:3] == [
         "h1: ship scheduler-master:hash-a aaaaaaaaaaaa (absent there), "
         "scheduler-slave:hash-b bbbbbbbbbbbb (there: cccccccccccc)",
         "h2: ship scheduler-slave:latest not built here yet (absent there)",
+        "h3: name scheduler-slave:hash-b bbbbbbbbbbbb (there under another name)",
     ]  # fmt: skip
-    assert lines[2].startswith("h1: create demo-master")
+    assert lines[3].startswith("h1: create demo-master")
 
 
 def test_describe_removals_and_starts() -> None:

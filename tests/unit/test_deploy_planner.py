@@ -192,15 +192,19 @@ def test_images_go_only_where_new_containers_run_them() -> None:
     assert images_needed(plan_up(THREE, IMAGES, KEY, stopped, 2, {})) == {}  # restarts: no images
 
 
-def test_ship_plan_sends_what_a_host_lacks_by_id() -> None:
-    needed = {"h1": (IMAGES.master, IMAGES.slave), "h2": (IMAGES.slave,), "h3": (IMAGES.slave,)}
-    found = {
-        "h1": {IMAGES.master.ref: IMAGES.master.id, IMAGES.slave.ref: None},
-        "h2": {IMAGES.slave.ref: "sha256:" + "c" * 64},  # same name, another build
-        "h3": {IMAGES.slave.ref: IMAGES.slave.id},
+def test_ship_plan_sends_what_a_host_lacks_by_id_and_names_what_it_has() -> None:
+    needed = {h: (IMAGES.master, IMAGES.slave) if h == "h1" else (IMAGES.slave,)
+              for h in ("h1", "h2", "h3", "h4")}  # fmt: skip
+    other = "sha256:" + "c" * 64
+    found = {  # reference -> (id under that name there, whether its id is there at all)
+        "h1": {IMAGES.master.ref: (IMAGES.master.id, True), IMAGES.slave.ref: (None, False)},
+        "h2": {IMAGES.slave.ref: (other, False)},  # same name, another build
+        "h3": {IMAGES.slave.ref: (IMAGES.slave.id, True)},
+        "h4": {IMAGES.slave.ref: (None, True)},  # the image, under another tag
     }
     assert plan_ship(needed, found) == [
         Ship("h1", (IMAGES.slave,), (None,)),
-        Ship("h2", (IMAGES.slave,), ("sha256:" + "c" * 64,)),
+        Ship("h2", (IMAGES.slave,), (other,)),
+        Ship("h4", (), (), (IMAGES.slave,)),
     ]  # fmt: skip
     assert plan_ship(needed, {"h3": found["h3"]}) == []  # unreachable hosts are not in found
