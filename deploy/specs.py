@@ -142,6 +142,9 @@ def create_args(spec: ContainerSpec) -> dict[str, object]:
         "stop_timeout": spec.stop_timeout,
         "use_config_proxy": False,
         "host_config": {
+            # an init (the engine's docker-init) as PID 1 reaps what jobs leave behind;
+            # the scheduler itself would not, and zombies would pile up in a long-lived slave
+            "init": True,
             "network_mode": spec.network_mode,
             "restart_policy": {"Name": spec.restart},
             "binds": {vol: {"bind": path, "mode": "rw"} for vol, path in spec.volumes},

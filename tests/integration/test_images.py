@@ -49,7 +49,7 @@ def run_container(engine: docker.DockerClient, image: str, name: str,
     created = api.create_container(
         image, name=name, environment=environment, labels=LABELS, healthcheck=FAST_HEALTH,
         stop_timeout=stop_timeout,
-        host_config=api.create_host_config(network_mode="host", binds=binds))
+        host_config=api.create_host_config(network_mode="host", binds=binds, init=True))
     container = engine.containers.get(created["Id"])
     container.start()
     return container

@@ -44,8 +44,8 @@ def test_worker_spec_is_exact_data() -> None:
     assert {k: v for k, v in args.items() if k not in ("environment", "labels")} == {
         "image": "scheduler-slave:hash-b", "name": "demo-worker-7", "stop_timeout": 35,
         "use_config_proxy": False,
-        "host_config": {"network_mode": "host", "restart_policy": {"Name": "unless-stopped"},
-                        "binds": {}},
+        "host_config": {"init": True, "network_mode": "host",
+                        "restart_policy": {"Name": "unless-stopped"}, "binds": {}},
     }  # fmt: skip
     labels = args["labels"]
     assert isinstance(labels, dict)
