@@ -8,39 +8,16 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+# the one redacted wrapper, shared with the scheduler (str here, bytes there)
+from scheduler.settings import Secret
+
 from .errors import DeployError
 
 MIN_LENGTH = 16  # the scheduler refuses shorter keys
 ENV_VAR = "SCHEDULER_AUTHKEY"
 
+__all__ = ["Secret", "generate", "read", "resolve", "write"]
 
-class Secret:
-    """A value that never shows in repr, str, f-strings or logs; ``reveal()`` at the boundary."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
-
-    def __hash__(self) -> int:
-        return hash(Secret)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError("a Secret cannot be pickled")
 
 
 def generate() -> Secret:

@@ -7,27 +7,46 @@ import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 
 MIN_AUTHKEY = 16
 
 
-class Secret:
-    """Holds the authkey; never shows it in repr, str or logs."""
+SecretValue = TypeVar("SecretValue", str, bytes)
+
+
+class Secret(Generic[SecretValue]):
+    """Holds a secret (the authkey); never shows it in repr, str, f-strings or logs.
+
+    ``reveal()`` only at the boundary that needs the value. deployctl uses it too.
+    """
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: bytes) -> None:
-        self._value = value
+    def __init__(self, value: SecretValue) -> None:
+        self._value: SecretValue = value
 
-    def reveal(self) -> bytes:
+    def reveal(self) -> SecretValue:
         return self._value
 
     def __repr__(self) -> str:
         return "Secret('********')"
 
     __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(Secret)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -39,7 +58,7 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Settings:
-    authkey: Secret = field(repr=False)
+    authkey: Secret[bytes] = field(repr=False)
     bind: tuple[str, int] = ("127.0.0.1", 8888)
     master: tuple[str, int] = ("127.0.0.1", 8888)
     state_dir: str = "./scheduler-state"
@@ -91,7 +110,7 @@ def _convert(name: str, kind: str, raw: str) -> object:
     return number
 
 
-def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> Secret:
+def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> Secret[bytes]:
     if raw is None or raw == "" or raw == b"":
         raise ConfigError(
             f"{source} is not set; set it to the cluster's shared key "
@@ -103,7 +122,7 @@ def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> 
     return Secret(key)
 
 
-def authkey_from_environ(environ: Mapping[str, str]) -> Secret:
+def authkey_from_environ(environ: Mapping[str, str]) -> Secret[bytes]:
     """``SCHEDULER_AUTHKEY``, else the first line of the file ``SCHEDULER_AUTHKEY_FILE``."""
     path = environ.get("SCHEDULER_AUTHKEY_FILE", "").strip()
     if environ.get("SCHEDULER_AUTHKEY") or not path:
