@@ -38,7 +38,7 @@ lint: venv
 # on the 3-host test bed. QUICK=1 for a short scheduler run.
 bench: deps
 	$(PY) -m bench.run $(if $(QUICK),--quick)
-	$(PY) -m deploy.bench
+	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----
 # Role images scheduler-master/-slave, tagged VERSION, hash-<inputs> and latest; skipped when

@@ -1,7 +1,7 @@
 """deployctl timings on the 3-host test bed: ship to empty hosts, up of master + 5 workers
 with images present, scale 5 -> 10. Prints a table; needs a checkout (uses tests.testbed).
 
-    python -m deploy.bench            (the lead's `make bench` can call main())
+    python -m bench.deployctl         (`make bench` runs it after bench.run)
 """
 
 from __future__ import annotations
