@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from . import authkey, cluster, config, jobs, render, ship, ssh, watch
+from . import cluster, config, jobs, keyfile, render, ship, ssh, watch
 from .errors import DeployError
 
 app = typer.Typer(
@@ -114,9 +114,9 @@ def init() -> None:
     """Create the cluster's authkey (0600, beside the inventory) unless it exists."""
     with _errors():
         cfg = _config()
-        existed = cfg.authkey_file.exists() or bool(os.environ.get(authkey.ENV_VAR))
-        authkey.resolve(cfg.authkey_file, os.environ, create=True)
-        where = authkey.ENV_VAR if os.environ.get(authkey.ENV_VAR) else cfg.authkey_file
+        existed = cfg.authkey_file.exists() or bool(os.environ.get(keyfile.ENV_VAR))
+        keyfile.resolve(cfg.authkey_file, os.environ, create=True)
+        where = keyfile.ENV_VAR if os.environ.get(keyfile.ENV_VAR) else cfg.authkey_file
         _out(f"authkey {'already set' if existed else 'created'}: {where}")
 
 

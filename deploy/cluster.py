@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import authkey, engine, master
-from .authkey import Secret
+from . import engine, keyfile, master
 from .config import Config, Host
 from .errors import DeployError, MasterError, PartialFailure
+from .keyfile import Secret
 from .master import MasterLink
 from .parallel import across, each
 from .planner import (
@@ -62,7 +62,7 @@ class Context:
         self.echo(f"error: {error}")
 
     def key(self, create: bool) -> Secret:
-        return authkey.resolve(self.config.authkey_file, self.environ, create)
+        return keyfile.resolve(self.config.authkey_file, self.environ, create)
 
     def raise_failures(self, action: str) -> None:
         if self.failures:
@@ -314,7 +314,7 @@ def _key_or_placeholder(ctx: Context) -> Secret:
         return ctx.key(create=False)
     except DeployError:
         ctx.echo(f"dry run: would create the authkey file {ctx.config.authkey_file}")
-        return authkey.generate()
+        return keyfile.generate()
 
 
 __all__ = ["Context", "Images", "Result", "down", "observe", "scale", "session", "up"]

@@ -19,9 +19,9 @@ import requests
 import urllib3.exceptions
 from docker.transport import UnixHTTPAdapter
 
-from .authkey import Secret
 from .config import Host
 from .errors import DeployError, HostError
+from .keyfile import Secret
 from .planner import Observed
 from .specs import L_CLUSTER, L_INDEX, L_ROLE, L_SPEC, L_VERSION, ContainerSpec, create_args
 from .ssh import Forwarder, SSHPool

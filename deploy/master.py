@@ -13,9 +13,9 @@ from typing import Any
 
 from scheduler import AuthError, Client, ConnectError, SchedulerError
 
-from .authkey import Secret
 from .config import Config
 from .errors import MasterError
+from .keyfile import Secret
 from .ssh import SSHPool
 
 PROBE_TIMEOUT = 2.0

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from .authkey import Secret
 from .config import Config
 from .errors import DeployError
+from .keyfile import Secret
 from .specs import (
     MASTER,
     MASTER_STOP_TIMEOUT,

@@ -11,8 +11,8 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from .authkey import Secret
 from .config import Config
+from .keyfile import Secret
 
 LABEL = "deployctl"
 L_CLUSTER, L_ROLE, L_INDEX = f"{LABEL}.cluster", f"{LABEL}.role", f"{LABEL}.index"

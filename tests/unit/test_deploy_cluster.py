@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from deploy import cluster, config, engine, master, ssh
-from deploy.authkey import Secret
 from deploy.errors import HostError, MasterError
+from deploy.keyfile import Secret
 from deploy.planner import Create, Observed, Remove, plan_down, plan_up
 from deploy.specs import ImageRef, Images
 from scheduler import AuthError, ConnectError

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import authkey, config, render, specs
-from deploy.authkey import Secret
+from deploy import config, keyfile, render, specs
 from deploy.errors import DeployError, HostError, PartialFailure
+from deploy.keyfile import Secret
 from deploy.planner import Observed, Remove, Ship, Start, plan_up
 from deploy.ssh import dial_command, known_hosts_entry
 
@@ -114,25 +114,25 @@ def test_secret_never_shows() -> None:
 
 def test_authkey_file_is_created_0600_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "c.authkey"
-    first = authkey.resolve(path, {}, create=True)
+    first = keyfile.resolve(path, {}, create=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert authkey.resolve(path, {}, create=False) == first
+    assert keyfile.resolve(path, {}, create=False) == first
     assert len(first.reveal()) >= 40
 
 
 def test_authkey_environment_wins_and_short_or_open_keys_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.authkey"
-    assert authkey.resolve(path, {"SCHEDULER_AUTHKEY": "e" * 20}, create=True).reveal() == "e" * 20
+    assert keyfile.resolve(path, {"SCHEDULER_AUTHKEY": "e" * 20}, create=True).reveal() == "e" * 20
     assert not path.exists()
     with pytest.raises(DeployError, match="shorter than 16") as caught:
-        authkey.resolve(path, {"SCHEDULER_AUTHKEY": "short"}, create=True)
+        keyfile.resolve(path, {"SCHEDULER_AUTHKEY": "short"}, create=True)
     assert "short" not in str(caught.value).replace("shorter", "")
     path.write_text("k" * 30)
     path.chmod(0o644)
     with pytest.raises(DeployError, match="chmod 600"):
-        authkey.resolve(path, {}, create=False)
+        keyfile.resolve(path, {}, create=False)
     with pytest.raises(DeployError, match="deployctl init"):
-        authkey.resolve(tmp_path / "none", {}, create=False)
+        keyfile.resolve(tmp_path / "none", {}, create=False)
 
 
 def test_dial_command_is_quoted_data() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from deploy import config
-from deploy.authkey import Secret
 from deploy.errors import DeployError
+from deploy.keyfile import Secret
 from deploy.planner import (
     Create,
     Observed,
