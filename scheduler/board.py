@@ -144,8 +144,20 @@ class Board:
         now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
         new = [
             # positional: this loop runs for every job submitted
-            Job(i, kind, payload, name, labels or None, timeout, attempts or default_attempts,
-                State.QUEUED, 0, None, 0, now)  # fmt: skip
+            Job(
+                i,
+                kind,
+                payload,
+                name,
+                labels or None,
+                timeout,
+                attempts or default_attempts,
+                State.QUEUED,
+                0,
+                None,
+                0,
+                now,
+            )  # fmt: skip
             for i, (kind, payload, name, labels, timeout, attempts) in enumerate(specs, first)
         ]
         self._next_id = first + len(new)

@@ -154,7 +154,7 @@ FUNC_CACHE = 256
 RESULT_GAP = 0.001  # seconds: a child running a batch reports at least this often
 
 
-def _child_main(conn: Any, limit: int) -> None:
+def _child_main(conn: Any, limit: int, result_limit: int) -> None:
     """A slot's child process: run batches of calls, sending results in order.
 
     Results go back in small groups (at most RESULT_GAP apart) rather than one message
@@ -174,7 +174,7 @@ def _child_main(conn: Any, limit: int) -> None:
         bodies.update(funcs)
         results, sent, last = [], time.monotonic(), len(calls) - 1
         for i, (digest, args_blob) in enumerate(calls):
-            results.append(_call(bodies, loaded, digest, args_blob, limit))
+            results.append(_call(bodies, loaded, digest, args_blob, limit, result_limit))
             if i == last or time.monotonic() - sent >= RESULT_GAP:
                 conn.send(results)
                 results, sent = [], time.monotonic()
@@ -191,7 +191,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _call(bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limit: int) -> tuple:
+def _call(
+    bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limit: int, result_limit: int
+) -> tuple:
     started = time.monotonic()
     out, err = _TextTail(limit), _TextTail(limit)
     try:
@@ -207,6 +209,12 @@ def _call(bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limi
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         blob = _dumps(value)
+        if len(blob) > result_limit:  # it would travel through the master and its journal
+            raise ValueError(
+                f"the job's return value is {len(blob)} bytes pickled, over the "
+                f"{result_limit}-byte limit (SCHEDULER_RESULT_LIMIT); write large outputs "
+                "to shared storage and return their path"
+            )
         ok, error = True, None
     except BaseException:  # the job's own failure, SystemExit included, is its outcome
         ok, blob, error = False, None, traceback.format_exc()
@@ -226,8 +234,9 @@ def _dumps(value: Any) -> bytes:
 class PythonSlot:
     """Parent side of one slot's child process."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, result_limit: int) -> None:
         self.limit = limit
+        self.result_limit = result_limit
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
@@ -240,7 +249,9 @@ class PythonSlot:
         if self._proc is not None and self._proc.is_alive():
             return
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child_main, args=(child, self.limit))
+        self._proc = self._ctx.Process(
+            target=_child_main, args=(child, self.limit, self.result_limit)
+        )
         self._proc.start()
         child.close()
         self._conn, self._sent = parent, set()

@@ -74,6 +74,7 @@ class Settings:
     progress_seconds: float = 5.0
     health_file: str = "/tmp/scheduler-slave.health"
     keep_finished: int = 100_000
+    result_limit: int = 16 * 1024 * 1024
 
 
 # variable -> (field, parser)
@@ -90,6 +91,7 @@ _VARS = {
     "SCHEDULER_PROGRESS_SECONDS": ("progress_seconds", "posfloat"),
     "SCHEDULER_HEALTH_FILE": ("health_file", "str"),
     "SCHEDULER_KEEP_FINISHED": ("keep_finished", "posint"),
+    "SCHEDULER_RESULT_LIMIT": ("result_limit", "posint"),
 }
 VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
 

@@ -53,7 +53,10 @@ class Worker:
         self._requeue: list[tuple[int, int]] = []
         self._draining = threading.Event()
         self._avg = 0.0  # moving average of job run time, seconds
-        self._slots = [PythonSlot(settings.output_limit) for _ in range(self.concurrency)]
+        self._slots = [
+            PythonSlot(settings.output_limit, settings.result_limit)
+            for _ in range(self.concurrency)
+        ]
         self._busy_slots = 0
         self._log_ok = RateLimit(time.time)
         self._done = 0

@@ -51,3 +51,7 @@ def crash():
 
 def noop_item(_):
     return None
+
+
+def big(n):
+    return b"x" * n

@@ -120,6 +120,10 @@ def test_a_job_printing_far_too_much_is_capped(busy):
         assert client.apply_async(jobs.shout, (20 * 1024,)).get(timeout=60) == "done"
         info = client.job(big.id)
         assert info["state"] == "succeeded" and len(info["stdout"]) < 70 * 1024
+        # a return value too large to carry through the master fails the job, clearly
+        with pytest.raises(JobFailed, match="over the 16777216-byte limit"):
+            client.apply_async(jobs.big, (20 * 1024 * 1024,)).get(timeout=60)
+        assert len(client.apply_async(jobs.big, (1024,)).get(timeout=60)) == 1024
 
 
 def test_cancel_queued_and_running_jobs(cluster):
