@@ -132,7 +132,7 @@ def test_drain_past_grace_requeues_the_running_job(cluster, tmp_path):
         started = time.monotonic()
         slave.signal(signal.SIGTERM)
         assert slave.wait(20) == 0
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 10  # behaviour, not speed: the 30 s job was not awaited
         info = client.job(long.id)
         assert (info["state"], info["attempts"]) == ("queued", 0)
         assert "requeued 1 job(s) still running after the grace period" in slave.log()
