@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
 
-from . import logs, settings, transport
+from . import entry, settings, transport
 from .board import Board
 from .errors import SchedulerError
 from .journal import Journal
@@ -57,20 +56,16 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logs.configure(args.verbose)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+
+    def body(stop: threading.Event) -> int:
         bind = settings.parse_address(args.bind, "--bind") if args.bind else None
         cfg = settings.load(
             bind=bind, state_dir=args.state_dir, lease_seconds=args.lease_seconds,
             max_attempts=args.max_attempts,
         )  # fmt: skip
         return run(cfg, stop)
-    except SchedulerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return entry.serve(body, args.verbose)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
-from . import logs, settings
-from .errors import AuthError, SchedulerError
+from . import entry, settings
 from .worker import Worker
 
 
@@ -24,11 +22,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logs.configure(args.verbose)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+
+    def body(stop: threading.Event) -> int:
         master = settings.parse_address(args.master, "--master") if args.master else None
         if args.concurrency is not None and args.concurrency < 1:
             raise settings.ConfigError("--concurrency: must be >= 1")
@@ -37,12 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             grace_seconds=args.grace_seconds,
         )  # fmt: skip
         return Worker(cfg, stop).run()
-    except AuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except SchedulerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return entry.serve(body, args.verbose)
 
 
 if __name__ == "__main__":
