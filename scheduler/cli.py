@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import master, slave
+from . import jobsfile, master, slave
 from .client import Client
 from .errors import JobFailed, SchedulerError
 from .job import State
@@ -26,12 +26,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.file:
-        try:
-            with open(args.file) as fh:
-                lines = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
-        except OSError as exc:
-            raise SchedulerError(f"cannot read {args.file}: {exc.strerror}") from exc
-        commands: list[Any] = lines
+        commands: list[Any] = jobsfile.read(args.file)
         use_shell = True
     elif args.command:
         commands, use_shell = [args.shell and " ".join(args.command) or args.command], args.shell

@@ -13,6 +13,11 @@ from .errors import ConfigError
 
 MIN_AUTHKEY = 16
 
+# Defaults that deploy/ shares with the scheduler: defined once, here.
+DEFAULT_PORT = 8888
+DEFAULT_LEASE_SECONDS = 6.0  # silence after which a slave counts as dead and its jobs move
+DEFAULT_GRACE_SECONDS = 60.0  # how long a draining slave lets running jobs finish
+
 
 SecretValue = TypeVar("SecretValue", str, bytes)
 
@@ -59,17 +64,18 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class Settings:
     authkey: Secret[bytes] = field(repr=False)
-    bind: tuple[str, int] = ("127.0.0.1", 8888)
-    master: tuple[str, int] = ("127.0.0.1", 8888)
+    bind: tuple[str, int] = ("127.0.0.1", DEFAULT_PORT)
+    master: tuple[str, int] = ("127.0.0.1", DEFAULT_PORT)
     state_dir: str = "./scheduler-state"
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     # the pid alone repeats across containers (always 1): a random tail keeps names apart
     worker_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     )
-    lease_seconds: float = 30.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    heartbeat_seconds: float | None = None  # default: a third of lease_seconds
     max_attempts: int = 3
-    grace_seconds: float = 60.0
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
     output_limit: int = 64 * 1024
     progress_seconds: float = 5.0
     health_file: str = "/tmp/scheduler-slave.health"
@@ -85,6 +91,7 @@ _VARS = {
     "SCHEDULER_CONCURRENCY": ("concurrency", "posint"),
     "SCHEDULER_WORKER_NAME": ("worker_name", "str"),
     "SCHEDULER_LEASE_SECONDS": ("lease_seconds", "posfloat"),
+    "SCHEDULER_HEARTBEAT_SECONDS": ("heartbeat_seconds", "posfloat"),
     "SCHEDULER_MAX_ATTEMPTS": ("max_attempts", "posint"),
     "SCHEDULER_GRACE_SECONDS": ("grace_seconds", "nonneg"),
     "SCHEDULER_OUTPUT_LIMIT": ("output_limit", "posint"),
