@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEPLOYCTL := $(VENV)/bin/deployctl
 HOSTS ?=
 N ?= 5
 
@@ -24,8 +25,12 @@ venv: $(VENV)/.installed
 deps: venv
 	PY=$(PY) scripts/bootstrap.sh
 
-test: deps
-	$(VENV)/bin/pytest
+# The engine this run starts (if none answered) is stopped at the end; one that was running
+# before (say, make cluster-up's) stays: scripts/engine.sh stops only its ENGINE_OWNER's.
+test: venv
+	@owner=make-test-$$$$-$$(date +%s%N); export ENGINE_OWNER=$$owner; \
+	trap 'scripts/engine.sh stop' EXIT; \
+	PY=$(PY) scripts/bootstrap.sh && $(VENV)/bin/pytest
 
 test-unit: venv
 	$(VENV)/bin/pytest tests/unit
@@ -33,6 +38,7 @@ test-unit: venv
 lint: venv
 	$(VENV)/bin/ruff check scheduler deploy tests bench
 	$(VENV)/bin/mypy scheduler deploy
+	$(VENV)/bin/lint-imports
 
 # The scheduler against the classic design and multiprocessing.Pool, then deployctl's timings
 # on the 3-host test bed. QUICK=1 for a short scheduler run.
@@ -44,11 +50,11 @@ bench: deps
 # Role images scheduler-master/-slave, tagged VERSION, hash-<inputs> and latest; skipped when
 # up to date. BASE=image overrides the base (default python:3.11-slim, else the offline one).
 images: deps
-	$(PY) -m deploy.images build $(if $(BASE),--base $(BASE))
+	$(DEPLOYCTL) build $(if $(BASE),--base $(BASE))
 
 # The offline base (debootstrap bookworm + python3) as scheduler-base:bookworm; FORCE=1 rebuilds.
 base-image: deps
-	$(PY) -m deploy.images base $(if $(FORCE),--force)
+	$(DEPLOYCTL) base-image $(if $(FORCE),--force)
 
 # TESTBED_HOSTS namespaced hosts with their own dockerd and sshd (LOOPBACK=1: 127.0.0.x hosts).
 TESTBED_HOSTS ?= 3
@@ -61,26 +67,25 @@ testbed-down: venv
 
 # ---- cluster (owned by the deployctl work) ----
 # No HOSTS and no cluster.toml: the whole cluster on this machine's engine ("localhost").
-DEPLOYCTL := $(VENV)/bin/deployctl
 CLUSTER := $(if $(HOSTS),--hosts "$(HOSTS)",$(if $(wildcard cluster.toml),,--hosts localhost))
 
 cluster-up: deps
-	$(DEPLOYCTL) $(CLUSTER) up
+	$(DEPLOYCTL) up $(CLUSTER)
 	@echo "demo batch: deploy/demo.jobs (progress in 'make logs')" >&2
-	$(DEPLOYCTL) $(CLUSTER) submit --wait --file deploy/demo.jobs
-	$(DEPLOYCTL) $(CLUSTER) logs master --tail 12
+	$(DEPLOYCTL) submit --wait --file deploy/demo.jobs $(CLUSTER)
+	$(DEPLOYCTL) logs master --tail 12 $(CLUSTER)
 
 cluster-down: venv
-	$(DEPLOYCTL) $(CLUSTER) down
+	$(DEPLOYCTL) down $(CLUSTER)
 
 scale: venv
-	$(DEPLOYCTL) $(CLUSTER) scale workers $(N)
+	$(DEPLOYCTL) scale workers $(N) $(CLUSTER)
 
 logs: venv
-	$(DEPLOYCTL) $(CLUSTER) logs --tail 50
+	$(DEPLOYCTL) logs --tail 50 $(CLUSTER)
 
 status: venv
-	$(DEPLOYCTL) $(CLUSTER) status
+	$(DEPLOYCTL) status $(CLUSTER)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

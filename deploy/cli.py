@@ -1,12 +1,15 @@
 """deployctl: bring up, scale, watch and tear down a scheduler cluster on listed hosts.
 
 Parses, loads the config, calls one function, prints its result; errors are mapped to exit
-codes in one place (``_errors``).
+codes in one place (``_errors``). The global options work before or after the command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import inspect
 import json
 import logging
 import os
@@ -14,15 +17,19 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from . import cluster, config, jobs, keyfile, render, ship, ssh, watch
+from . import build as builder
+from . import cluster, config, jobs, keyfile, render, shipping, ssh, watch
+from .context import Context, session
+from .engine import Engines
 from .errors import DeployError
+from .imagekit import OFFLINE_BASE, project_version
 
 app = typer.Typer(
     help="Bring up, scale, watch and tear down a scheduler cluster on listed hosts.",
@@ -32,20 +39,85 @@ app = typer.Typer(
 hosts_app = typer.Typer(help="Inspect and trust hosts' SSH keys.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 log = logging.getLogger("deploy")
+_WRITING = threading.Lock()  # hosts report from threads: one whole line at a time
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
+    """The global options, wherever they were given."""
+
     inventory: Path | None = None
     hosts: str | None = None
     accept_new: bool = False
     verbose: bool = False
 
 
-OPTS = Options()
+# The global options: the app's callback takes them before the command (with their
+# environment variables); every command takes them after it too (command line only), and a
+# value given after the command wins over one given before it or in the environment.
+_INVENTORY_HELP = "inventory file (default: cluster.toml if present) [env: DEPLOYCTL_INVENTORY]"
+_HOSTS_HELP = ("hosts, e.g. 'h1 h2 user@h3:2222' (ssh aliases or names; the first runs the "
+               "master; 'localhost': this machine's engine) [env: DEPLOYCTL_HOSTS]")
+_ACCEPT_HELP = ("trust hosts never seen before (like StrictHostKeyChecking=accept-new); a "
+                "changed key is still refused [env: DEPLOYCTL_ACCEPT_NEW_HOST_KEYS]")
+_GLOBALS: dict[str, Any] = {
+    "inventory": Annotated[Path | None, typer.Option("--inventory", "-i", help=_INVENTORY_HELP,
+                                                     show_default=False)],
+    "hosts": Annotated[str | None, typer.Option("--hosts", help=_HOSTS_HELP, show_default=False)],
+    "accept_new_host_keys": Annotated[bool, typer.Option("--accept-new-host-keys",
+                                                         help=_ACCEPT_HELP)],
+    "verbose": Annotated[bool, typer.Option("--verbose", "-v", help="tracebacks, debug logs")],
+}  # fmt: skip
+_DEFAULTS: dict[str, Any] = {"inventory": None, "hosts": None, "accept_new_host_keys": False,
+                             "verbose": False}  # fmt: skip
 
 
-_WRITING = threading.Lock()  # hosts report from threads: one whole line at a time
+_CURRENT: contextvars.ContextVar[Options | None] = contextvars.ContextVar("options", default=None)
+
+
+def _options() -> Options:
+    return _CURRENT.get() or Options()
+
+
+def _set_options(ctx: typer.Context, given: dict[str, Any]) -> None:
+    """Merge options given after the command over those given before it (or in the
+    environment), which the app's callback left on the root context."""
+    root = ctx.find_root().obj
+    before = root if isinstance(root, Options) else Options()
+    merged = replace(
+        before,
+        inventory=given["inventory"] or before.inventory,
+        hosts=given["hosts"] or before.hosts,
+        accept_new=given["accept_new_host_keys"] or before.accept_new,
+        verbose=given["verbose"] or before.verbose,
+    )  # fmt: skip
+    _CURRENT.set(merged)
+    _logging(merged.verbose)
+
+
+def command(typer_app: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]],
+                                                                         Callable[..., Any]]:
+    """``typer_app.command`` whose command also takes the global options after its name."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(fn, eval_str=True)
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS[n],
+                                   annotation=kind) for n, kind in _GLOBALS.items()]  # fmt: skip
+        extra.append(inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY,
+                                       annotation=typer.Context))  # fmt: skip
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _set_options(kwargs.pop("typer_context"), {n: kwargs.pop(n) for n in _GLOBALS})
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[*own.parameters.values(), *extra])
+        wrapper.__annotations__ = {p.name: p.annotation for p in
+                                   wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]  # fmt: skip
+        return typer_app.command(name)(wrapper)
+
+    return decorate
 
 
 def _echo(text: str) -> None:
@@ -58,13 +130,19 @@ def _out(text: str) -> None:
         print(text, flush=True)
 
 
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)  # fmt: skip
+    logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """The one error handler: ``error: ...`` on stderr and a meaningful exit code."""
     try:
         yield
     except DeployError as exc:
-        if OPTS.verbose:
+        if _options().verbose:
             traceback.print_exc()
         _echo(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None
@@ -75,24 +153,32 @@ def _errors() -> Iterator[None]:
 
 
 def _config() -> config.Config:
-    return config.load(OPTS.inventory, os.environ, ssh.config_lookup, OPTS.hosts)
+    opts = _options()
+    return config.load(opts.inventory, os.environ, ssh.config_lookup, opts.hosts)
 
 
 @contextlib.contextmanager
-def _session() -> Iterator[cluster.Context]:
-    with _errors(), cluster.session(_config(), os.environ, _echo, OPTS.accept_new) as ctx:
+def _session() -> Iterator[Context]:
+    with _errors(), session(_config(), os.environ, _echo, _options().accept_new) as ctx:
         yield ctx
+
+
+def _version(show: bool) -> None:
+    if show:
+        _out(f"deployctl {project_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     inventory: Annotated[Path | None, typer.Option(
         "--inventory", "-i", envvar="DEPLOYCTL_INVENTORY",
         help="inventory file (default: cluster.toml if present)")] = None,
     hosts: Annotated[str | None, typer.Option(
         envvar="DEPLOYCTL_HOSTS",
-        help="hosts, e.g. 'h1 h2 user@h3:2222'; the first runs the master ('localhost': "
-             "this machine's engine)")] = None,
+        help="hosts, e.g. 'h1 h2 user@h3:2222' (ssh aliases or names); the first runs the "
+             "master ('localhost': this machine's engine)")] = None,
     accept_new_host_keys: Annotated[bool, typer.Option(
         "--accept-new-host-keys", envvar="DEPLOYCTL_ACCEPT_NEW_HOST_KEYS",
         help="trust hosts never seen before (like StrictHostKeyChecking=accept-new); "
@@ -100,16 +186,17 @@ def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="tracebacks, debug logs")
     ] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:  # fmt: skip
-    """Deploy the scheduler in containers across hosts."""
-    OPTS.inventory, OPTS.hosts, OPTS.accept_new, OPTS.verbose = (
-        inventory, hosts, accept_new_host_keys, verbose)  # fmt: skip
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    """Deploy the scheduler in containers across hosts. Global options go before or after
+    the command."""
+    ctx.obj = Options(inventory, hosts, accept_new_host_keys, verbose)
+    _CURRENT.set(ctx.obj)
+    _logging(verbose)
 
 
-@app.command()
+@command(app)
 def init() -> None:
     """Create the cluster's authkey (0600, beside the inventory) unless it exists."""
     with _errors():
@@ -120,28 +207,76 @@ def init() -> None:
         _out(f"authkey {'already set' if existed else 'created'}: {where}")
 
 
-@app.command()
-def build() -> None:
+@contextlib.contextmanager
+def _local_engine() -> Iterator[Engines]:
+    engines = Engines()
+    try:
+        yield engines
+    finally:
+        engines.close()
+
+
+def _image_names() -> dict[str, str]:
+    """The inventory's image names when there is an inventory; the defaults otherwise."""
+    opts = _options()
+    if not (opts.inventory or opts.hosts or Path(config.DEFAULT_INVENTORY).exists()):
+        return {}
+    images = _config().images
+    return {"master": images.master, "slave": images.slave}
+
+
+@command(app)
+def build(
+    base: Annotated[str | None, typer.Option(
+        help="base image (default python:3.11-slim, else the offline base)")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="rebuild even if up to date")] = False,
+) -> None:  # fmt: skip
     """Build the master and slave images here (skipped when their inputs are unchanged)."""
-    with _session() as ctx:
-        images = ship.build_here(ctx)
-        _out(render.table(["ROLE", "IMAGE", "ID"],
-                          [["master", images.master.ref, images.master.version],
-                           ["slave", images.slave.ref, images.slave.version]]))  # fmt: skip
+    with _errors(), _local_engine() as engines:
+        built = builder.build_images(engines, sys.stderr, _image_names(), base, no_cache)
+        _out(render.table(["ROLE", "IMAGE", "ID", "SIZE", ""],
+                          [[b.role, f"{b.repository}:{b.tags[1]}", b.image_id[7:19],
+                            f"{b.size / 1e6:.0f} MB", "up to date" if b.skipped else "built"]
+                           for b in built]))  # fmt: skip
 
 
-@app.command(name="ship")
+@command(app, name="base-image")
+def base_image(
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if it exists")] = False,
+    if_needed: Annotated[bool, typer.Option(
+        "--if-needed", help="only when the default base cannot be pulled")] = False,
+    mirror: Annotated[str | None, typer.Option(help="Debian mirror (default: debootstrap's)")
+                      ] = None,
+    tag: Annotated[str, typer.Option(help="the image's name")] = OFFLINE_BASE,
+) -> None:  # fmt: skip
+    """Make the offline base image (Debian minbase + python3, by debootstrap) unless it exists."""
+    with _errors(), _local_engine() as engines:
+        if if_needed:
+            _out(builder.ensure_base(engines, None, sys.stderr))
+        elif force or not builder.has_image(engines, tag):
+            _out(builder.base_image(engines, sys.stderr, tag, mirror=mirror))
+        else:
+            _echo(f"{tag} exists; --force rebuilds it")
+            _out(tag)
+
+
+@command(app, name="ship")
 def ship_cmd() -> None:
-    """Make the images present on every host (registry, or docker save/load over SSH)."""
+    """Make the images present on every host, sending each only the layers it lacks."""
     with _session() as ctx:
-        images = ship.build_here(ctx)
+        images = cluster.images_for(ctx, build_first=True)
         both = (images.master, images.slave)
-        ship.ensure_images(ctx, {h.name: both for h in ctx.config.hosts})
-        ctx.raise_failures("ship")
-        _out("images present on every host")
+        started = time.monotonic()
+        _, sent, failures = shipping.ensure(ctx, {h.name: both for h in ctx.config.hosts})
+        failures.check("ship", len(ctx.config.hosts))
+        _out(render.table(["HOST", "SENT", "SECONDS"],
+                          [[s.host, f"{s.wire_bytes / 1e6:.1f} MB", f"{s.seconds:.1f}"]
+                           for s in sent]) if sent else "")  # fmt: skip
+        _out(f"images present on every host ({time.monotonic() - started:.1f}s)")
 
 
-@app.command()
+@command(app)
 def up(
     workers: Annotated[int | None, typer.Option(
         min=0, help="worker count (default: workers.count)")] = None,
@@ -151,11 +286,11 @@ def up(
 ) -> None:  # fmt: skip
     """Build, ship, start master and workers; wait until the workers have registered."""
     with _session() as ctx:
-        result = cluster.up(ctx, workers, dry_run, build=not no_build)
+        result = cluster.up(ctx, workers, dry_run, build_first=not no_build)
         _finish(ctx, result, dry_run, "up")
 
 
-@app.command()
+@command(app)
 def scale(
     what: Annotated[str, typer.Argument(help="'workers'")],
     count: Annotated[int, typer.Argument(min=0, help="how many worker containers")],
@@ -168,7 +303,7 @@ def scale(
         _finish(ctx, cluster.scale(ctx, count, dry_run), dry_run, "scale")
 
 
-@app.command()
+@command(app)
 def down(
     volumes: Annotated[
         bool, typer.Option("--volumes", help="also remove the journal volume")
@@ -180,17 +315,17 @@ def down(
         _finish(ctx, cluster.down(ctx, volumes, dry_run), dry_run, "down")
 
 
-def _finish(ctx: cluster.Context, result: cluster.Result, dry_run: bool, name: str) -> None:
+def _finish(ctx: Context, result: cluster.Result, dry_run: bool, name: str) -> None:
     if dry_run:
         _out(render.plan(result.actions, result.shipments))
     elif result.status is not None or name != "down":
         _out(render.status_text(watch.status(ctx), time.time()))
     elif not result.actions:
         _out("nothing to remove")
-    ctx.raise_failures(name)
+    result.failures.check(name, len(ctx.config.hosts))
 
 
-@app.command()
+@command(app)
 def status(json_: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
     """Containers per host, and jobs and workers as the master sees them."""
     with _session() as ctx:
@@ -202,7 +337,7 @@ def status(json_: Annotated[bool, typer.Option("--json", help="machine-readable"
             raise typer.Exit(3)
 
 
-@app.command()
+@command(app)
 def logs(
     target: Annotated[str | None, typer.Argument(
         help="a container name, 'master', 'worker', or 'all' (default)")] = None,
@@ -220,10 +355,11 @@ def logs(
             raise typer.Exit(130) from None  # how following ends: nothing was being made
 
 
-@app.command()
+@command(app)
 def submit(
     command: Annotated[list[str] | None, typer.Argument(help="after --: the command")] = None,
-    file: Annotated[Path | None, typer.Option(help="one command a line")] = None,
+    file: Annotated[Path | None, typer.Option(
+        help="one command a line, each run whole by /bin/sh")] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="follow to the end; fail if any fails")
     ] = False,
@@ -234,7 +370,8 @@ def submit(
         if bool(command) == bool(file):
             raise DeployError("submit", "give a command after -- or --file, not both or neither",
                               "e.g. deployctl submit --wait -- echo hello")  # fmt: skip
-        commands = jobs.read_commands(file) if file else [list(command or [])]
+        commands: list[jobs.Command] = (
+            list(jobs.read_commands(file)) if file else [list(command or [])])  # fmt: skip
         with _progress(wait) as progress:
             done = jobs.submit(ctx, commands, wait, progress, timeout)
         _out(render.jobs_text(done) if wait else " ".join(str(j["id"]) for j in done))
@@ -245,9 +382,10 @@ def _progress(show: bool) -> Iterator[jobs.Progress | None]:
     if not show:
         yield None
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, console=_stderr_console()) as bar:
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("jobs", total=None)
 
         def update(done: int, total: int) -> None:
@@ -256,13 +394,7 @@ def _progress(show: bool) -> Iterator[jobs.Progress | None]:
         yield update
 
 
-def _stderr_console():  # type: ignore[no-untyped-def]
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-@app.command(name="jobs")
+@command(app, name="jobs")
 def jobs_cmd(
     state: Annotated[str | None, typer.Option(help="queued, running, succeeded, ...")] = None,
     json_: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
@@ -273,7 +405,7 @@ def jobs_cmd(
         _out(json.dumps(found, indent=2, default=str) if json_ else render.jobs_text(found))
 
 
-@hosts_app.command("trust")
+@command(hosts_app, "trust")
 def hosts_trust(
     host: Annotated[str, typer.Argument(help="a host name from the inventory")],
     fingerprint: Annotated[str | None, typer.Option(
@@ -295,13 +427,14 @@ def hosts_trust(
         _out(ssh.trust(target, fingerprint, confirm))
 
 
-@hosts_app.command("list")
+@command(hosts_app, "list")
 def hosts_list() -> None:
     """The hosts as resolved from the inventory and ~/.ssh/config."""
     with _errors():
         cfg = _config()
-        rows = [[h.name, "local engine" if h.local else f"ssh {h.ssh.user}@{h.ssh.address}",  # type: ignore[union-attr]
+        rows = [[h.name, h.address,
+                 "local engine" if h.ssh is None else f"ssh {h.ssh.user}@{h.ssh.address}",
                  "-" if h.capacity is None else h.capacity,
                  "master" if h.name == cfg.master.host else "", h.docker_host or "-"]
                 for h in cfg.hosts]  # fmt: skip
-        _out(render.table(["HOST", "REACHED BY", "CAPACITY", "ROLE", "DOCKER"], rows))
+        _out(render.table(["HOST", "ADDRESS", "REACHED BY", "CAPACITY", "ROLE", "DOCKER"], rows))

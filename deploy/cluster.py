@@ -1,102 +1,78 @@
-"""The cluster's lifecycle: observe every host, plan, and carry the plan out (up, scale, down)."""
+"""The cluster's lifecycle commands: up, scale, down.
+
+Each runs observe (every host's containers, the images) -> plan (``planner``, pure) ->
+execute (ship, then the actions, host by host in parallel) -> verify (the workers reach the
+master's advertised address; the master answers and every worker registered), and returns
+what it did and which hosts failed, per host.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import io
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import engine, keyfile, master
-from .config import Config, Host
-from .errors import DeployError, MasterError, PartialFailure
+from . import build, engine, keyfile, link, shipping
+from .config import Host
+from .context import Context, Echo
+from .errors import DeployError, MasterError
 from .keyfile import Secret
-from .master import MasterLink
-from .parallel import across, each
+from .observed import Observed
+from .parallel import Failures, across, each
 from .planner import (
     Action,
     Create,
-    Observed,
     Remove,
     RemoveVolume,
-    Ship,
     Start,
     images_needed,
     plan_down,
     plan_up,
     state_volume,
 )
-from .ship import build_here, local_images, plan_shipping, running_images, send
+from .shipplan import Ship
 from .specs import MASTER, WORKER, Images
-from .ssh import SSHPool
 
 log = logging.getLogger(__name__)
-Echo = Callable[[str], None]
 HOST_CONCURRENCY = 4  # containers made or removed at once on one host
-
-
-@dataclass
-class Context:
-    """What every command works with: the config, the connections, and where progress goes."""
-
-    config: Config
-    environ: Mapping[str, str]
-    pool: SSHPool
-    engines: engine.Engines
-    echo: Echo
-    failures: dict[str, DeployError] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)  # set by Ctrl-C
-    master_link: MasterLink | None = None
-
-    def master(self) -> MasterLink:
-        """The command's one link to the master (opened on first use, closed by ``session``)."""
-        if self.master_link is None:
-            self.master_link = MasterLink(self.config, self.pool)
-        return self.master_link
-
-    def fail(self, host: Host, error: DeployError) -> None:
-        self.failures.setdefault(host.name, error)
-        self.echo(f"error: {error}")
-
-    def key(self, create: bool) -> Secret:
-        return keyfile.resolve(self.config.authkey_file, self.environ, create)
-
-    def raise_failures(self, action: str) -> None:
-        if self.failures:
-            raise PartialFailure(action, self.failures, len(self.config.hosts))
-
-
-@contextlib.contextmanager
-def session(config: Config, environ: Mapping[str, str], echo: Echo,
-            accept_new: bool = False) -> Iterator[Context]:  # fmt: skip
-    pool = SSHPool(accept_new)
-    engines = engine.Engines(pool)
-    ctx = Context(config, environ, pool, engines, echo)
-    try:
-        yield ctx
-    finally:
-        if ctx.master_link is not None:
-            ctx.master_link.close()
-        engines.close()
-        pool.close()
+PROBE_SECONDS = 10.0  # how long a worker host may take to reach the master's port
 
 
 @dataclass(frozen=True)
 class Observation:
     containers: tuple[Observed, ...]
     reachable: frozenset[str]
+    failures: dict[str, DeployError] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a lifecycle command did: its plan, what was shipped, the master's status after it
+    (if any), and the hosts that failed with their errors."""
+
+    actions: tuple[Action, ...]
+    status: dict[str, Any] | None
+    shipments: tuple[Ship, ...] = ()
+    sent: tuple[shipping.Sent, ...] = ()
+    failures: Failures = field(default_factory=Failures)
 
 
 def observe(ctx: Context, hosts: Sequence[Host] | None = None) -> Observation:
-    """Every container of the cluster on every reachable host; failures go to ``ctx``."""
+    """Every container of the cluster on every reachable host."""
     hosts = ctx.config.hosts if hosts is None else hosts
     out = across(hosts, lambda h: engine.observe(ctx.engines, h, ctx.config.cluster),
-                 ctx.config.parallel, ctx.fail)  # fmt: skip
+                 ctx.config.parallel, _reporter(ctx.echo))  # fmt: skip
     found = tuple(o for name in out.results for o in out.results[name])
-    return Observation(found, frozenset(out.ok))
+    return Observation(found, frozenset(out.ok), dict(out.errors))
+
+
+def _reporter(echo: Echo) -> Callable[[Host, DeployError], None]:
+    return lambda host, error: echo(f"error: {error}")
 
 
 class Executor(Protocol):
@@ -131,29 +107,28 @@ class EngineExecutor:
             self.echo(f"{host.name}: removed volume {action.name}")
 
 
-def run(
-    ctx: Context, actions: Sequence[Action], executor: Executor, master_first: bool = True
-) -> set[str]:
+def run(ctx: Context, actions: Sequence[Action], executor: Executor, skip: Failures,
+        master_first: bool = True) -> dict[str, DeployError]:  # fmt: skip
     """In phases: the master's actions, the workers' (or the reverse), then volumes.
 
     Within a phase hosts run in parallel, and so do the containers of one host; the actions
     on one container keep their order (an outdated worker goes before its replacement comes).
-    A host that failed, in this run or earlier in the command, is skipped. Ctrl-C starts
-    nothing more. Returns the hosts that failed here (errors are in ``ctx``).
+    A host in ``skip`` or failed in an earlier phase is skipped. Ctrl-C starts nothing more.
+    Returns the hosts that failed here, with their errors.
     """
     masters = [a for a in actions if _is_master(a)]
     workers = [a for a in actions if not _is_master(a) and not isinstance(a, RemoveVolume)]
     volumes = [a for a in actions if isinstance(a, RemoveVolume)]
     order = (masters, workers) if master_first else (workers, masters)
-    failed: set[str] = set()
+    failed: dict[str, DeployError] = {}
     for phase in (*order, volumes):
         by_host: dict[str, list[Action]] = {}
         for action in phase:
             by_host.setdefault(action.host, []).append(action)
-        hosts = [ctx.config.host(n) for n in by_host if n not in failed and n not in ctx.failures]
+        hosts = [ctx.config.host(n) for n in by_host if n not in failed and n not in skip]
         out = across(hosts, functools.partial(_run_host, ctx, by_host, executor),
-                     ctx.config.parallel, ctx.fail, ctx.stop)  # fmt: skip
-        failed |= set(out.errors)
+                     ctx.config.parallel, _reporter(ctx.echo), ctx.stop)  # fmt: skip
+        failed.update(out.errors)
     return failed
 
 
@@ -204,35 +179,54 @@ def _run_chain(stop: threading.Event, executor: Executor, host: Host, chain: lis
             executor.remove_volume(host, action)
 
 
-@dataclass(frozen=True)
-class Result:
-    """What a lifecycle command did: its plan, and the master's status after it (if any)."""
-
-    actions: tuple[Action, ...]
-    status: dict[str, Any] | None
-    shipments: tuple[Ship, ...] = ()
-
-
 def up(
     ctx: Context, workers: int | None, dry_run: bool, executor: Executor | None = None,
-    build: bool = True,
+    build_first: bool = True,
 ) -> Result:  # fmt: skip
     """Build as needed, start master and workers (shipping them their images), wait until the
     workers registered. A dry run plans with the images last built here."""
-    key = ctx.key(create=not dry_run) if not dry_run else _key_or_placeholder(ctx)
+    key = ctx.key(create=True) if not dry_run else _key_or_placeholder(ctx)
     seen = observe(ctx)
-    images = build_here(ctx) if build and not dry_run else local_images(ctx)
+    images = images_for(ctx, build_first and not dry_run)
     busy = _busy(ctx, key, seen)
     count = ctx.config.workers.count if workers is None else workers
     actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable))
     return _carry_out(ctx, key, seen, actions, dry_run, executor)
 
 
+def images_for(ctx: Context, build_first: bool) -> Images:
+    """The images to run: built here now (skipped when up to date), or the last built."""
+    if not build_first:
+        return shipping.local_images(ctx)
+    names = {"master": ctx.config.images.master, "slave": ctx.config.images.slave}
+    built = build.build_images(ctx.engines, _EchoLines(ctx.echo), names)
+    for b in built:
+        ctx.echo(f"image {b.repository}:{b.tags[1]} {'up to date' if b.skipped else 'built'}")
+    return build.as_images(built)
+
+
+class _EchoLines(io.StringIO):
+    """A text stream that sends build steps, line by line, to ``echo``."""
+
+    def __init__(self, echo: Echo) -> None:
+        super().__init__()
+        self.echo = echo
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.startswith(("images:", "Step ")):  # the steps, not every layer's chatter
+                self.echo(f"  {line.rstrip()}")
+        return len(text)
+
+
 def scale(ctx: Context, count: int, dry_run: bool, executor: Executor | None = None) -> Result:
     """Reach ``count`` workers: add on the emptiest hosts, remove idle workers first."""
     key = ctx.key(create=False)
     seen = observe(ctx)
-    images = running_images(ctx, seen)
+    images = shipping.running_images(ctx, seen.containers)
     busy = _busy(ctx, key, seen)
     actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable),
                       with_master=False)  # fmt: skip
@@ -245,36 +239,73 @@ def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None =
     vols = [state_volume(ctx.config)] if volumes else []
     vols = [(h, v) for h, v in vols if h in seen.reachable]
     actions = plan_down(ctx.config, seen.containers, vols)
+    failures = Failures()
+    failures.add(seen.failures)
     if not dry_run:
-        run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo), master_first=False)
-    return Result(tuple(actions), None)
+        failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo),
+                         failures, master_first=False))  # fmt: skip
+    return Result(tuple(actions), None, failures=failures)
 
 
 def _carry_out(
     ctx: Context, key: Secret, seen: Observation, actions: list[Action], dry_run: bool,
     executor: Executor | None,
 ) -> Result:  # fmt: skip
-    """Ship the images new containers need, run the plan, wait for master and workers."""
-    shipments = tuple(plan_shipping(ctx, images_needed(actions)))
+    """Ship the images new containers need, run the plan, then verify: the workers reach the
+    master, the master answers and the workers registered."""
+    failures = Failures()
+    failures.add(seen.failures)
+    shipments, looked = shipping.plan(ctx, images_needed(actions), skip=failures.errors)
+    failures.add(looked)
     if dry_run:
-        return Result(tuple(actions), None, shipments)
-    send(ctx, shipments)
-    failed = run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo))
-    expected = _expected_workers(seen, actions, failed | set(ctx.failures))
+        return Result(tuple(actions), None, tuple(shipments), failures=failures)
+    sent, shipped = shipping.send(ctx, shipments)
+    failures.add(shipped)
+    failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo), failures))
     status = None
-    master_ok = ctx.config.master.host not in ctx.failures
-    if master_ok:
+    if ctx.config.master.host not in failures:
         if any(_is_master(a) for a in actions):
-            ctx.master().reset()  # a client made before talks to the master just replaced
+            ctx.master.reset()  # a client made before talks to the master just replaced
+        _check_reach(ctx, actions, failures)
+        expected = _expected_workers(seen, actions, failures)
         ctx.echo(f"waiting for the master and {len(expected)} worker(s) to register")
         try:
-            status = ctx.master().wait_ready(key, expected, ctx.config.master.ready_timeout)
+            status = ctx.master.wait_ready(key, expected, ctx.config.master.ready_timeout)
         except MasterError as exc:
             raise MasterError(exc.subject, exc.detail + _master_log_tail(ctx), exc.hint) from exc
-    return Result(tuple(actions), status, shipments)
+    return Result(tuple(actions), status, tuple(shipments), tuple(sent), failures)
 
 
-def _expected_workers(seen: Observation, actions: Sequence[Action], failed: set[str]) -> list[str]:
+def _check_reach(ctx: Context, actions: Sequence[Action], failures: Failures) -> None:
+    """Each host that got new workers opens a connection to the advertised address; one that
+    cannot fails the command now, not after ``ready_timeout``."""
+    names = sorted({a.host for a in actions if isinstance(a, Create) and a.spec.role == WORKER
+                    and a.host not in failures})  # fmt: skip
+    address, _, port = ctx.config.master.advertise.rpartition(":")
+
+    def probe(host: Host) -> str | None:
+        deadline = time.monotonic() + PROBE_SECONDS
+        while True:  # the master may still be binding its port
+            why = ctx.pool.reach(host, address, int(port), PROBE_SECONDS)
+            if why is None or time.monotonic() > deadline or ctx.stop.is_set():
+                return why
+            time.sleep(0.25)
+
+    out = across([ctx.config.host(n) for n in names], probe, ctx.config.parallel,
+                 _reporter(ctx.echo), ctx.stop)  # fmt: skip
+    failures.add(out)
+    blocked = {n: why for n, why in out.results.items() if why is not None}
+    if blocked:
+        where = ", ".join(f"{n} ({why})" for n, why in sorted(blocked.items()))
+        raise MasterError(
+            f"master address {ctx.config.master.advertise}",
+            f"not reachable from worker host(s) {where}",
+            "set master.advertise (or the master host's hosts[].address) to an address the "
+            "workers can reach; check the master's port is open between the hosts",
+        )  # fmt: skip
+
+
+def _expected_workers(seen: Observation, actions: Sequence[Action], failed: Failures) -> list[str]:
     names = {o.name for o in seen.containers if o.role == WORKER and o.host not in failed}
     for action in actions:
         if isinstance(action, Remove):
@@ -301,8 +332,8 @@ def _busy(ctx: Context, key: Secret, seen: Observation) -> dict[str, int]:
     if not any(o.role == MASTER and o.running for o in seen.containers):
         return {}
     try:
-        with ctx.master().use(key) as c:
-            return master.busy_workers(c.status())
+        with ctx.master.use(key) as c:
+            return link.busy_workers(c.status())
     except DeployError as exc:
         ctx.echo(f"warning: cannot ask the master which workers are busy ({exc}); "
                  "removing the highest-numbered workers first")  # fmt: skip
@@ -317,4 +348,4 @@ def _key_or_placeholder(ctx: Context) -> Secret:
         return keyfile.generate()
 
 
-__all__ = ["Context", "Images", "Result", "down", "observe", "scale", "session", "up"]
+__all__ = ["Observation", "Result", "down", "images_for", "observe", "scale", "up"]

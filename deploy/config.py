@@ -2,6 +2,8 @@
 
 Every problem in the file is collected with its key path before anything runs; SSH settings
 come from the user's ``~/.ssh/config`` (through an injected reader); the inventory overrides.
+A host's address, for everything the containers and tunnels use, is what ``ssh -G HOST`` would
+connect to (its ``HostName``), unless the inventory sets ``address``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scheduler.settings import DEFAULT_GRACE_SECONDS, DEFAULT_PORT
 
 from .errors import ConfigError
 
@@ -53,7 +57,7 @@ class Host:
     """One machine with a Docker engine; ``ssh`` is None for this machine's own engine."""
 
     name: str
-    address: str  # how the other hosts reach this one (the master's advertised address)
+    address: str  # how the other hosts reach this one: hosts[].address, else ssh's HostName
     capacity: int | None  # max worker containers here; None = no limit; 0 = none
     ssh: SSHTarget | None
     docker_host: str | None  # engine socket: local URL, or remote socket path over SSH
@@ -76,7 +80,7 @@ class MasterSettings:
 class WorkerSettings:
     count: int
     concurrency: int
-    grace_seconds: int
+    grace_seconds: float
 
 
 @dataclass(frozen=True)
@@ -158,11 +162,10 @@ def hosts_override(data: Mapping[str, Any], hosts: str) -> dict[str, Any]:
         if not match:
             entries.append({"name": word})  # validation reports it with its key path
             continue
+        # the word is an ssh alias or a host name: ~/.ssh/config resolves it, as ssh would
         entry: dict[str, Any] = {
             "name": match["host"] + (f":{match['port']}" if match["port"] else "")
         }
-        if match["host"] != LOCAL:
-            entry["address"] = match["host"]
         if match["user"]:
             entry["user"] = match["user"]
         if match["port"]:
@@ -292,7 +295,8 @@ def from_mapping(
     workers = WorkerSettings(
         count=r.number(workers_t, "workers", "count", default_count, 0, 1000),
         concurrency=r.number(workers_t, "workers", "concurrency", 2, 1, 1024),
-        grace_seconds=r.number(workers_t, "workers", "grace_seconds", 60, 0, 86400),
+        grace_seconds=r.number(workers_t, "workers", "grace_seconds", DEFAULT_GRACE_SECONDS, 0,
+                               86400, float),  # fmt: skip
     )
     images_t = r.table(data, "images", {"master", "slave", "registry"})
     images = ImageSettings(
@@ -411,7 +415,7 @@ def _master(r: _Reader, data: Mapping[str, Any], hosts: list[Host]) -> MasterSet
     if host is None and hosts:
         r.problems.append(f"master.host: {name!r} is not one of the hosts "
                           f"({', '.join(h.name for h in hosts)})")  # fmt: skip
-    port = r.number(table, "master", "port", 8888, 1, 65535)
+    port = r.number(table, "master", "port", DEFAULT_PORT, 1, 65535)
     advertise = r.get(table, "master", "advertise", str, None)
     if advertise is None:
         advertise = host.address if host else ""

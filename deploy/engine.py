@@ -1,17 +1,20 @@
-"""Everything that talks to the Docker SDK: one client per host, containers, images, logs.
+"""Everything that talks to the Docker SDK: one client per host; containers, images, logs,
+builds, save and load.
 
-Docker, requests and socket errors become HostError here and nowhere else.
+Docker, requests and socket errors become HostError here and nowhere else. A remote engine is
+reached through a local unix socket that the caller provides (``Dial``; the SSH adapter's
+forwarder in practice), so this module knows nothing of SSH.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Protocol
 
 import docker
 import docker.errors
@@ -21,10 +24,10 @@ from docker.transport import UnixHTTPAdapter
 
 from .config import Host
 from .errors import DeployError, HostError
+from .imagekit import ImageError, follow_build
 from .keyfile import Secret
-from .planner import Observed
+from .observed import ContainerRow, Holdings, Observed, stamp_seconds
 from .specs import L_CLUSTER, L_INDEX, L_ROLE, L_SPEC, L_VERSION, ContainerSpec, create_args
-from .ssh import Forwarder, SSHPool
 
 log = logging.getLogger(__name__)
 API_TIMEOUT = 120
@@ -34,28 +37,23 @@ POOL_SIZE = 32  # idle engine connections kept per host (log streams each hold o
 LOCAL_HOST = Host("this machine", "127.0.0.1", 0, None, None)
 
 
-@dataclass(frozen=True)
-class ContainerRow:
-    """What ``status`` shows of one container."""
+class Link(Protocol):
+    """A forwarded socket to a remote engine; ``last_error`` says why a connection broke."""
 
-    host: str
-    name: str
-    role: str
-    index: int
-    state: str
-    health: str
-    started_at: str
-    image: str
-    version: str
+    last_error: str
+
+
+# Given a remote host, a local unix socket path reaching its engine (logged in already).
+Dial = Callable[[Host], tuple[str, Link]]
 
 
 class Engines:
     """A Docker client per host, opened on first use: the local socket, or SSH-forwarded."""
 
-    def __init__(self, pool: SSHPool) -> None:
-        self.pool = pool
+    def __init__(self, dial: Dial | None = None) -> None:
+        self.dial = dial
         self._clients: dict[str, docker.DockerClient] = {}
-        self._forwarders: dict[str, Forwarder] = {}
+        self._forwarders: dict[str, Link] = {}
         self._lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
         self._closed = False
@@ -82,8 +80,9 @@ class Engines:
     def _open(self, host: Host) -> docker.DockerClient:
         with self.guard(host, "connect to the Docker engine"):
             if not host.local:
-                self.pool.client(host)  # log in now: SSH and host-key errors come out as they are
-                path, self._forwarders[host.name] = self.pool.docker_socket(host)
+                if self.dial is None:
+                    raise HostError(host.name, _where(host), "no way to reach a remote engine")
+                path, self._forwarders[host.name] = self.dial(host)
                 return _ForwardedClient(path, API_TIMEOUT)
             if host.docker_host:
                 client = docker.DockerClient(base_url=host.docker_host, timeout=API_TIMEOUT)
@@ -170,18 +169,18 @@ def observe(engines: Engines, host: Host, cluster: str) -> list[Observed]:
     client = engines.client(host)
     with engines.guard(host, "list containers"):
         found = client.api.containers(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
-    return [_observed(host.name, c["Id"], c["Names"][0].lstrip("/"), c.get("Labels") or {},
-                      c.get("State", "?"), c.get("ImageID", "")) for c in found]  # fmt: skip
+    return [_observed(host.name, c) for c in found]
 
 
-def _observed(
-    host: str, cid: str, name: str, labels: dict[str, str], state: str, image: str
-) -> Observed:
+def _observed(host: str, found: Mapping[str, Any]) -> Observed:
+    labels = found.get("Labels") or {}
     index = labels.get(L_INDEX, "")
     return Observed(
-        host=host, id=cid, name=name, role=labels.get(L_ROLE, "?"),
-        index=int(index) if index.isdigit() else -1, version=labels.get(L_VERSION, ""),
-        digest=labels.get(L_SPEC, ""), state=state, image_id=image,
+        host=host, id=found["Id"], name=found["Names"][0].lstrip("/"),
+        role=labels.get(L_ROLE, "?"), index=int(index) if index.isdigit() else -1,
+        version=labels.get(L_VERSION, ""), digest=labels.get(L_SPEC, ""),
+        state=found.get("State", "?"), image_id=found.get("ImageID", ""),
+        image=found.get("Image", ""),
     )  # fmt: skip
 
 
@@ -201,11 +200,31 @@ def create(engines: Engines, host: Host, spec: ContainerSpec) -> str:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
                 raise
-            # the name is taken by a leftover without our labels (or a half-made one)
-            client.api.remove_container(spec.name, force=True)
+            _clear_name(host, client, spec)
             cid = client.api.create_container(**args)["Id"]
         client.api.start(cid)
     return str(cid)
+
+
+def _clear_name(host: Host, client: docker.DockerClient, spec: ContainerSpec) -> None:
+    """The name is taken: remove the container only if it is this cluster's (a half-made one
+    of an interrupted run); anything else is not ours to remove."""
+    cluster = dict(spec.labels)[L_CLUSTER]
+    try:
+        there = client.api.inspect_container(spec.name)
+    except docker.errors.NotFound:
+        return  # gone meanwhile
+    labels = there["Config"].get("Labels") or {}
+    if labels.get(L_CLUSTER) != cluster:
+        owner = f"cluster {labels[L_CLUSTER]!r}" if L_CLUSTER in labels else "not deployctl"
+        raise HostError(
+            host.name, _where(host),
+            f"container name {spec.name} is taken by a container that is not this cluster's "
+            f"({owner}, id {there['Id'][:12]}, image {there['Config'].get('Image', '?')})",
+            f"remove or rename it yourself if it is not needed ('docker rm -f {spec.name}' on "
+            f"{host.name}), or choose another cluster.name",
+        )  # fmt: skip
+    client.api.remove_container(there["Id"], force=True)
 
 
 def _ensure_volume(client: docker.DockerClient, name: str, labels: dict[str, str]) -> None:
@@ -269,16 +288,10 @@ def save(engines: Engines, host: Host, refs: list[str], out: IO[bytes]) -> int:
     return total
 
 
-def load(engines: Engines, host: Host, data: IO[bytes], progress: Callable[[int], None]) -> None:
-    """``docker load`` from ``data``, streamed; ``progress`` gets the byte count of each chunk."""
-
-    def chunks() -> Iterator[bytes]:
-        while block := data.read(CHUNK):
-            progress(len(block))
-            yield block
-
+def load(engines: Engines, host: Host, chunks: Iterable[bytes]) -> None:
+    """``docker load`` from ``chunks`` (a tar archive, gzipped or not), streamed."""
     with engines.guard(host, "load images"):
-        engines.client(host).images.load(chunks())
+        engines.client(host).images.load(chunks)
 
 
 def push(engines: Engines, host: Host, ref: str, target: str) -> None:
@@ -384,8 +397,86 @@ def _since(text: str) -> Any:
     raise DeployError("--since", f"cannot read {text!r}", "use e.g. 30s, 10m, 2h or a unix time")
 
 
-def stamp_seconds(stamp: str) -> float:
-    """Seconds since the epoch of an engine timestamp like ``2024-05-01T10:00:00.123456789Z``."""
-    head, _, frac = stamp.rstrip("Z").partition(".")
-    when = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC)
-    return when.timestamp() + float(f"0.{frac or 0}")
+# ---- images -----------------------------------------------------------------------------------
+
+
+def holdings(engines: Engines, host: Host) -> Holdings:
+    """The host's images: every reference with its id, and every image's layer chain."""
+    api = engines.client(host).api
+    with engines.guard(host, "list images"):
+        found = api.images()
+        chains = {tuple(api.inspect_image(i["Id"])["RootFS"].get("Layers") or ())
+                  for i in found}  # fmt: skip
+    ids = {ref: i["Id"] for i in found for ref in i.get("RepoTags") or () if ref != "<none>:<none>"}
+    return Holdings(ids, tuple(sorted(chains)))
+
+
+def chain(engines: Engines, host: Host, ref: str) -> tuple[str, ...]:
+    """The image's layers (diff ids), bottom first; empty when the image is absent."""
+    with engines.guard(host, f"inspect image {ref}"):
+        try:
+            info = engines.client(host).api.inspect_image(ref)
+        except docker.errors.ImageNotFound:
+            return ()
+    return tuple(info["RootFS"].get("Layers") or ())
+
+
+def image_info(engines: Engines, host: Host, ref: str) -> tuple[str, tuple[str, ...], int] | None:
+    """(id, references, size) of an image, or None when the host lacks it."""
+    with engines.guard(host, f"inspect image {ref}"):
+        try:
+            info = engines.client(host).api.inspect_image(ref)
+        except docker.errors.ImageNotFound:
+            return None
+    return str(info["Id"]), tuple(info.get("RepoTags") or ()), int(info.get("Size", 0))
+
+
+def pull_quietly(engines: Engines, host: Host, ref: str) -> str | None:
+    """Pull ``ref``; the engine's reason when it cannot (no registry, unknown image)."""
+    repo, _, version = ref.rpartition(":")
+    with engines.guard(host, f"pull {ref}"):
+        try:
+            engines.client(host).images.pull(repo or ref, tag=version or "latest")
+            return None
+        except docker.errors.APIError as exc:
+            return str(exc.explanation or exc)
+
+
+def build(engines: Engines, host: Host, context: bytes, repository: str,
+          buildargs: Mapping[str, str], labels: Mapping[str, str], out: IO[str],
+          no_cache: bool = False) -> str:  # fmt: skip
+    """Build an image from a context archive, with no network inside; return its id."""
+    api = engines.client(host).api
+    with engines.guard(host, f"build {repository}"):
+        try:
+            chunks = api.build(
+                fileobj=io.BytesIO(context), custom_context=True, buildargs=dict(buildargs),
+                labels=dict(labels), decode=True, rm=True, forcerm=True, nocache=no_cache,
+                network_mode="none", pull=False)  # fmt: skip
+            return follow_build(chunks, repository, out)
+        except docker.errors.APIError as exc:
+            raise ImageError(f"image {repository}", f"build refused ({exc.explanation})",
+                             "check the engine's log") from exc  # fmt: skip
+
+
+def untag(engines: Engines, host: Host, repository: str, keep: str, prefix: str) -> None:
+    """Drop ``repository``'s tags starting with ``prefix`` except ``keep``; an image that a
+    container still uses stays."""
+    client = engines.client(host)
+    with engines.guard(host, f"untag older {repository}"):
+        for image in client.images.list(name=repository):
+            for ref in image.tags:
+                if ref.startswith(f"{repository}:{prefix}") and ref != keep:
+                    with contextlib.suppress(docker.errors.APIError):
+                        client.images.remove(ref)
+
+
+def import_image(engines: Engines, host: Host, stream: IO[bytes], ref: str,
+                 changes: Iterable[str]) -> str | None:  # fmt: skip
+    """``docker import`` a root file system archive as ``ref``; return the new image's id."""
+    repository, _, version = ref.partition(":")
+    with engines.guard(host, f"import {ref}"):
+        engines.client(host).api.import_image_from_stream(
+            stream, repository=repository, tag=version or "latest", changes=list(changes))
+    found = image_info(engines, host, ref)
+    return found[0] if found else None

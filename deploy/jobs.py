@@ -1,46 +1,43 @@
-"""Submitting shell jobs to the master and listing jobs, through the scheduler's client."""
+"""Submitting shell jobs to the master and listing jobs, through the master link."""
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cluster import Context
+from scheduler import jobsfile
+from scheduler.errors import SchedulerError
+
+from .context import Context
 from .errors import DeployError, JobsFailed
 
 Progress = Callable[[int, int], None]  # (finished, total)
+Command = str | list[str]  # a line for /bin/sh, or an argv
 
 
-def read_commands(path: Path) -> list[list[str]]:
-    """One command a line, split like a shell would; blank lines and ``#`` comments are skipped."""
+def read_commands(path: Path) -> list[str]:
+    """The jobs file's commands, by the scheduler's one rule (``scheduler.jobsfile``): each
+    non-blank, non-comment line, run whole by ``/bin/sh``."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeployError(
-            f"--file {path}", f"cannot be read: {exc.strerror}", "check the path"
-        ) from exc
-    commands = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            try:
-                commands.append(shlex.split(line))
-            except ValueError as exc:
-                raise DeployError(f"{path}:{number}", str(exc), "fix the quoting") from exc
+        commands = jobsfile.read(str(path))
+    except SchedulerError as exc:
+        raise DeployError(f"--file {path}", str(exc), "check the path") from exc
     if not commands:
         raise DeployError(f"--file {path}", "holds no command", "write one command a line")
     return commands
 
 
 def submit(
-    ctx: Context, commands: Sequence[list[str]], wait: bool, progress: Progress | None = None,
+    ctx: Context, commands: Sequence[Command], wait: bool, progress: Progress | None = None,
     timeout: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Submit ``commands``; with ``wait``, follow them to the end and raise if any failed."""
-    with ctx.master().use(ctx.key(create=False)) as c:
-        handles = [c.submit_shell(list(argv)) for argv in commands]
+    """Submit ``commands`` (a string runs in /bin/sh, a list as argv); with ``wait``, follow
+    them to the end and raise if any failed."""
+    with ctx.master.use(ctx.key(create=False)) as c:
+        handles = [c.submit_shell(cmd, shell=True) if isinstance(cmd, str)
+                   else c.submit_shell(list(cmd)) for cmd in commands]  # fmt: skip
         c.flush()
         ids = [h.id for h in handles]
         if not wait:
@@ -67,5 +64,5 @@ def submit(
 
 
 def jobs(ctx: Context, state: str | None) -> list[dict[str, Any]]:
-    with ctx.master().use(ctx.key(create=False)) as c:
+    with ctx.master.use(ctx.key(create=False)) as c:
         return list(c.jobs(state=state))

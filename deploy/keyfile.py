@@ -8,16 +8,16 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-# the one redacted wrapper, shared with the scheduler (str here, bytes there)
-from scheduler.settings import Secret
+# the one redacted wrapper and the one length rule, shared with the scheduler
+from scheduler.errors import ConfigError as SchedulerConfigError
+from scheduler.settings import MIN_AUTHKEY, Secret, authkey_from
 
 from .errors import DeployError
 
-MIN_LENGTH = 16  # the scheduler refuses shorter keys
+MIN_LENGTH = MIN_AUTHKEY  # the scheduler refuses shorter keys
 ENV_VAR = "SCHEDULER_AUTHKEY"
 
 __all__ = ["Secret", "generate", "read", "resolve", "write"]
-
 
 
 def generate() -> Secret:
@@ -61,10 +61,10 @@ def write(path: Path, key: Secret) -> None:
 
 
 def _checked(value: str, source: str) -> Secret:
-    if len(value) < MIN_LENGTH:
-        raise DeployError(
-            source,
-            f"the authkey is shorter than {MIN_LENGTH} characters",
-            "use a long random key, e.g. the one 'deployctl init' makes",
-        )
+    """The key, if the scheduler's own rule accepts it (the one rule, in scheduler.settings)."""
+    try:
+        authkey_from(value, source)
+    except SchedulerConfigError as exc:
+        raise DeployError("authkey", str(exc),
+                          "use a long random key, e.g. the one 'deployctl init' makes") from exc
     return Secret(value)

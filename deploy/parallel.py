@@ -8,13 +8,13 @@ started, and waits for what has.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .config import Host
-from .errors import DeployError
+from .errors import DeployError, PartialFailure
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -30,6 +30,29 @@ class Outcome(Generic[T]):
     @property
     def ok(self) -> set[str]:
         return set(self.results)
+
+
+@dataclass
+class Failures:
+    """A command's failed hosts, first error each, gathered from its phases' outcomes."""
+
+    errors: dict[str, DeployError] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome[Any] | Failures | Mapping[str, DeployError]) -> None:
+        errors = outcome.errors if isinstance(outcome, Outcome | Failures) else outcome
+        for name, error in errors.items():
+            self.errors.setdefault(name, error)
+
+    def __contains__(self, host: object) -> bool:
+        return host in self.errors
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def check(self, action: str, total: int) -> None:
+        """Raise PartialFailure naming every failed host, if any failed."""
+        if self.errors:
+            raise PartialFailure(action, self.errors, total)
 
 
 def across(

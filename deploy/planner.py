@@ -12,38 +12,20 @@ from dataclasses import dataclass
 from .config import Config
 from .errors import DeployError
 from .keyfile import Secret
+from .observed import Observed
 from .specs import (
     MASTER,
     MASTER_STOP_TIMEOUT,
-    STOP_MARGIN,
     WORKER,
     ContainerSpec,
     ImageRef,
     Images,
+    drain_timeout,
     master_spec,
     volume_name,
     worker_name,
     worker_spec,
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Observed:
-    """A container found on an engine by the cluster label."""
-
-    host: str
-    id: str
-    name: str
-    role: str
-    index: int
-    version: str
-    digest: str
-    state: str  # created | running | restarting | paused | exited | dead
-    image_id: str = ""
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
 
 
 @dataclass(frozen=True)
@@ -86,18 +68,6 @@ class RemoveVolume:
 Action = Create | Start | Remove | RemoveVolume
 
 
-@dataclass(frozen=True)
-class Ship:
-    """Images a host lacks, by id, before its containers are made: sent, or only named there
-    when the host holds the same image under another name (say, after ``ship`` sent the
-    content-hash tag and ``up --no-build`` runs ``latest``)."""
-
-    host: str
-    images: tuple[ImageRef, ...]  # to send
-    found: tuple[str | None, ...]  # the id each of those names has on the host now; None: absent
-    names: tuple[ImageRef, ...] = ()  # there by id: only to be tagged
-
-
 def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
     """Per host, the images its new containers run (restarted ones have theirs)."""
     needed: dict[str, dict[str, ImageRef]] = {}
@@ -105,22 +75,6 @@ def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
         if isinstance(action, Create):
             needed.setdefault(action.host, {})[action.spec.image.ref] = action.spec.image
     return {h: tuple(sorted(refs.values(), key=lambda r: r.ref)) for h, refs in needed.items()}
-
-
-def plan_ship(
-    needed: Mapping[str, Sequence[ImageRef]],
-    found: Mapping[str, Mapping[str, tuple[str | None, bool]]],
-) -> list[Ship]:
-    """A Ship for each host in ``found`` that lacks an image. ``found`` maps a host to each
-    reference's (id under that name there, whether the reference's id is there at all)."""
-    ships = []
-    for host, have in found.items():
-        lacking = [ref for ref in needed[host] if have[ref.ref][0] != ref.id]
-        send = tuple(ref for ref in lacking if not have[ref.ref][1])
-        name = tuple(ref for ref in lacking if have[ref.ref][1])
-        if lacking:
-            ships.append(Ship(host, send, tuple(have[r.ref][0] for r in send), name))
-    return ships
 
 
 def place(hosts: Sequence[tuple[str, int | None]], count: int) -> dict[str, int]:
@@ -258,7 +212,7 @@ def state_volume(config: Config) -> tuple[str, str]:
 
 
 def _drain(config: Config) -> int:
-    return config.workers.grace_seconds + STOP_MARGIN
+    return drain_timeout(config)
 
 
 def _indexes(cluster: str, busy: Mapping[str, int]) -> set[int]:

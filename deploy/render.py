@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .engine import ContainerRow, stamp_seconds
-from .planner import Action, Create, Remove, RemoveVolume, Ship, Start
+from .observed import ContainerRow, Status, stamp_seconds
+from .planner import Action, Create, Remove, RemoveVolume, Start
+from .shipplan import Ship
 from .specs import UNBUILT
-from .watch import Status
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -46,9 +46,11 @@ def plan(actions: Sequence[Action], shipments: Sequence[Ship] = ()) -> str:
 def shipment(ship: Ship) -> str:
     """``tb2: ship scheduler-slave:latest 19f619fa9245 (absent there)``, one line per host."""
     parts = []
-    for ref, there in zip(ship.images, ship.found, strict=True):
+    for i, (ref, there) in enumerate(zip(ship.images, ship.found, strict=True)):
         mine = "not built here yet" if ref.id == UNBUILT else ref.version
         why = "absent there" if there is None else f"there: {there.removeprefix('sha256:')[:12]}"
+        if i < len(ship.layers) and ship.layers[i]:
+            why += f"; {ship.held[i]} of {ship.layers[i]} layers there"
         parts.append(f"{ref.ref} {mine} ({why})")
     sent = f"ship {', '.join(parts)}" if parts else ""
     named = ", ".join(f"{r.ref} {r.version}" for r in ship.names)

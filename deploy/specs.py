@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from dataclasses import dataclass
 
 from .config import Config
@@ -100,11 +101,16 @@ def worker_spec(
         "SCHEDULER_MASTER": config.master.advertise,
         "SCHEDULER_CONCURRENCY": str(config.workers.concurrency),
         "SCHEDULER_WORKER_NAME": name,
-        "SCHEDULER_GRACE_SECONDS": str(config.workers.grace_seconds),
+        "SCHEDULER_GRACE_SECONDS": f"{config.workers.grace_seconds:g}",
         **dict(config.env),
     }
-    timeout = config.workers.grace_seconds + STOP_MARGIN
+    timeout = drain_timeout(config)
     return _spec(config, host, name, WORKER, index, images.slave, env, (), timeout, key)
+
+
+def drain_timeout(config: Config) -> int:
+    """Seconds the engine waits after SIGTERM before SIGKILL: the grace, and a margin."""
+    return math.ceil(config.workers.grace_seconds) + STOP_MARGIN
 
 
 def _spec(

@@ -3,7 +3,8 @@
 One reused SSH connection per host. The Docker SDK reaches a remote engine through a local
 unix socket whose every connection becomes an SSH channel running ``docker system dial-stdio``
 (what ``ssh://`` does), so the inventory's user, key and known_hosts apply and host keys are
-checked here, in one place. The master's port is reached the same way, via direct-tcpip.
+checked here, in one place. The master's port is reached the same way, via direct-tcpip,
+and so is a probe of whether a host reaches an address (``reach``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 WINDOW = 2**27  # a large SSH window: images stream through these channels
 CHUNK = 2**16
 MAX_CONNECTIONS = 8  # per host
+CONNECT_FAILED = 2  # SSH_OPEN_CONNECT_FAILED: the far side could not open the TCP connection
 
 
 def config_lookup(path: str | None) -> SSHLookup:
@@ -326,12 +328,18 @@ class SSHPool:
             assert transport is not None
             try:
                 return opener(transport)
-            except paramiko.ChannelException:
+            except paramiko.ChannelException as exc:
+                if exc.code == CONNECT_FAILED:
+                    raise
                 continue  # this connection is at sshd's session limit; try the next one
         raise paramiko.SSHException(f"no channel after {MAX_CONNECTIONS} connections")
 
     def docker_socket(self, host: Host) -> tuple[str, Forwarder]:
-        """A local unix socket that reaches the host's engine (``docker system dial-stdio``)."""
+        """A local unix socket that reaches the host's engine (``docker system dial-stdio``).
+
+        Logs in first, so SSH and host-key errors come out as they are.
+        """
+        self.client(host)
         command = dial_command(host.docker_host)
 
         def session(transport: paramiko.Transport) -> paramiko.Channel:
@@ -371,6 +379,27 @@ class SSHPool:
                 self._forwarders.append(Forwarder(listener, open_channel))
                 self._tunnels[key] = listener.getsockname()[:2]
             return self._tunnels[key]
+
+    def reach(self, host: Host, address: str, port: int, timeout: float) -> str | None:
+        """None when ``host`` can open a TCP connection to ``address:port``, else why not.
+
+        The connection closes without a byte sent; the master takes that for a probe.
+        """
+        if host.local:
+            try:
+                socket.create_connection((address, port), timeout).close()
+                return None
+            except OSError as exc:
+                return exc.strerror or str(exc) or type(exc).__name__
+        try:
+            channel = self.open(host, lambda t: t.open_channel(
+                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout))  # fmt: skip
+        except paramiko.ChannelException as exc:
+            return exc.text.lower() if exc.text else "connect failed"
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise _unreachable(host, exc) from exc
+        channel.close()
+        return None
 
     def close(self) -> None:
         """End every connection; threads still using the pool get HostError from now on."""

@@ -6,37 +6,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from . import engine
-from .cluster import Context, observe
-from .config import Host
+from .cluster import observe
+from .context import Context
 from .errors import DeployError, HostError
+from .observed import HostStatus, Observed, Status, stamp_seconds
 from .parallel import across
-from .planner import Observed
 from .specs import MASTER, WORKER
 
 RETRY_SECONDS = 3.0
-
-
-@dataclass(frozen=True)
-class HostStatus:
-    host: Host
-    containers: tuple[engine.ContainerRow, ...]
-    error: str | None
-
-
-@dataclass(frozen=True)
-class Status:
-    cluster: str
-    hosts: tuple[HostStatus, ...]
-    master: dict[str, Any] | None
-    master_error: str | None
-
-    @property
-    def healthy(self) -> bool:
-        return self.master_error is None and all(h.error is None for h in self.hosts)
 
 
 def status(ctx: Context) -> Status:
@@ -54,7 +33,7 @@ def status(ctx: Context) -> Status:
         error = "no master container; run 'deployctl up'"
     else:
         try:
-            with ctx.master().use(ctx.key(create=False)) as c:
+            with ctx.master.use(ctx.key(create=False)) as c:
                 view = c.status()
         except DeployError as exc:
             error = str(exc)
@@ -153,7 +132,7 @@ def _stream(
                 return
             # Resume after the last line seen, so nothing is printed twice; with no line
             # seen yet, from when following began, so that --tail is not printed again.
-            since = f"{engine.stamp_seconds(last) + 1e-6:.6f}" if last else since or f"{begun:.6f}"
+            since = f"{stamp_seconds(last) + 1e-6:.6f}" if last else since or f"{begun:.6f}"
             tail = None
     finally:
         out.put(None)

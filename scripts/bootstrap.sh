@@ -44,4 +44,4 @@ install_packages() {
 
 install_packages
 scripts/engine.sh start
-"$PY" -m deploy.images base --if-needed
+"$(dirname "$PY")/deployctl" base-image --if-needed >/dev/null

@@ -5,12 +5,16 @@
 #   scripts/engine.sh start|stop|status
 #
 # Its pidfile and log live in $ENGINE_RUN_DIR (default /run/scheduler-kit), never in git.
+# ENGINE_OWNER=TOKEN: `start` records TOKEN as the owner of a dockerd it starts, and `stop`
+# then ends the engine only if TOKEN started it (so `make test` stops only its own engine,
+# never one that `make cluster-up` or a developer started before).
 # With DOCKER_HOST=unix:///some/other.sock, a second engine starts there with its exec-root in
 # ENGINE_RUN_DIR and its data in ENGINE_DATA_ROOT (a cold run beside a machine's engine).
 set -euo pipefail
 
 RUN_DIR=${ENGINE_RUN_DIR:-/run/scheduler-kit}
 PIDFILE=$RUN_DIR/dockerd.pid
+OWNERFILE=$RUN_DIR/dockerd.owner
 LOG=$RUN_DIR/dockerd.log
 DAEMON_ARGS=()
 case "${DOCKER_HOST:-}" in
@@ -49,7 +53,8 @@ start() {
     echo "engine: dockerd $(our_pid) is running but does not answer; see $LOG" >&2
     exit 1
   fi
-  rm -f "$PIDFILE"
+  rm -f "$PIDFILE" "$OWNERFILE"
+  if [ -n "${ENGINE_OWNER:-}" ]; then echo "$ENGINE_OWNER" >"$OWNERFILE"; fi
   echo "engine: starting dockerd (log: $LOG)" >&2
   # No bridge and no iptables: every container uses host networking, and an iptables-managing
   # engine would set FORWARD to DROP, which cuts the test bed's bridge (see ENVIRONMENT.md).
@@ -66,7 +71,10 @@ start() {
 
 stop() {
   local pid
-  pid=$(our_pid) || { rm -f "$PIDFILE"; return 0; }
+  if [ -n "${ENGINE_OWNER:-}" ] && [ "$(cat "$OWNERFILE" 2>/dev/null)" != "$ENGINE_OWNER" ]; then
+    return 0  # not started by this owner: someone else's engine stays
+  fi
+  pid=$(our_pid) || { rm -f "$PIDFILE" "$OWNERFILE"; return 0; }
   kill -TERM "$pid"
   for _ in $(seq 1 120); do
     [ -d "/proc/$pid" ] || break
@@ -76,7 +84,7 @@ stop() {
     echo "engine: dockerd $pid did not stop within 30 s; killing it" >&2
     kill -KILL "$pid" 2>/dev/null || true
   fi
-  rm -f "$PIDFILE"
+  rm -f "$PIDFILE" "$OWNERFILE"
 }
 
 status() {

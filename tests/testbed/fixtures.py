@@ -1,8 +1,10 @@
 """Session fixtures of the test bed, imported by tests/conftest.py.
 
 ``docker_engine``: the machine's engine (started by scripts/engine.sh if none answers, and
-stopped at the end only if that script started it). ``role_images``: the master and slave
-images, built by deploy.images (skipped when up to date). ``testbed``: three namespaced hosts
+stopped at the end only if this session started it: an engine found running, say the one
+``make cluster-up`` started, stays). Under ``make test`` (ENGINE_OWNER set) make itself stops
+the engine it started once pytest is done. ``role_images``: the master and slave images,
+built by ``deploy.build`` (skipped when up to date). ``testbed``: three namespaced hosts
 with their own engines and sshd. ``loopback_testbed``: three 127.0.0.x hosts on one sshd and
 the machine's engine. Each is torn down at the end of the session if the session started it,
 and the namespaced bed's tear-down is checked to leave nothing behind.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,24 +40,36 @@ def remove_labelled(client: docker.DockerClient, label: str = TEST_LABEL) -> Non
         volume.remove(force=True)
 
 
+def engine_script(command: str, owner: str) -> None:
+    subprocess.run([str(ENGINE_SCRIPT), command], check=True,
+                   env={**os.environ, "ENGINE_OWNER": owner})
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[docker.DockerClient]:
-    subprocess.run([str(ENGINE_SCRIPT), "start"], check=True)
+    outer = os.environ.get("ENGINE_OWNER")  # make test: make stops the engine it started
+    owner = outer or f"pytest-{os.getpid()}-{time.time_ns()}"
+    engine_script("start", owner)
     client = docker.from_env(timeout=120)
     remove_labelled(client)
     yield client
     remove_labelled(client)
     client.close()
-    if os.environ.get("TESTBED_KEEP_ENGINE") != "1":
-        subprocess.run([str(ENGINE_SCRIPT), "stop"], check=True)  # only a dockerd it started
+    if outer is None and os.environ.get("TESTBED_KEEP_ENGINE") != "1":
+        engine_script("stop", owner)  # ends the engine only if this session started it
 
 
 @pytest.fixture(scope="session")
 def role_images(docker_engine: docker.DockerClient) -> dict[str, str]:
     """role -> image reference (the content-hash tag) of freshly built or up-to-date images."""
-    from deploy.images import build_images
+    from deploy.build import build_images
+    from deploy.engine import Engines
 
-    built = build_images(docker_engine, out=sys.stderr)
+    engines = Engines()
+    try:
+        built = build_images(engines, sys.stderr)
+    finally:
+        engines.close()
     return {image.role: f"{image.repository}:{image.tags[1]}" for image in built}
 
 

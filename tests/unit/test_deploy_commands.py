@@ -13,7 +13,9 @@ import pytest
 from deploy import config, keyfile, render, specs
 from deploy.errors import DeployError, HostError, PartialFailure
 from deploy.keyfile import Secret
-from deploy.planner import Observed, Remove, Ship, Start, plan_up
+from deploy.observed import Observed
+from deploy.planner import Remove, Start, plan_up
+from deploy.shipplan import Ship
 from deploy.ssh import dial_command, known_hosts_entry
 
 KEY = Secret("super-secret-key-" + "x" * 20)
@@ -86,12 +88,12 @@ def test_dry_run_plan_masks_the_key() -> None:
 
 def test_dry_run_says_which_hosts_receive_which_images() -> None:
     other, unbuilt = "sha256:" + "c" * 64, specs.ImageRef("scheduler-slave:latest", specs.UNBUILT)
-    ships = [Ship("h1", (IMAGES.master, IMAGES.slave), (None, other)),
+    ships = [Ship("h1", (IMAGES.master, IMAGES.slave), (None, other), (), (0, 2), (3, 3)),
              Ship("h2", (unbuilt,), (None,)), Ship("h3", (), (), (IMAGES.slave,))]  # fmt: skip
     lines = render.plan(plan_up(make_config(), IMAGES, KEY, [], 2, {}), ships).splitlines()
     assert lines[:3] == [
-        "h1: ship scheduler-master:hash-a aaaaaaaaaaaa (absent there), "
-        "scheduler-slave:hash-b bbbbbbbbbbbb (there: cccccccccccc)",
+        "h1: ship scheduler-master:hash-a aaaaaaaaaaaa (absent there; 0 of 3 layers there), "
+        "scheduler-slave:hash-b bbbbbbbbbbbb (there: cccccccccccc; 2 of 3 layers there)",
         "h2: ship scheduler-slave:latest not built here yet (absent there)",
         "h3: name scheduler-slave:hash-b bbbbbbbbbbbb (there under another name)",
     ]  # fmt: skip
@@ -124,9 +126,9 @@ def test_authkey_environment_wins_and_short_or_open_keys_are_refused(tmp_path: P
     path = tmp_path / "c.authkey"
     assert keyfile.resolve(path, {"SCHEDULER_AUTHKEY": "e" * 20}, create=True).reveal() == "e" * 20
     assert not path.exists()
-    with pytest.raises(DeployError, match="shorter than 16") as caught:
-        keyfile.resolve(path, {"SCHEDULER_AUTHKEY": "short"}, create=True)
-    assert "short" not in str(caught.value).replace("shorter", "")
+    with pytest.raises(DeployError, match="too short; use at least 16") as caught:
+        keyfile.resolve(path, {"SCHEDULER_AUTHKEY": "tiny-key"}, create=True)
+    assert "tiny-key" not in str(caught.value)
     path.write_text("k" * 30)
     path.chmod(0o644)
     with pytest.raises(DeployError, match="chmod 600"):

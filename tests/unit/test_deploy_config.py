@@ -192,3 +192,30 @@ def test_hosts_flag_replaces_the_file_hosts_and_keeps_the_rest(tmp_path: Path) -
 def test_the_example_inventory_is_valid() -> None:
     cfg = config.load(ROOT / "cluster.example.toml", ENV, ssh_reader())
     assert cfg.master.host == cfg.hosts[0].name
+
+
+def test_an_ssh_alias_in_hosts_resolves_to_its_hostname_for_everything() -> None:
+    """`--hosts "h1 h2"` with `Host h1 / HostName 10.0.0.1` in ~/.ssh/config: containers and
+    tunnels use 10.0.0.1, never the alias (which no container resolves)."""
+    aliases = {"h1": {"hostname": "10.0.0.1"}, "h2": {"hostname": "10.0.0.2", "port": "2202"}}
+    cfg = load(config.hosts_override({}, "h1 h2"), aliases)
+    assert [h.address for h in cfg.hosts] == ["10.0.0.1", "10.0.0.2"]
+    assert cfg.master.advertise == "10.0.0.1:8888"
+    h2 = cfg.host("h2").ssh
+    assert h2 is not None and (h2.hostname, h2.port) == ("10.0.0.2", 2202)
+
+
+def test_the_inventory_address_and_advertise_win_over_ssh_config() -> None:
+    aliases = {"h1": {"hostname": "10.0.0.1"}}
+    data = {"hosts": [{"name": "h1", "address": "192.0.2.7"}]}
+    assert load(data, aliases).host("h1").address == "192.0.2.7"
+    data = {"hosts": [{"name": "h1"}], "master": {"advertise": "master.lan"}}
+    assert load(data, aliases).master.advertise == "master.lan:8888"
+
+
+def test_defaults_shared_with_the_scheduler_come_from_its_settings() -> None:
+    from scheduler.settings import DEFAULT_GRACE_SECONDS, DEFAULT_PORT
+
+    cfg = load({"hosts": [{"name": "h1"}]})
+    assert cfg.master.port == DEFAULT_PORT
+    assert cfg.workers.grace_seconds == DEFAULT_GRACE_SECONDS

@@ -10,17 +10,15 @@ import pytest
 from deploy import config
 from deploy.errors import DeployError
 from deploy.keyfile import Secret
+from deploy.observed import Observed
 from deploy.planner import (
     Create,
-    Observed,
     Remove,
     RemoveVolume,
-    Ship,
     Start,
     images_needed,
     place,
     plan_down,
-    plan_ship,
     plan_up,
     state_volume,
 )  # fmt: skip
@@ -190,21 +188,3 @@ def test_images_go_only_where_new_containers_run_them() -> None:
     world = run(actions, [])
     stopped = [Observed(**{**o.__dict__, "state": "exited"}) for o in world]
     assert images_needed(plan_up(THREE, IMAGES, KEY, stopped, 2, {})) == {}  # restarts: no images
-
-
-def test_ship_plan_sends_what_a_host_lacks_by_id_and_names_what_it_has() -> None:
-    needed = {h: (IMAGES.master, IMAGES.slave) if h == "h1" else (IMAGES.slave,)
-              for h in ("h1", "h2", "h3", "h4")}  # fmt: skip
-    other = "sha256:" + "c" * 64
-    found = {  # reference -> (id under that name there, whether its id is there at all)
-        "h1": {IMAGES.master.ref: (IMAGES.master.id, True), IMAGES.slave.ref: (None, False)},
-        "h2": {IMAGES.slave.ref: (other, False)},  # same name, another build
-        "h3": {IMAGES.slave.ref: (IMAGES.slave.id, True)},
-        "h4": {IMAGES.slave.ref: (None, True)},  # the image, under another tag
-    }
-    assert plan_ship(needed, found) == [
-        Ship("h1", (IMAGES.slave,), (None,)),
-        Ship("h2", (IMAGES.slave,), (other,)),
-        Ship("h4", (), (), (IMAGES.slave,)),
-    ]  # fmt: skip
-    assert plan_ship(needed, {"h3": found["h3"]}) == []  # unreachable hosts are not in found

@@ -1,4 +1,4 @@
-"""deploy.images: content hash, tags, build context and the build-output reader, no engine."""
+"""deploy.imagekit: content hash, tags, build context and the build-output reader, no engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import DeployError
-from deploy.images import (
+from deploy.imagekit import (
+    BUILD_DEFAULTS,
+    KIT,
     BuildPlan,
     ContextFile,
     ImageError,
@@ -52,7 +54,8 @@ def test_tags_are_version_hash_and_latest() -> None:
 def test_plan_carries_names_buildargs_and_labels() -> None:
     plan = BuildPlan("slave", "my-slave", "0.1.0", "scheduler-base:bookworm", "sha256:b", FILES)
     assert plan.tags == ("0.1.0", f"hash-{plan.content_hash}", "latest")
-    assert plan.buildargs == {"BASE_IMAGE": "scheduler-base:bookworm", "VERSION": "0.1.0"}
+    assert plan.buildargs == {"BASE_IMAGE": "scheduler-base:bookworm", "VERSION": "0.1.0",
+                              **BUILD_DEFAULTS}  # fmt: skip
     assert plan.labels["org.scheduler-kit.content-hash"] == plan.content_hash
 
 
@@ -77,10 +80,22 @@ def test_role_context_holds_dockerfile_kit_scheduler_and_cloudpickle() -> None:
 
 
 def test_role_context_names_a_missing_input(tmp_path: Path) -> None:
-    (tmp_path / "images" / "master").mkdir(parents=True)
-    (tmp_path / "images" / "master" / "Dockerfile").write_text("FROM x\n")
-    with pytest.raises(ImageError, match="images/common.*is missing"):
+    (tmp_path / "master").mkdir(parents=True)
+    (tmp_path / "master" / "Dockerfile").write_text("FROM x\n")
+    with pytest.raises(ImageError, match="common.*is missing"):
         role_context("master", "0.1.0", tmp_path)
+
+
+def test_the_defaults_baked_into_the_images_are_the_schedulers() -> None:
+    """One truth per fact: the port and the drain grace come from scheduler.settings."""
+    from scheduler.settings import DEFAULT_GRACE_SECONDS, DEFAULT_PORT
+
+    assert BUILD_DEFAULTS["SCHEDULER_PORT"] == str(DEFAULT_PORT)
+    assert int(BUILD_DEFAULTS["STOP_TIMEOUT"]) > DEFAULT_GRACE_SECONDS
+    for role in ("master", "slave"):
+        text = (KIT / role / "Dockerfile").read_text()
+        assert "8888" not in text.replace("ARG SCHEDULER_PORT=8888", "")
+        assert "LEASE" not in text and "GRACE_SECONDS=" not in text
 
 
 def test_version_comes_from_pyproject(tmp_path: Path) -> None:

@@ -1,77 +1,108 @@
-"""Talking to the running master through the scheduler's client (directly or over SSH).
+"""The master link: talking to the running master through the scheduler's client.
 
-Scheduler errors become MasterError here, and nowhere else.
+The one module that imports the scheduler's client; scheduler errors become MasterError here,
+and nowhere else. The master is reached directly when an authenticated connection to its
+advertised address succeeds quickly from here, else through a tunnel to its host's loopback
+(made by the SSH adapter and handed in as ``Tunnel``). Reaching it never costs a refused
+handshake in the master's log: the only connections made are real, authenticated ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from scheduler import AuthError, Client, ConnectError, SchedulerError
 
-from .config import Config
+from .config import Config, Host
 from .errors import MasterError
 from .keyfile import Secret
-from .ssh import SSHPool
 
-PROBE_TIMEOUT = 2.0
+DIRECT_TIMEOUT = 3.0  # how long a direct connection may take before the tunnel is used
+LOOPBACK = "127.0.0.1"  # the master binds 0.0.0.0 or 127.0.0.1: its host reaches it here
 LOOK = "see 'deployctl status' and 'deployctl logs master'"
 Connect = Callable[..., Client]  # called as Client(master=..., authkey=...)
-Probe = Callable[[str, int], bool]
-
-
-def _reachable(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), PROBE_TIMEOUT):
-            return True
-    except OSError:
-        return False
+Tunnel = Callable[[Host, str, int], tuple[str, int]]  # (host, address there, port) -> local
 
 
 class MasterLink:
     """A command's one client of the master: opened on first use, reused, closed at the end.
 
     Opening a scheduler client makes several manager connections, each with its handshake,
-    so ``up`` no longer opens one to ask who is busy, one to wait and one for the table.
-    The master is reached directly when its port answers here, else through an SSH tunnel;
-    once the port has answered it is not probed again (each probe is a refused handshake in
-    the master's log).
+    so ``up`` does not open one to ask who is busy, one to wait and one for the table.
     """
 
-    def __init__(
-        self, config: Config, pool: SSHPool, connect: Connect = Client, probe: Probe = _reachable
-    ) -> None:
+    def __init__(self, config: Config, tunnel: Tunnel, connect: Connect = Client,
+                 direct_timeout: float = DIRECT_TIMEOUT) -> None:  # fmt: skip
         self.config = config
-        self.pool = pool
+        self._tunnel = tunnel
         self._connect = connect
-        self._probe = probe
+        self._direct_timeout = direct_timeout
         self._client: Client | None = None
-        self._direct = False
+        self._route: str | None = None  # the endpoint that worked
 
     @property
     def subject(self) -> str:
         return f"master on {self.config.master.host} ({self.config.master.advertise})"
 
-    def endpoint(self) -> str:
-        """``host:port`` at which this machine reaches the master: direct, or an SSH tunnel."""
-        master = self.config.master
-        address, _, port = master.advertise.rpartition(":")
-        if not self._direct:
-            self._direct = master.tunnel == "never" or self.config.master_host.local or (
-                master.tunnel == "auto" and self._probe(address, int(port)))  # fmt: skip
-        if self._direct:
-            return master.advertise
-        local, local_port = self.pool.tunnel(self.config.master_host, address, int(port))
-        return f"{local}:{local_port}"
-
     def open(self, key: Secret) -> Client:
         if self._client is None:
-            self._client = self._connect(master=self.endpoint(), authkey=key.reveal())
+            self._client = self._open(key)
         return self._client
+
+    def _open(self, key: Secret) -> Client:
+        master, host = self.config.master, self.config.master_host
+        if self._route is not None:
+            return self._connect(master=self._route, authkey=key.reveal())
+        if host.local:
+            route = f"{LOOPBACK}:{master.port}"
+        elif master.tunnel == "never":
+            route = master.advertise
+        else:
+            client = self._direct(key) if master.tunnel == "auto" else None
+            if client is not None:
+                self._route = master.advertise
+                return client
+            local, port = self._tunnel(host, LOOPBACK, master.port)
+            route = f"{local}:{port}"
+        client = self._connect(master=route, authkey=key.reveal())
+        self._route = route  # only a route that worked is kept (a master starting refuses)
+        return client
+
+    def _direct(self, key: Secret) -> Client | None:
+        """A client on the advertised address if one opens within the deadline, else None.
+
+        A wrong key is raised (a tunnel would not help); an attempt that outlives the
+        deadline is left to its thread, which closes what it gets too late.
+        """
+        box: list[Any] = []  # a client, or the exception its attempt raised
+        lock = threading.Lock()
+
+        def attempt() -> None:
+            try:
+                got: Any = self._connect(
+                    master=self.config.master.advertise, authkey=key.reveal())  # fmt: skip
+            except BaseException as exc:  # handed to the caller below
+                got = exc
+            with lock:
+                box.append(got)
+                late = len(box) > 1
+            if late and not isinstance(got, BaseException):
+                with contextlib.suppress(SchedulerError, OSError, EOFError):
+                    got.close()
+
+        worker = threading.Thread(target=attempt, daemon=True, name="master-direct")
+        worker.start()
+        worker.join(self._direct_timeout)
+        with lock:
+            first = box[0] if box else None
+            box.append(TimeoutError())  # anything arriving after this is late
+        if isinstance(first, AuthError):
+            raise first
+        return None if first is None or isinstance(first, BaseException) else first
 
     @contextlib.contextmanager
     def use(self, key: Secret) -> Iterator[Client]:
