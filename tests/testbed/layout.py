@@ -88,8 +88,9 @@ class Host:
 
     @property
     def ssh_url(self) -> str:
-        """The URL for docker-py (``use_ssh_client=False``) with HOME set to ``home``."""
-        return f"ssh://{self.ssh_user}@{self.address}:{self.ssh_port}"
+        """The URL for docker-py (``use_ssh_client=False``) with HOME set to ``home``: by the
+        alias, as a user writes it; ``~/.ssh/config`` gives the address, user and key."""
+        return f"ssh://{self.name}:{self.ssh_port}"  # docker-py puts 22 in when none is given
 
     @property
     def known_hosts_name(self) -> str:
@@ -127,11 +128,13 @@ def host_dir(layout: Layout, name: str) -> Path:
 
 
 def ssh_client_config(hosts: list[Host]) -> str:
-    """~/.ssh/config for both OpenSSH (``ssh -F``) and paramiko, by name and by address."""
+    """~/.ssh/config for both OpenSSH (``ssh -F``) and paramiko: each host by its alias only,
+    the way users name hosts (``Host tb1`` / ``HostName 10.213.47.11``), so nothing that
+    needs the address can get by with the name."""
     blocks = []
     for host in hosts:
         blocks.append(
-            f"Host {host.name} {host.address}\n"
+            f"Host {host.name}\n"
             f"  HostName {host.address}\n  Port {host.ssh_port}\n  User {host.ssh_user}\n"
             f"  IdentityFile {host.ssh_key}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {host.known_hosts}\n  StrictHostKeyChecking yes\n"

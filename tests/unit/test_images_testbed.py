@@ -35,7 +35,7 @@ def test_netns_hosts_have_own_address_socket_and_namespace() -> None:
     assert [h.address for h in hosts] == ["10.213.47.11", "10.213.47.12", "10.213.47.13"]
     assert hosts[1].docker_socket == Path("/r/net/tb2/docker.sock")
     assert hosts[1].docker_url == "unix:///r/net/tb2/docker.sock"
-    assert hosts[1].ssh_url == "ssh://root@10.213.47.12:22"
+    assert hosts[1].ssh_url == "ssh://tb2:22"  # the alias; ~/.ssh/config has the address
     assert hosts[1].netns == "sktb-tb2"
     assert hosts[1].known_hosts_name == "10.213.47.12"
     assert hosts[1].ssh_key == Path("/r/net/client/.ssh/id_ed25519")
@@ -52,11 +52,12 @@ def test_loopback_hosts_share_one_port_and_the_machine_engine() -> None:
 def test_client_config_is_what_paramiko_reads_for_docker_py(tmp_path: Path) -> None:
     host = netns_hosts(LAYOUT, 2)[1]
     config = paramiko.SSHConfig.from_text(ssh_client_config(netns_hosts(LAYOUT, 2)))
-    for name in (host.name, host.address):  # docker-py looks the URL's host up
-        found = config.lookup(name)
-        assert found["hostname"] == host.address and found["port"] == "22"
-        assert found["identityfile"] == [str(host.ssh_key)]
-        assert found["stricthostkeychecking"] == "yes"
+    found = config.lookup(host.name)  # docker-py and deployctl look the alias up
+    assert found["hostname"] == host.address and found["port"] == "22"
+    assert found["identityfile"] == [str(host.ssh_key)]
+    assert found["stricthostkeychecking"] == "yes"
+    # only the alias names the host, as users write it: the address alone finds nothing
+    assert "identityfile" not in config.lookup(host.address)
 
 
 def test_sshd_config_sets_the_hosts_docker_host_and_key_login_only() -> None:
