@@ -1,25 +1,44 @@
-"""The master's board: the pure state machine of queue, leases, retries and cancels.
+"""The master's board: the pure state machine of queue, leases, liveness and cancels.
 
 No I/O, no threads, no sleeping: the clock is injected, callers hold the lock.
-A job is handed out under a *lease* (a number unique across restarts). The worker
-that holds it keeps it alive by being heard from; when a worker has been silent
-for ``lease_seconds`` its jobs go back to the queue, or fail once they used up
-their attempts. An outcome is applied only if it carries the job's current lease,
-so a worker presumed dead cannot report a job that was handed out again.
+
+The rules it enforces:
+
+* A job is handed out under a *lease*, a number never used twice, even across master
+  restarts (the master reserves ranges in the journal before using them; leases below
+  ``first_lease`` were handed out by an earlier master).
+* A lease ends only when its job finishes, when its slave hands it back, or when its
+  slave is declared dead: silent for ``lease_seconds``. Never because of the job's age:
+  a slave that is heard from keeps every job it holds, however long they run.
+* A slave says what it holds (its *claims*) when it registers and with every heartbeat.
+  The master keeps a claim it can verify (the current lease; or a job still queued whose
+  lease the claimant got from an earlier master, or before it was declared dead: the run
+  is adopted, not repeated) and tells the slave to drop any other. A job the master
+  thinks a slave holds, handed out in a reply the slave says it took in, but that the
+  slave does not claim, was lost in transit and goes back to the queue.
+* An outcome is applied only from the slave that holds the job's lease, once.
+* After a master restart, running jobs stay running: their slaves get ``lease_seconds``
+  (and a reconnect allowance) to come back and claim them.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import UnknownJob, UnknownWorker
 from .job import Job, JobSpec, State
+from .protocol import Holding, Lease, Outcome, Reply
 
 STEAL_SECONDS = 0.2  # less queued work than this is not worth a round trip to move
+RECONNECT_SECONDS = 15.0  # after a master restart, how long slaves get to come back
+
+NOTHING = Holding()  # a slave that holds no job
+
+__all__ = ["Board", "Holding", "Journaled", "Lease", "Outcome", "Reply", "Worker"]
 
 
 class Journaled(NamedTuple):
@@ -29,30 +48,6 @@ class Journaled(NamedTuple):
     counts: dict[str, int]
     max_id: int
     max_lease: int
-
-
-class Lease(NamedTuple):
-    """A job as handed to a slave."""
-
-    job_id: int
-    lease: int
-    kind: str
-    payload: tuple
-    timeout: float | None
-
-
-class Outcome(NamedTuple):
-    """What a slave reports for one lease."""
-
-    job_id: int
-    lease: int
-    ok: bool
-    result: bytes | None = None
-    error: str | None = None
-    exit_code: int | None = None
-    stdout: str | None = None
-    stderr: str | None = None
-    duration: float = 0.0
 
 
 @dataclass(slots=True)
@@ -65,10 +60,13 @@ class Worker:
     pid: int = 0
     concurrency: int = 0
     draining: bool = False
+    registered: bool = True  # False: ran jobs before a master restart, not back yet
     avg_seconds: float = 0.0  # moving average of its jobs' run times
     held: dict[int, int] = field(default_factory=dict)  # job id -> lease
+    batch: dict[int, int] = field(default_factory=dict)  # job id -> the lease call's seq
     waiting: set[int] = field(default_factory=set)  # held but not started, at the last heartbeat
-    cancels: set[int] = field(default_factory=set)
+    last_seq: int = -1  # the last lease call, to answer a retried one with the same jobs
+    last_handed: list[int] = field(default_factory=list)
 
     def view(self) -> dict:
         return {
@@ -77,6 +75,7 @@ class Worker:
             "pid": self.pid,
             "concurrency": self.concurrency,
             "draining": self.draining,
+            "connected": self.registered,
             "running": sorted(j for j in self.held if j not in self.waiting),
             "waiting": sorted(j for j in self.held if j in self.waiting),  # prefetched
             "last_heartbeat": self.last_seen,
@@ -88,8 +87,10 @@ class Board:
         self,
         *,
         clock: Callable[[], float] = time.time,
-        lease_seconds: float = 30.0,
+        lease_seconds: float = 6.0,
         max_attempts: int = 3,
+        first_lease: int = 1,
+        lease_ceiling: int | None = None,
     ) -> None:
         self.clock = clock
         self.lease_seconds = lease_seconds
@@ -100,47 +101,63 @@ class Board:
         self.dirty: set[int] = set()  # jobs changed since the journal last saw them
         self.hungry: set[str] = set()  # workers that asked for work and found none
         self.total = 0  # jobs ever submitted, in memory or only in the journal
+        self.first_lease = first_lease  # leases below were handed out by an earlier master
+        self.lease_ceiling = lease_ceiling  # the highest lease reserved in the journal
+        self.finished_total = 0  # jobs that ever reached a final state here (a position)
+        self.func_refs: Counter[str] = Counter()  # function digest -> unfinished jobs calling it
         self._finished: deque[int] = deque()  # finished job ids, oldest first
+        self._evicted_total = 0  # how many of finished_total left memory
         self._queue: deque[int] = deque()
         self._next_id = 1
-        self._next_lease = 1
+        self._next_lease = first_lease
 
     # -- loading -------------------------------------------------------------
 
     def restore(self, jobs: Iterable[Job], stored: Journaled | None = None) -> int:
-        """Load jobs from the journal; jobs that were running go back to the queue.
+        """Load jobs from the journal; return how many are running on slaves to come back.
 
-        ``stored`` describes the whole journal when only part of it was loaded (finished
-        jobs beyond the in-memory window stay on disk but still count).
+        Running jobs stay running: the master went away, not the slaves. Each slave that
+        ran some gets a placeholder that expires like a silent slave, after
+        ``lease_seconds`` plus RECONNECT_SECONDS, unless it registers and claims them.
+        ``stored`` describes the whole journal when only part of it was loaded.
         """
         jobs = sorted(jobs, key=lambda j: j.id)
         if stored is None:
             last = jobs[-1].id if jobs else 0
             stored = Journaled(len(jobs), dict(Counter(str(j.state) for j in jobs)), last,
                                max((j.lease for j in jobs), default=0))  # fmt: skip
-        self._next_id, self._next_lease = stored.max_id + 1, stored.max_lease + 1
+        self._next_id = stored.max_id + 1
+        self.first_lease = self._next_lease = max(self.first_lease, stored.max_lease + 1)
         self.total = stored.total
         for state, n in stored.counts.items():
             self.counts[State(state)] += n
-        requeued = 0
+        running, back_by = 0, self.clock() + RECONNECT_SECONDS
         for job in jobs:
             self.jobs[job.id] = job
-            if job.state is State.RUNNING:
-                # The master went away, not the job: this hand-out does not count.
-                job.state, job.attempts, job.started = State.QUEUED, max(0, job.attempts - 1), None
-                self.counts[State.RUNNING] -= 1
-                self.counts[State.QUEUED] += 1
-                self.dirty.add(job.id)
-                requeued += 1
-            if job.state is State.QUEUED:
+            if job.kind == "python" and not job.state.terminal:
+                self.func_refs[job.payload[0]] += 1
+            if job.state is State.RUNNING and job.worker:
+                worker = self.workers.get(job.worker)
+                if worker is None:
+                    worker = self.workers[job.worker] = Worker(
+                        job.worker, last_seen=back_by, registered=False
+                    )
+                worker.held[job.id] = job.lease
+                worker.batch[job.id] = 0
+                running += 1
+            elif job.state is State.RUNNING:  # no slave on record: nobody can claim it
+                self._requeue(job, counted=False)
+            elif job.state is State.QUEUED:
                 self._queue.append(job.id)
             elif job.state.terminal:
                 self._finished.append(job.id)
-        return requeued
+                self.finished_total += 1
+        return running
 
     # -- clients -------------------------------------------------------------
 
-    def submit(self, specs: Iterable[JobSpec]) -> list[Job]:
+    def submit(self, specs: Iterable[JobSpec], publish: bool = True) -> list[Job]:
+        """Create queued jobs. With ``publish=False`` no slave gets them until ``publish``."""
         now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
         new = [
             # positional: this loop runs for every job submitted
@@ -163,11 +180,27 @@ class Board:
         self._next_id = first + len(new)
         ids = range(first, self._next_id)
         self.jobs.update(zip(ids, new, strict=True))
-        self._queue.extend(ids)
+        self.func_refs.update(j.payload[0] for j in new if j.kind == "python")
+        if publish:
+            self._queue.extend(ids)
         self.dirty.update(ids)
         self.counts[State.QUEUED] += len(new)
         self.total += len(new)
         return new
+
+    def publish(self, jobs: Iterable[Job]) -> None:
+        """Let slaves have jobs submitted with ``publish=False`` (now in the journal)."""
+        self._queue.extend(j.id for j in jobs if j.state is State.QUEUED)
+
+    def unsubmit(self, jobs: Iterable[Job]) -> None:
+        """Take back unpublished jobs that could not be saved: as if never submitted."""
+        for job in jobs:
+            if self.jobs.pop(job.id, None) is not None:
+                if job.kind == "python" and not job.state.terminal:
+                    self.func_refs[job.payload[0]] -= 1
+                self.counts[job.state] -= 1
+                self.total -= 1
+                self.dirty.discard(job.id)
 
     def get(self, job_id: int) -> Job:
         try:
@@ -176,58 +209,81 @@ class Board:
             raise UnknownJob(f"no job {job_id}; list jobs with 'scheduler jobs'") from None
 
     def cancel(self, job_id: int) -> Job:
-        """Cancel a queued or running job; a finished job is left as it is."""
+        """Cancel a queued or running job; a finished job is left as it is.
+
+        A running job's slave learns at its next heartbeat that its claim is void
+        and kills the run.
+        """
         job = self.get(job_id)
         if job.state is State.RUNNING and job.worker in self.workers:
-            worker = self.workers[job.worker]
-            worker.held.pop(job.id, None)
-            worker.cancels.add(job.id)
+            self.workers[job.worker].held.pop(job.id, None)
         if not job.state.terminal:
             self._finish(job, State.CANCELLED, error="cancelled by request")
         return job
 
     # -- slaves --------------------------------------------------------------
 
-    def register(self, name: str) -> Worker:
-        """A slave (re)joins; only registered workers are handed jobs."""
+    def register(self, name: str, holding: Holding = NOTHING) -> tuple[Worker, Reply]:
+        """A slave (re)joins with what it holds; only registered workers are handed jobs."""
         worker = self.workers.get(name)
         if worker is None:
             worker = self.workers[name] = Worker(name=name, last_seen=self.clock())
+        worker.registered = True
         worker.last_seen = self.clock()
-        return worker
+        worker.last_seq = -1
+        worker.draining = holding.draining
+        return worker, self._reconcile(worker, holding)
 
     def seen(self, name: str) -> Worker | None:
-        """Note that a worker was heard from; every call from a slave renews its leases."""
+        """Note that a worker was heard from; every call from a slave keeps its leases."""
         worker = self.workers.get(name)
-        if worker is not None:
+        if worker is not None and worker.registered:
             worker.last_seen = self.clock()
         return worker
 
-    def lease(self, name: str, n: int) -> list[Job]:
-        """Hand out up to ``n`` jobs to a registered worker that is not draining."""
+    def lease_room(self) -> int | None:
+        """How many leases are left below the reserved ceiling (None: no ceiling)."""
+        if self.lease_ceiling is None:
+            return None
+        return self.lease_ceiling - self._next_lease + 1
+
+    def lease(self, name: str, n: int, seq: int | None = None) -> list[Job]:
+        """Hand out up to ``n`` jobs to a registered worker that is not draining.
+
+        ``seq`` numbers the worker's lease calls: a call repeated with the same ``seq``
+        (its reply was lost and the call retried) gets the same jobs again.
+        """
         worker = self.seen(name)
-        if worker is None:
+        if worker is None or not worker.registered:
             raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
+        if seq is not None and seq == worker.last_seq:
+            return [self.jobs[j] for j in worker.last_handed if j in worker.held]
         if worker.draining:
             return []
         if self.hungry - {name} and self._ahead(worker) > 0:
             # others wait with nothing: take no more than a slot's worth ahead
             n = min(n, max(0, max(1, worker.concurrency) - len(worker.held)))
-        now = self.clock()
+        room = self.lease_room()
+        if room is not None:
+            n = min(n, room)
+        now, batch = self.clock(), 0 if seq is None else seq
         handed: list[Job] = []
         while len(handed) < n and self._queue:
-            job = self.jobs[self._queue.popleft()]
-            if job.state is not State.QUEUED:
-                continue  # cancelled while waiting; removed lazily
+            job = self.jobs.get(self._queue.popleft())
+            if job is None or job.state is not State.QUEUED:
+                continue  # cancelled (and maybe evicted) while waiting; removed lazily
             job.state, job.worker, job.lease = State.RUNNING, name, self._next_lease
             job.attempts += 1
             job.started = now
             self._next_lease += 1
             worker.held[job.id] = job.lease
+            worker.batch[job.id] = batch
             self.dirty.add(job.id)
             handed.append(job)
         self.counts[State.QUEUED] -= len(handed)
         self.counts[State.RUNNING] += len(handed)
+        if seq is not None:
+            worker.last_seq, worker.last_handed = seq, [j.id for j in handed]
         if handed:
             self.hungry.discard(name)
         elif n > 0 and not self._queue:
@@ -252,18 +308,19 @@ class Board:
         return surplus if surplus * worker.avg_seconds >= STEAL_SECONDS else 0
 
     def complete(self, name: str, outcomes: Iterable[Outcome]) -> tuple[list[Job], int]:
-        """Apply outcomes that carry the current lease; return (finished jobs, rejected count)."""
+        """Apply outcomes from the holder of each lease; return (finished jobs, rejected)."""
         worker = self.seen(name)
         now = self.clock()
         finished, rejected = [], 0
         for out in outcomes:
             job = self.jobs.get(out.job_id)
-            if job is None or job.state is not State.RUNNING or job.lease != out.lease:
+            if job is None or not self.owns(name, job, out.lease):
                 rejected += 1
                 continue
             if worker is not None:
                 worker.held.pop(job.id, None)
                 worker.avg_seconds = 0.8 * worker.avg_seconds + 0.2 * out.duration
+            job.worker, job.lease = name, out.lease
             job.exit_code, job.stdout, job.stderr = out.exit_code, out.stdout, out.stderr
             job.result = out.result
             job.started = now - out.duration
@@ -271,78 +328,110 @@ class Board:
             finished.append(job)
         return finished, rejected
 
+    def owns(self, name: str, job: Job, lease: int) -> bool:
+        """Whether worker ``name`` holding ``lease`` may run and report ``job``."""
+        if job.state is State.RUNNING:
+            return job.lease == lease and job.worker == name
+        if job.state is State.QUEUED:
+            # requeued from this very lease (its slave was presumed dead, or a master
+            # restart forgot the hand-out): the run goes on, adopt it
+            return (lease == job.lease and job.worker == name) or (
+                job.lease < lease < self.first_lease
+            )
+        return False
+
     def release(self, name: str, leases: Iterable[tuple[int, int]]) -> list[Job]:
-        """Take jobs back from a draining worker; the interrupted hand-out does not count."""
+        """Take jobs back from a worker (drain, work stealing); the hand-out does not count."""
         worker = self.seen(name)
         back = []
         for job_id, lease in leases:
             job = self.jobs.get(job_id)
             if job is None or job.state is not State.RUNNING or job.lease != lease:
                 continue
+            if job.worker != name:
+                continue
             if worker is not None:
                 worker.held.pop(job_id, None)
-            job.attempts = max(0, job.attempts - 1)
-            self._requeue(job)
+            self._requeue(job, counted=False)
             back.append(job)
         return back
 
-    def heartbeat(
-        self,
-        name: str,
-        *,
-        draining: bool = False,
-        running: Iterable[int] | None = None,
-        waiting: Iterable[int] = (),
-    ) -> list[int] | None:
-        """Renew a worker's leases; return the running jobs it must kill (cancelled),
-        or None if the worker is not registered (it must register again).
+    def heartbeat(self, name: str, holding: Holding = NOTHING) -> Reply:
+        """Keep a worker's leases and reconcile what it says it holds with what we think.
 
-        ``running`` and ``waiting`` are what the worker says it has. A job we think it
-        holds, handed out longer than a lease ago and absent from both, was lost in
-        transit (the reply to a lease call never arrived): it goes back to the queue.
-        Jobs still waiting do not count as an attempt if the worker dies.
+        ``Reply.known`` is False if the worker is not registered (it must register again).
         """
         worker = self.seen(name)
-        if worker is None:
-            return None
-        worker.draining = draining
-        worker.waiting = set(waiting)
-        if running is not None:
-            held = set(running) | worker.waiting
-            old = self.clock() - self.lease_seconds
-            for job_id in [j for j in worker.held if j not in held]:
-                job = self.jobs[job_id]
-                if job.started is not None and job.started < old:
-                    del worker.held[job_id]
-                    self._requeue(job)
-        cancels = sorted(worker.cancels)
-        worker.cancels.clear()
-        return cancels
+        if worker is None or not worker.registered:
+            return Reply(known=False)
+        worker.draining = holding.draining
+        return self._reconcile(worker, holding)
 
-    def forget(self, name: str) -> None:
-        """A worker said goodbye; anything it still held goes back to the queue."""
+    def _reconcile(self, worker: Worker, holding: Holding) -> Reply:
+        claims = dict(holding.held)
+        worker.waiting = set(holding.waiting)
+        drop, cancelled = [], []
+        for job_id, lease in claims.items():
+            if worker.held.get(job_id) == lease:
+                continue
+            job = self.jobs.get(job_id)
+            if job is not None and self.owns(worker.name, job, lease):
+                self._adopt(worker, job, lease)
+            else:
+                drop.append((job_id, lease))
+                if job is not None and job.state is State.CANCELLED:
+                    cancelled.append(job_id)
+        lost = [
+            j for j in worker.held
+            if j not in claims and worker.batch.get(j, 0) <= holding.fetched
+        ]  # fmt: skip
+        for job_id in lost:  # handed out, never arrived: not an attempt
+            del worker.held[job_id]
+            job = self.jobs.get(job_id)
+            if job is not None and job.state is State.RUNNING:
+                self._requeue(job, counted=False)
+        return Reply(True, tuple(drop), tuple(cancelled))
+
+    def _adopt(self, worker: Worker, job: Job, lease: int) -> None:
+        if job.state is State.QUEUED:
+            self.counts[State.QUEUED] -= 1
+            self.counts[State.RUNNING] += 1
+            job.state, job.started = State.RUNNING, self.clock()
+            job.attempts = max(job.attempts, 1)
+        job.worker, job.lease = worker.name, lease
+        worker.held[job.id] = lease
+        worker.batch[job.id] = 0
+        self.dirty.add(job.id)
+
+    def forget(self, name: str) -> list[Job]:
+        """A worker said goodbye; anything it still held goes back, not counted."""
         self.hungry.discard(name)
         worker = self.workers.pop(name, None)
-        if worker is not None:
-            for job_id in list(worker.held):
-                job = self.jobs[job_id]
-                job.attempts = max(0, job.attempts - 1)
-                self._requeue(job)
+        back = []
+        for job_id in list(worker.held) if worker else []:
+            job = self.jobs.get(job_id)
+            if job is not None and job.state is State.RUNNING:
+                self._requeue(job, counted=False)
+                back.append(job)
+        return back
 
     def expire(self) -> list[Job]:
-        """Requeue (or fail) the jobs of workers silent for longer than the lease."""
+        """Requeue (or fail) the jobs of workers silent for longer than ``lease_seconds``."""
         deadline = self.clock() - self.lease_seconds
         changed = []
         for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
             del self.workers[worker.name]
             self.hungry.discard(worker.name)
             for job_id in worker.held:
-                job = self.jobs[job_id]
+                job = self.jobs.get(job_id)
+                if job is None or job.state is not State.RUNNING:
+                    continue
                 if job_id in worker.waiting:  # it never started there
                     job.attempts = max(0, job.attempts - 1)
                 if job.attempts >= job.max_attempts:
                     reason = (
-                        f"worker {worker.name} stopped answering (lease expired); "
+                        f"worker {worker.name} stopped answering "
+                        f"(silent for {self.lease_seconds:g}s); "
                         f"gave up after {job.attempts} attempts"
                     )
                     self._finish(job, State.FAILED, error=reason)
@@ -355,17 +444,25 @@ class Board:
 
     def take_dirty(self) -> list[Job]:
         """The jobs changed since the last call, for the journal."""
-        jobs = [self.jobs[i] for i in self.dirty]
+        jobs = [self.jobs[i] for i in self.dirty if i in self.jobs]
         self.dirty.clear()
         return jobs
 
-    def select(self, state: State | None = None, limit: int | None = None) -> list[Job]:
-        jobs = (j for j in self.jobs.values() if state is None or j.state is state)
+    def select(
+        self, state: State | None = None, limit: int | None = None, after: int = 0
+    ) -> list[Job]:
+        """Jobs in memory by id, from the first after ``after``, at most ``limit``."""
+        jobs: Iterator[Job]
+        if after <= 0:
+            jobs = iter(self.jobs.values())
+        else:
+            jobs = (self.jobs[i] for i in range(after + 1, self._next_id) if i in self.jobs)
         out = []
         for job in jobs:
-            out.append(job)
-            if limit is not None and len(out) >= limit:
-                break
+            if state is None or job.state is state:
+                out.append(job)
+                if limit is not None and len(out) >= limit:
+                    break
         return out
 
     def status(self) -> dict:
@@ -377,7 +474,10 @@ class Board:
 
     # -- transitions ---------------------------------------------------------
 
-    def _requeue(self, job: Job) -> None:
+    def _requeue(self, job: Job, counted: bool = True) -> None:
+        """Back to the queue, first in line. ``counted=False``: the hand-out was no attempt."""
+        if not counted:
+            job.attempts = max(0, job.attempts - 1)
         self.counts[job.state] -= 1
         self.counts[State.QUEUED] += 1
         job.state, job.started = State.QUEUED, None
@@ -389,23 +489,25 @@ class Board:
     ) -> None:
         self.counts[job.state] -= 1
         self.counts[state] += 1
+        if job.kind == "python":
+            self.func_refs[job.payload[0]] -= 1
         job.state, job.error = state, error
         job.ended = self.clock() if now is None else now
         self.dirty.add(job.id)
         self._finished.append(job.id)
+        self.finished_total += 1
 
-    def evict(self, keep: int) -> int:
+    def evict(self, keep: int, saved: int | None = None) -> int:
         """Drop the oldest finished jobs beyond ``keep`` from memory; the journal has them.
 
-        Call after their last change went to the journal (not dirty any more).
+        ``saved``: how many of ``finished_total`` are known to be in the journal; only
+        those may go (default: all).
         """
+        saved = self.finished_total if saved is None else saved
         dropped = 0
-        while len(self._finished) > keep:
-            job = self.jobs.get(self._finished[0])
-            if job is not None and (job.id in self.dirty or not job.journaled):
-                break  # not written yet; next time
-            self._finished.popleft()
+        while len(self._finished) > keep and self._evicted_total < saved:
+            job = self.jobs.pop(self._finished.popleft(), None)
+            self._evicted_total += 1
             if job is not None:
-                del self.jobs[job.id]
                 dropped += 1
         return dropped

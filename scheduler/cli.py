@@ -123,7 +123,7 @@ def cmd_slave_health(args: argparse.Namespace) -> int:
         age = time.time() - os.stat(cfg.health_file).st_mtime
     except OSError:
         raise SchedulerError(f"slave not connected yet ({cfg.health_file} missing)") from None
-    limit = 3 * max(0.2, cfg.lease_seconds / 4)
+    limit = max(cfg.lease_seconds, 3 * (cfg.heartbeat_seconds or cfg.lease_seconds / 3))
     if age > limit:
         raise SchedulerError(f"slave has not heard from the master for {age:.0f}s")
     return 0

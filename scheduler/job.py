@@ -40,7 +40,10 @@ class JobSpec(NamedTuple):
     max_attempts: int | None = None
 
 
-def validate(spec: Any, funcs: dict[str, bytes]) -> JobSpec:
+MAX_TIMEOUT = 365 * 86400.0  # a year: beyond it a timeout is a mistake, not a plan
+
+
+def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None) -> JobSpec:
     """Check a spec from the wire; raise SubmitError with a message a user can act on."""
     if not isinstance(spec, tuple) or len(spec) != len(JobSpec._fields):
         raise SubmitError(
@@ -54,14 +57,18 @@ def validate(spec: Any, funcs: dict[str, bytes]) -> JobSpec:
         raise SubmitError(f"malformed {spec.kind} payload")
     if spec.kind == "shell":
         _validate_command(*spec.payload)
-    elif not (isinstance(spec.payload[0], str) and spec.payload[0] in funcs):
+    elif not (isinstance(spec.payload[0], str) and (spec.payload[0] in (sent or ())
+                                                   or spec.payload[0] in known)):
         raise SubmitError("python job refers to a function that was not sent with it")
     elif not isinstance(spec.payload[1], bytes):
         raise SubmitError("python job arguments must be a pickled blob")
     if spec.timeout is not None and not (
-        isinstance(spec.timeout, (int, float)) and spec.timeout > 0  # noqa: UP038 (faster)
+        type(spec.timeout) in (int, float) and 0 < spec.timeout <= MAX_TIMEOUT
     ):
-        raise SubmitError(f"timeout must be a positive number of seconds, got {spec.timeout!r}")
+        raise SubmitError(
+            f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f} "
+            f"(a year), got {spec.timeout!r}; leave it out for no limit"
+        )
     if spec.max_attempts is not None and not (
         isinstance(spec.max_attempts, int) and spec.max_attempts >= 1
     ):

@@ -1,8 +1,11 @@
 """The journal: jobs persisted to SQLite (WAL) so a master restart loses nothing.
 
-One writer thread owns the connection. Callers hand it rows (in the order the
-board changed them) and, when they must, wait until those rows are committed;
-everything queued meanwhile goes into the same transaction (group commit).
+One writer thread owns the connection. Callers hand it entries (rows, in the order the
+board changed them) and, when they must, wait until those are committed; everything
+queued meanwhile goes into the same transaction (group commit). A write that fails
+(disk full, a read-only or vanished directory) is kept and retried, in order, until it
+succeeds; meanwhile ``failing`` says why, and a caller that cannot wait (a submit) may
+``abandon`` its entry if it was not written yet. Nothing counts as saved before COMMIT.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .board import Journaled
@@ -21,7 +26,9 @@ from .job import Job, State
 log = logging.getLogger(__name__)
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+LEASE_BLOCK = 1 << 24  # leases reserved per journal write (about 11 minutes at 25k jobs/s)
+RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing write
 _FIXED = "id, kind, func, args, name, labels, timeout, max_attempts, submitted"
 _CHANGING = (
     "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr"
@@ -38,23 +45,44 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE TABLE IF NOT EXISTS funcs (digest TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (run TEXT NOT NULL, item INTEGER NOT NULL, worker TEXT,
+                                  at REAL);
+"""
+
+
+def safe_text(text: str | None) -> str | None:
+    """``text`` as SQLite (UTF-8) can store it: lone surrogates become ``\\udcff`` escapes.
+
+    Such surrogates are what Python makes of bytes that are not UTF-8 (file names,
+    a program's output read with ``surrogateescape``).
+    """
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _changing(job: Job) -> tuple:
     return (
-        str(job.state), job.attempts, job.worker, job.lease, job.started, job.ended,
-        job.exit_code, job.result, job.error, job.stdout, job.stderr,
+        str(job.state), job.attempts, safe_text(job.worker), job.lease, job.started, job.ended,
+        job.exit_code, job.result, safe_text(job.error), safe_text(job.stdout),
+        safe_text(job.stderr),
     )  # fmt: skip
 
 
 def _fixed(job: Job) -> tuple:
     if job.kind == "python":  # (function digest, pickled arguments) as they came
         func, args = job.payload
-    else:  # a shell command stays readable with the sqlite3 tool
+    else:  # a shell command stays readable with the sqlite3 tool; \udcxx survive JSON
         func, args = None, json.dumps(job.payload).encode()
     labels = json.dumps(job.labels) if job.labels else None
-    return (job.id, job.kind, func, args, job.name, labels, job.timeout, job.max_attempts,
-            job.submitted)  # fmt: skip
+    return (job.id, job.kind, func, args, safe_text(job.name), labels, job.timeout,
+            job.max_attempts, job.submitted)  # fmt: skip
 
 
 def _row_job(row: tuple) -> Job:
@@ -68,6 +96,16 @@ def _row_job(row: tuple) -> Job:
         lease=lease, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
         result=result, error=error, stdout=stdout, stderr=stderr, journaled=True,
     )  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: int
+    new: list[tuple] = field(default_factory=list)
+    changed: list[tuple] = field(default_factory=list)
+    funcs: list[tuple] = field(default_factory=list)
+    meta: list[tuple] = field(default_factory=list)
+    marks: list[tuple] = field(default_factory=list)
 
 
 class Journal:
@@ -85,10 +123,11 @@ class Journal:
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._read_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._pending: list[tuple[list[tuple], list[tuple], list[tuple]]] = []
+        self._pending: list[_Entry] = []
+        self._in_flight: list[_Entry] = []
         self._queued_seq = 0
         self._done_seq = 0
-        self._error: BaseException | None = None
+        self._error: str | None = None  # why the last write failed, until one succeeds
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
@@ -97,31 +136,44 @@ class Journal:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
         if version == 0 and tables.fetchone()[0] == 0:
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.executescript(_SCHEMA + _SCHEMA_V2)
+        elif version == 1:  # 0.1: add the tables, keep every job
+            self._db.executescript(_SCHEMA_V2)
         elif version != SCHEMA_VERSION:
             self._db.close()
             raise JournalError(
                 f"journal {self.path} has format {version}, this master reads format "
                 f"{SCHEMA_VERSION}; finish its jobs with the matching version, or move it aside"
             )
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def load(self, keep_finished: int) -> tuple[list[Job], dict[str, bytes], Journaled]:
-        """Unfinished jobs, the ``keep_finished`` latest finished ones, and totals of all."""
-        unfinished = self._db.execute(
+        """Unfinished jobs, the ``keep_finished`` latest finished ones, totals of all, and
+        the bodies of the functions that unfinished jobs call.
+
+        ``Journaled.max_lease`` is the highest lease that may have been handed out.
+        """
+        unfinished = [_row_job(r) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'running')"
-        )
+        )]  # fmt: skip
         finished = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ('queued', 'running') "
             "ORDER BY id DESC LIMIT ?",
             (keep_finished,),
         )
-        jobs = [_row_job(r) for r in [*unfinished, *finished]]
-        funcs = dict(self._db.execute("SELECT digest, body FROM funcs"))
+        jobs = [*unfinished, *(_row_job(r) for r in finished)]
+        wanted = {j.payload[0] for j in unfinished if j.kind == "python"}
+        funcs = {
+            digest: body
+            for digest, body in self._db.execute("SELECT digest, body FROM funcs")
+            if digest in wanted
+        }
         counts = dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
         max_id, max_lease = self._db.execute(
             "SELECT coalesce(max(id), 0), coalesce(max(lease), 0) FROM jobs"
         ).fetchone()
+        reserved = self._db.execute("SELECT value FROM meta WHERE key = 'lease_ceiling'")
+        max_lease = max([max_lease, *(v for (v,) in reserved)])
         return jobs, funcs, Journaled(sum(counts.values()), counts, max_id, max_lease)
 
     def fetch(self, job_id: int) -> Job | None:
@@ -132,7 +184,30 @@ class Journal:
             ).fetchone()
         return _row_job(row) if row else None
 
-    def append(self, jobs: list[Job], funcs: dict[str, bytes] | None = None) -> int:
+    def func(self, digest: str) -> bytes | None:
+        """A function body by digest (the master keeps only those its open jobs use)."""
+        with self._read_lock:
+            row = self._reader.execute("SELECT body FROM funcs WHERE digest = ?", (digest,))
+            found = row.fetchone()
+        return found[0] if found else None
+
+    def marks(self, run: str) -> list[tuple[int, str, float]]:
+        """The (item, worker, time) marks recorded for a verify run, in order."""
+        with self._read_lock:
+            return list(self._reader.execute(
+                "SELECT item, worker, at FROM marks WHERE run = ? ORDER BY rowid", (run,)
+            ))  # fmt: skip
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(
+        self,
+        jobs: list[Job],
+        funcs: dict[str, bytes] | None = None,
+        *,
+        meta: dict[str, int] | None = None,
+        marks: list[tuple] | None = None,
+    ) -> int:
         """Queue the current state of these jobs for writing; return a ticket for wait().
 
         Call it under the lock that orders the changes: rows are taken now.
@@ -140,23 +215,53 @@ class Journal:
         new = [(*_fixed(j), *_changing(j)) for j in jobs if not j.journaled]
         changed = [(*_changing(j), j.id) for j in jobs if j.journaled]
         for job in jobs:
-            job.journaled = True
+            job.journaled = True  # the row exists, or is queued in front of its updates
         with self._cond:
-            self._pending.append((new, changed, list((funcs or {}).items())))
             self._queued_seq += 1
+            self._pending.append(_Entry(
+                self._queued_seq, new, changed, list((funcs or {}).items()),
+                list((meta or {}).items()), list(marks or ()),
+            ))  # fmt: skip
             self._cond.notify_all()
             return self._queued_seq
 
-    def wait(self, ticket: int) -> None:
-        """Block until everything up to ``ticket`` is committed."""
+    @property
+    def failing(self) -> str | None:
+        """Why the journal cannot write at the moment, or None."""
+        return self._error
+
+    def saved(self, ticket: int) -> bool:
+        return self._done_seq >= ticket
+
+    def wait(self, ticket: int, *, give_up: bool = False, timeout: float | None = None) -> bool:
+        """Block until the entry ``ticket`` (and all before it) is committed.
+
+        ``give_up``: raise JournalError as soon as a write fails instead of waiting for
+        the retries. Returns False if ``timeout`` passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._done_seq < ticket and self._error is None:
+            while self._done_seq < ticket:
+                if give_up and self._error is not None:
+                    raise JournalError(f"the journal cannot write ({self._error})")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def abandon(self, ticket: int) -> bool:
+        """Drop entry ``ticket`` if it is not written; False if it was (or is being) saved."""
+        with self._cond:
+            while any(e.seq == ticket for e in self._in_flight):
                 self._cond.wait()
-            if self._error is not None:
-                raise RuntimeError(f"journal write failed: {self._error}")
+            if self._done_seq >= ticket and not any(e.seq == ticket for e in self._pending):
+                return False
+            self._pending = [e for e in self._pending if e.seq != ticket]
+            return True
 
     def close(self) -> None:
-        """Write what is queued, then stop."""
+        """Write what is queued (give up after a few failed attempts), then stop."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -165,36 +270,57 @@ class Journal:
         self._db.close()
 
     def _run(self) -> None:  # the writer thread
+        failures = 0
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
-                batch, self._pending = self._pending, []
-                seq = self._queued_seq
-                if not batch and self._closing:
+                if not self._pending:
                     return
+                if self._closing and failures > len(RETRY_SECONDS):
+                    log.error("journal %s: stopping with %d unsaved change(s): %s",
+                              self.path, len(self._pending), self._error)  # fmt: skip
+                    return
+                self._in_flight, self._pending = self._pending, []
             try:
-                self._write(batch)
-            except sqlite3.Error as exc:  # disk full, permissions: say so, keep serving
-                log.error("journal %s: write failed: %s", self.path, exc)
+                self._write(self._in_flight)
+            except Exception as exc:  # disk full, permissions, anything: keep it, retry
+                failures += 1
                 with self._cond:
-                    self._error = exc
+                    if self._error is None:
+                        log.error("journal %s: write failed, retrying: %s", self.path, exc)
+                    self._error = f"{type(exc).__name__}: {exc}"
+                    self._pending[:0], self._in_flight = self._in_flight, []
                     self._cond.notify_all()
+                    delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1]
+                    self._cond.wait_for(lambda: self._closing, timeout=delay)
                 continue
             with self._cond:
-                self._done_seq = seq
-                self._error = None
+                if self._error is not None:
+                    log.warning("journal %s: writing again after %d failed attempt(s)",
+                                self.path, failures)  # fmt: skip
+                failures, self._error = 0, None
+                self._done_seq = self._in_flight[-1].seq
+                self._in_flight = []
                 self._cond.notify_all()
 
-    def _write(self, batch: list[tuple[list[tuple], list[tuple], list[tuple]]]) -> None:
-        self._db.execute("BEGIN")
+    def _write(self, entries: list[_Entry]) -> None:
+        db = self._db
+        db.execute("BEGIN")
         try:
-            for new, changed, funcs in batch:
-                if funcs:
-                    self._db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", funcs)
-                self._db.executemany(_INSERT, new)
-                self._db.executemany(_UPDATE, changed)
-            self._db.execute("COMMIT")
+            for e in entries:
+                if e.funcs:
+                    db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", e.funcs)
+                if e.new:
+                    db.executemany(_INSERT, e.new)
+                if e.changed:
+                    db.executemany(_UPDATE, e.changed)
+                if e.meta:
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", e.meta)
+                if e.marks:
+                    db.executemany("INSERT INTO marks VALUES (?, ?, ?, ?)", e.marks)
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise

@@ -9,9 +9,9 @@ import threading
 import time
 
 from . import entry, settings, transport
-from .board import Board
+from .board import RECONNECT_SECONDS, Board
 from .errors import SchedulerError
-from .journal import Journal
+from .journal import LEASE_BLOCK, Journal
 from .progress import Progress
 from .service import Service
 
@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scheduler master", description="Run the master.")
     p.add_argument("--bind", help="host:port to listen on (SCHEDULER_BIND, default 127.0.0.1:8888)")
     p.add_argument("--state-dir", help="journal directory (SCHEDULER_STATE_DIR)")
-    p.add_argument("--lease-seconds", type=float, help="SCHEDULER_LEASE_SECONDS (default 30)")
+    p.add_argument("--lease-seconds", type=float,
+                   help="silence after which a slave counts as dead (SCHEDULER_LEASE_SECONDS, "
+                        "default 6)")  # fmt: skip
     p.add_argument("--max-attempts", type=int, help="SCHEDULER_MAX_ATTEMPTS (default 3)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -32,10 +34,15 @@ def parser() -> argparse.ArgumentParser:
 def run(cfg: settings.Settings, stop: threading.Event) -> int:
     journal = Journal(cfg.state_dir)
     jobs, funcs, stored = journal.load(cfg.keep_finished)
-    board = Board(lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts)
-    requeued = board.restore(jobs, stored)
+    # lease numbers above any an earlier master may have used, reserved before use
+    ceiling = stored.max_lease + LEASE_BLOCK
+    journal.wait(journal.append([], meta={"lease_ceiling": ceiling}))
+    board = Board(lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts,
+                  first_lease=stored.max_lease + 1, lease_ceiling=ceiling)  # fmt: skip
+    running = board.restore(jobs, stored)
     progress = Progress(time.time, cfg.progress_seconds)
-    service = Service(board, journal, funcs, progress, keep_finished=cfg.keep_finished)
+    service = Service(board, journal, funcs, progress, keep_finished=cfg.keep_finished,
+                      heartbeat_seconds=cfg.heartbeat_seconds)  # fmt: skip
     try:
         server = transport.serve(service, cfg.bind, cfg.authkey.reveal())
     except SchedulerError:
@@ -43,10 +50,12 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
         raise
     threading.Thread(target=server.serve_forever, name="manager", daemon=True).start()
     host, port = server.address  # type: ignore[misc,str-unpack]
-    log.info("master listening on %s:%d; journal %s (%d jobs, %d requeued after restart)",
-             host, port, journal.path, stored.total, requeued)  # fmt: skip
+    log.info("master listening on %s:%d; journal %s (%d jobs, %d running on slaves that "
+             "have %.0fs to come back)", host, port, journal.path, stored.total, running,
+             cfg.lease_seconds + RECONNECT_SECONDS)  # fmt: skip
     while not stop.wait(TICK):
         service.tick()
+        server.refusals.flush()  # type: ignore[attr-defined]
     log.info("master stopping: refusing new work, flushing the journal")
     service.close()
     journal.close()

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from .board import Lease, Outcome
+from .protocol import Lease, Outcome
 
 
 class Tail:
@@ -158,26 +158,43 @@ def _child_main(conn: Any, limit: int, result_limit: int) -> None:
     """A slot's child process: run batches of calls, sending results in order.
 
     Results go back in small groups (at most RESULT_GAP apart) rather than one message
-    each: for tiny jobs the message, not the job, is the cost.
+    each: for tiny jobs the message, not the job, is the cost. Function bodies are kept
+    in a FUNC_CACHE-long LRU that the parent mirrors step for step (``_touch``), so the
+    parent knows which bodies to send without asking.
     """
     os.setsid()  # its own process group, so a kill takes whatever the job started
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    bodies: dict[str, bytes] = {}
-    loaded: OrderedDict[str, Any] = OrderedDict()
+    bodies: OrderedDict[str, bytes] = OrderedDict()
+    loaded: dict[str, Any] = {}
     while True:
         try:
             calls, funcs = conn.recv()
         except (EOFError, OSError):
             return
-        bodies.update(funcs)
+        for digest, _ in calls:
+            for gone in _touch(bodies, digest, funcs.get(digest)):
+                loaded.pop(gone, None)
         results, sent, last = [], time.monotonic(), len(calls) - 1
         for i, (digest, args_blob) in enumerate(calls):
             results.append(_call(bodies, loaded, digest, args_blob, limit, result_limit))
             if i == last or time.monotonic() - sent >= RESULT_GAP:
                 conn.send(results)
                 results, sent = [], time.monotonic()
+
+
+def _touch(lru: OrderedDict[str, Any], digest: str, value: Any) -> list[str]:
+    """Use ``digest`` in ``lru`` (adding ``value`` if it is new); return what fell out."""
+    if digest not in lru:
+        if value is None:
+            return []  # the call will say the body is missing
+        lru[digest] = value
+    lru.move_to_end(digest)
+    gone = []
+    while len(lru) > FUNC_CACHE:
+        gone.append(lru.popitem(last=False)[0])
+    return gone
 
 
 def _die_with_parent() -> None:
@@ -192,16 +209,16 @@ def _die_with_parent() -> None:
 
 
 def _call(
-    bodies: dict, loaded: OrderedDict, digest: str, args_blob: bytes, limit: int, result_limit: int
+    bodies: OrderedDict, loaded: dict, digest: str, args_blob: bytes, limit: int, result_limit: int
 ) -> tuple:
     started = time.monotonic()
     out, err = _TextTail(limit), _TextTail(limit)
     try:
         func = loaded.get(digest)
         if func is None:
+            if digest not in bodies:
+                raise LookupError(f"the slave lost the body of function {digest}; submit again")
             func = loaded[digest] = pickle.loads(bodies[digest])
-            if len(loaded) > FUNC_CACHE:
-                loaded.popitem(last=False)
         args, kwargs = pickle.loads(args_blob)
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
         try:
@@ -240,7 +257,7 @@ class PythonSlot:
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
-        self._sent: set[str] = set()
+        self._sent: OrderedDict[str, bool] = OrderedDict()  # mirrors the child's LRU
         self.current: Lease | None = None
         self._started = 0.0
         self._timed_out = False
@@ -254,7 +271,7 @@ class PythonSlot:
         )
         self._proc.start()
         child.close()
-        self._conn, self._sent = parent, set()
+        self._conn, self._sent = parent, OrderedDict()
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.pid:
@@ -275,9 +292,16 @@ class PythonSlot:
     ) -> list[Lease]:
         """Run a batch in order; report each outcome; return the leases never started."""
         self._ensure()
-        need = {lease.payload[0] for lease in batch} - self._sent
-        self._conn.send(([lease.payload for lease in batch], {d: funcs[d] for d in need}))
-        self._sent |= need
+        need: dict[str, bytes] = {}
+        for lease in batch:
+            digest = lease.payload[0]
+            if digest not in self._sent:
+                body = funcs.get(digest)
+                if body is None:
+                    continue  # the child says the body is missing, and keeps in step
+                need[digest] = body
+            _touch(self._sent, digest, True)
+        self._conn.send(([lease.payload for lease in batch], need))
         abort.arm(self.kill)
         i = 0
         try:
@@ -300,7 +324,7 @@ class PythonSlot:
         """The next group of results, or None if the child died (killed, crashed, timed out)."""
         self._started = time.monotonic()
         # poll() builds a selector each call: only pay for it when there is a deadline
-        self._timed_out = lease.timeout is not None and not self._conn.poll(lease.timeout)
+        self._timed_out = lease.timeout is not None and not self._ready(lease.timeout)
         if self._timed_out:
             self.kill()
             return None
@@ -309,6 +333,14 @@ class PythonSlot:
             return results
         except (EOFError, OSError):
             return None
+
+    def _ready(self, timeout: float) -> bool:
+        """Whether the child answers within ``timeout`` (any length: poll() takes int32 ms)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self._conn.poll(min(left, 86400.0)):
+                return True
+        return False
 
     def _death(self, lease: Lease, abort: Abort) -> Outcome:
         started, timed_out = self._started, self._timed_out

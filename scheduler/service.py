@@ -2,32 +2,47 @@
 
 Every public method here is callable by clients and slaves (see transport.EXPOSED).
 Slaves and clients long-poll: ``lease`` waits for work, ``collect`` waits for outcomes.
+
+Durability: ``submit`` returns once its jobs are in the journal (no slave sees them
+before); an outcome is acknowledged to its slave, and passed on to clients, once it is
+in the journal; a cancel returns once it is saved.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import __version__
-from .board import Board, Lease, Outcome
-from .errors import SchedulerError, ShuttingDown, SubmitError
+from . import __version__, protocol
+from .board import Board, Holding, Lease, Outcome, Reply
+from .errors import JournalError, SchedulerError, ShuttingDown, SubmitError, UnknownWorker
 from .job import Job, State, validate
-from .journal import Journal
+from .journal import LEASE_BLOCK, Journal, safe_text
 from .progress import Progress
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 30.0  # longest a long-poll may block, so dead peers' threads come back
 SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
+PAGE = 1000  # most jobs one `jobs` call returns
 
 
 def _outcome(job: Job) -> tuple:
     result = (job.stdout or "") if job.kind == "shell" else job.result
     return (job.id, str(job.state), result, job.error, job.exit_code)
+
+
+def _clean(out: Outcome) -> Outcome:
+    """An outcome whose texts the journal can store (non-UTF-8 output, file names)."""
+    if all(t is None or t.isascii() for t in (out.error, out.stdout, out.stderr)):
+        return out
+    return out._replace(error=safe_text(out.error), stdout=safe_text(out.stdout),
+                        stderr=safe_text(out.stderr))  # fmt: skip
 
 
 class Service:
@@ -39,13 +54,15 @@ class Service:
         progress: Progress,
         clock: Callable[[], float] = time.time,
         keep_finished: int = 100_000,
+        heartbeat_seconds: float | None = None,
     ) -> None:
         self._keep = keep_finished
         self._board = board
         self._journal = journal
-        self._funcs = funcs
+        self._funcs = funcs  # bodies of the functions that unfinished jobs call
         self._progress = progress
         self._clock = clock
+        self._heartbeat = heartbeat_seconds or max(0.2, board.lease_seconds / 3)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._done = threading.Condition(self._lock)
@@ -53,6 +70,8 @@ class Service:
         self._session_seen: dict[str, float] = {}
         self._closing = False
         self._started = clock()
+        self._saved_marks: list[tuple[int, int]] = []  # (ticket, board.finished_total)
+        self._doomed: set[str] = set()  # slaves `verify` asked to die
         progress.baseline(board.counts)
 
     # -- clients -------------------------------------------------------------
@@ -68,15 +87,15 @@ class Service:
         try:
             if not isinstance(specs, list) or not isinstance(funcs, dict):
                 raise SubmitError("submit takes a list of job specs; use scheduler.Client")
-            known = {**self._funcs, **funcs}
-            checked = [validate(spec, known) for spec in specs]
+            checked = [validate(spec, self._funcs, funcs) for spec in specs]
         except SubmitError as exc:
             log.warning("submit refused: %s", exc)
             raise
         with self._lock:
             if self._closing:
                 raise ShuttingDown("the master is shutting down; submit again once it is back")
-            jobs = self._board.submit(checked)
+            self._refuse_if_journal_fails()
+            jobs = self._board.submit(checked, publish=False)
             new_funcs = {d: b for d, b in funcs.items() if d not in self._funcs}
             self._funcs.update(new_funcs)
             if session is not None:
@@ -84,12 +103,33 @@ class Service:
                 for job in jobs:
                     job.session = session
             ticket = self._journal.append(self._board.take_dirty(), new_funcs)
+        try:
+            self._journal.wait(ticket, give_up=True)
+        except JournalError as exc:
+            if self._journal.abandon(ticket):
+                with self._lock:
+                    self._board.unsubmit(jobs)
+                    self._purge_funcs()
+                log.error("submit of %d job(s) refused: %s", len(jobs), exc)
+                raise SubmitError(
+                    f"{exc}; nothing was queued: free space in the master's state directory "
+                    "(SCHEDULER_STATE_DIR) and submit again"
+                ) from None
+        with self._lock:
+            self._board.publish(jobs)
             self._work.notify_all()
-        self._journal.wait(ticket)
         if not jobs:
             return (0, 0)
         log.debug("submitted %d jobs (%d..%d)", len(jobs), jobs[0].id, jobs[-1].id)
         return (jobs[0].id, len(jobs))
+
+    def _refuse_if_journal_fails(self) -> None:
+        why = self._journal.failing
+        if why is not None:
+            raise SubmitError(
+                f"the journal cannot write ({why}); nothing was queued: free space in the "
+                "master's state directory (SCHEDULER_STATE_DIR) and submit again"
+            )
 
     def watch(self, session: str, ids: list[int]) -> int:
         """Route outcomes of ``ids`` to ``session``; already finished ones are ready at once."""
@@ -139,71 +179,120 @@ class Service:
             self._board.get(job_id)  # raises UnknownJob with its message
         return old.info(with_result=with_result)  # type: ignore[union-attr]
 
-    def jobs(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    def jobs(
+        self, state: str | None = None, limit: int | None = None, after: int = 0
+    ) -> list[dict[str, Any]]:
+        """Jobs in memory by id after ``after``, at most ``limit`` (and PAGE) of them."""
         try:
             wanted = State(state) if state else None
         except ValueError:
             raise SubmitError(f"unknown state {state!r}; use one of {', '.join(State)}") from None
+        page = PAGE if limit is None else max(0, min(int(limit), PAGE))
         with self._lock:
-            return [j.info() for j in self._board.select(wanted, limit)]
+            return [j.info() for j in self._board.select(wanted, page, int(after))]
 
     def cancel(self, job_id: int) -> dict[str, Any]:
-        if job_id not in self._board.jobs:
-            return self.get(job_id)  # finished long ago, or unknown (raises)
         with self._lock:
-            before = self._board.get(job_id).state
-            job = self._board.cancel(job_id)
-            if job.state is State.CANCELLED and before is not State.CANCELLED:
+            if job_id not in self._board.jobs:
+                job = None
+            else:
+                before = self._board.get(job_id).state
+                job = self._board.cancel(job_id)
+                ticket = self._journal.append(self._board.take_dirty())
+        if job is None:
+            return self.get(job_id)  # finished long ago, or unknown (raises)
+        self._journal.wait(ticket)
+        if job.state is State.CANCELLED and before is not State.CANCELLED:
+            with self._lock:
                 self._route([job])
-        if before is not job.state:
             log.info("job %s cancelled (was %s)", job.label, before)
         return job.info()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
             status = self._board.status()
-        status.update(version=__version__, uptime=self._clock() - self._started)
+        status.update(
+            version=__version__, uptime=self._clock() - self._started,
+            lease_seconds=self._board.lease_seconds, heartbeat_seconds=self._heartbeat,
+            journal_error=self._journal.failing,
+        )  # fmt: skip
         return status
 
     # -- slaves --------------------------------------------------------------
 
-    def register(self, worker: str, host: str = "", pid: int = 0, concurrency: int = 0) -> dict:
+    def register(
+        self,
+        worker: str,
+        host: str = "",
+        pid: int = 0,
+        concurrency: int = 0,
+        holding: tuple = (),
+        version: int = 1,
+    ) -> dict:
+        """A slave joins, or comes back with the jobs it holds (after a master restart)."""
+        if version != protocol.VERSION:
+            raise SchedulerError(
+                f"slave {worker} speaks protocol {version}, this master {protocol.VERSION}; "
+                "run the same scheduler version on master and slaves"
+            )
         with self._lock:
-            record = self._board.register(worker)
-            self._work.notify_all()
+            record, reply = self._board.register(worker, Holding(*holding))
             record.host, record.pid, record.concurrency = host, pid, concurrency
-            record.draining = False
-        log.info("slave %s registered from %s (pid %s, %s processes)", worker, host, pid,
-                 concurrency)  # fmt: skip
-        lease = self._board.lease_seconds
-        return {"lease_seconds": lease, "heartbeat_seconds": max(0.2, lease / 4)}
+            self._work.notify_all()
+            kept = len(record.held)
+        log.info("slave %s registered from %s (pid %s, %s processes%s)", worker, host, pid,
+                 concurrency, f"; kept its {kept} running job(s)" if kept else "")  # fmt: skip
+        self._log_drops(worker, reply)
+        return {"lease_seconds": self._board.lease_seconds, "heartbeat_seconds": self._heartbeat,
+                "reply": tuple(reply)}  # fmt: skip
 
-    def lease(self, worker: str, n: int, wait: float = 0.0) -> tuple[list[Lease], dict[str, bytes]]:
+    def lease(
+        self, worker: str, n: int, wait: float = 0.0, seq: int | None = None
+    ) -> tuple[list[Lease], dict[str, bytes]]:
         """Hand out up to ``n`` jobs, waiting up to ``wait`` seconds for the first one."""
         deadline = self._clock() + min(max(wait, 0.0), MAX_WAIT)
+        n = max(0, int(n))
         with self._lock:
             while True:
-                jobs = [] if self._closing else self._board.lease(worker, max(0, int(n)))
+                if (room := self._board.lease_room()) is not None and room < n:
+                    self._reserve_leases()
+                jobs = [] if self._closing else self._board.lease(worker, n, seq)
                 remaining = deadline - self._clock()
-                draining = self._board.workers[worker].draining
-                if jobs or remaining <= 0 or self._closing or draining:
+                record = self._board.workers.get(worker)
+                if record is None:
+                    raise UnknownWorker(worker)
+                if jobs or remaining <= 0 or self._closing or record.draining:
                     break
                 self._work.wait(remaining)
+            digests = {j.payload[0] for j in jobs if j.kind == "python"}
+            funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
         self._progress.dispatched(jobs, worker)
         leases = [Lease(j.id, j.lease, j.kind, j.payload, j.timeout) for j in jobs]
-        digests = {j.payload[0] for j in jobs if j.kind == "python"}
-        return leases, {d: self._funcs[d] for d in digests}
+        return leases, funcs
+
+    def _reserve_leases(self) -> None:
+        """Reserve the next block of lease numbers in the journal before using any."""
+        ceiling = (self._board.lease_ceiling or 0) + LEASE_BLOCK
+        self._journal.wait(self._journal.append([], meta={"lease_ceiling": ceiling}))
+        self._board.lease_ceiling = ceiling
 
     def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int, int]:
-        """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves)."""
-        outs = [o if type(o) is Outcome else Outcome(*o) for o in outcomes]
+        """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves).
+
+        Returns once they are in the journal: a slave forgets a job only after that.
+        """
+        outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
             finished, rejected = self._board.complete(worker, outs)
-            self._route(finished)
+            ticket = self._journal.append(self._board.take_dirty())
             give_back = self._board.give_back(worker)
         if rejected:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
+        self._journal.wait(ticket)
+        if finished:
+            with self._lock:
+                self._route(finished)
         self._progress.finished(finished, worker)
         return len(finished), rejected, give_back
 
@@ -216,45 +305,90 @@ class Service:
             log.info("slave %s handed back %d job(s)", worker, len(back))
         return len(back)
 
-    def heartbeat(
-        self,
-        worker: str,
-        draining: bool = False,
-        running: list[int] | None = None,
-        waiting: list[int] | None = None,
-    ) -> dict[str, Any]:
+    def heartbeat(self, worker: str, holding: tuple = ()) -> tuple:
+        """Keep the slave's leases; reconcile its claims; see protocol.Reply."""
         with self._lock:
-            cancels = self._board.heartbeat(
-                worker, draining=draining, running=running, waiting=waiting or ()
-            )
-            give_back = self._board.give_back(worker)
+            reply = self._board.heartbeat(worker, Holding(*holding))
+            if reply.known:
+                reply = reply._replace(
+                    give_back=self._board.give_back(worker), exit=worker in self._doomed
+                )
             self._work.notify_all()
-        return {"cancel": cancels or [], "known": cancels is not None, "give_back": give_back}
+        self._log_drops(worker, reply)
+        return tuple(reply)
 
     def goodbye(self, worker: str) -> None:
         with self._lock:
-            self._board.forget(worker)
+            back = self._board.forget(worker)
             self._work.notify_all()
-        log.info("slave %s left", worker)
+        log.info("slave %s left%s", worker, f"; {len(back)} job(s) back in the queue" if back
+                 else "")  # fmt: skip
+
+    # -- `scheduler verify` ----------------------------------------------------
+
+    def mark(self, run: str, item: int, worker: str) -> None:
+        """A verify job records that it runs; returns once saved."""
+        with self._lock:
+            ticket = self._journal.append([], marks=[(str(run), int(item), str(worker),
+                                                      self._clock())])  # fmt: skip
+        self._journal.wait(ticket)
+
+    def marks(self, run: str) -> list[tuple[int, str, float]]:
+        return self._journal.marks(str(run))
+
+    def chaos(self, action: str, target: str = "") -> None:
+        """``verify``'s faults: ``kill-slave NAME`` (it exits as if killed at its next
+        heartbeat), ``crash-master`` (this process replaces itself without a clean stop,
+        as after kill -9 and an immediate restart)."""
+        if action == "kill-slave":
+            log.warning("verify: telling slave %s to die as if killed", target)
+            with self._lock:
+                self._doomed.add(target)
+        elif action == "crash-master":
+            log.warning("verify: crashing the master and starting it again")
+            threading.Thread(target=_reexec, name="crash", daemon=True).start()
+        else:
+            raise SchedulerError(f"unknown chaos action {action!r}")
 
     # -- housekeeping (called by the master, not over the wire) ----------------
 
     def tick(self) -> None:
-        """Expire lapsed leases, journal what changed, log progress, drop stale sessions."""
+        """Expire silent slaves, journal what changed, log progress, drop stale sessions."""
         with self._lock:
             changed = self._board.expire()
             if changed:
-                self._route([j for j in changed if j.state.terminal])
                 self._work.notify_all()
-            self._journal.append(self._board.take_dirty())
-            self._board.evict(self._keep)
+            ticket = self._journal.append(self._board.take_dirty())
+            self._saved_marks.append((ticket, self._board.finished_total))
+            self._evict()
             counts, total = dict(self._board.counts), self._board.total
             stale = self._clock() - SESSION_IDLE
             for session in [s for s, t in self._session_seen.items() if t < stale]:
                 del self._session_seen[session], self._outboxes[session]
+            if len(self._funcs) > 64:
+                self._purge_funcs()
         if changed:
+            self._journal.wait(ticket)
+            with self._lock:
+                self._route([j for j in changed if j.state.terminal])
             self._progress.requeued(changed, "its slave stopped answering")
         self._progress.tick(counts, total)
+
+    def _evict(self) -> None:
+        """Drop finished jobs beyond the window from memory once the journal has them."""
+        saved = 0
+        while self._saved_marks and self._journal.saved(self._saved_marks[0][0]):
+            saved = self._saved_marks.pop(0)[1]
+        if saved:
+            self._board.evict(self._keep, saved)
+
+    def _purge_funcs(self) -> None:
+        """Forget function bodies no unfinished job calls (the journal keeps them)."""
+        refs = self._board.func_refs
+        gone = [d for d in self._funcs if refs.get(d, 0) <= 0]
+        for digest in gone:
+            del self._funcs[digest]
+            refs.pop(digest, None)
 
     def close(self) -> None:
         """Refuse new work, wake every long-poll, write the last changes."""
@@ -264,7 +398,7 @@ class Service:
             self._done.notify_all()
             ticket = self._journal.append(self._board.take_dirty())
             counts, total = dict(self._board.counts), self._board.total
-        self._journal.wait(ticket)
+        self._journal.wait(ticket, timeout=10.0)
         self._progress.tick(counts, total, force=True)
 
     # -- internals -----------------------------------------------------------
@@ -272,6 +406,11 @@ class Service:
     def _touch_session(self, session: str) -> list[tuple]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
+
+    def _log_drops(self, worker: str, reply: Reply) -> None:
+        stale = len(reply.drop) - len(reply.cancelled)
+        if stale:
+            log.info("slave %s told to drop %d run(s) whose lease went elsewhere", worker, stale)
 
     def _route(self, jobs: Iterable[Job]) -> None:
         woke = False
@@ -288,6 +427,12 @@ class Service:
                     woke = True
         if woke:
             self._done.notify_all()
+
+
+def _reexec() -> None:
+    time.sleep(0.2)  # let the chaos call's reply go out
+    logging.shutdown()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 __all__ = ["Service", "SchedulerError"]

@@ -6,6 +6,7 @@ This module is the one boundary where socket and manager errors become ours.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 EXPOSED = (
     "ping", "submit", "collect", "watch", "get", "jobs", "cancel", "status",
     "register", "lease", "report", "release", "heartbeat", "goodbye",
+    "mark", "marks", "chaos",
 )  # fmt: skip
+HANDSHAKE_SECONDS = 5.0  # a peer that has not authenticated by then is dropped
+MAX_UNAUTHENTICATED = 64  # connections in their handshake at once; more are closed at once
+REFUSAL_LOG_SECONDS = 60.0  # refused connections are logged at most this often, counted
 SchedulerProxy = managers.MakeProxyType("SchedulerProxy", EXPOSED)  # type: ignore[attr-defined]
 
 
@@ -37,19 +42,101 @@ def _peer(conn: connection.Connection) -> str:
         return "unknown peer"
 
 
+class Refusals:
+    """Counts refused connections and logs them at most once a REFUSAL_LOG_SECONDS.
+
+    A connection closed before it sent a byte (a port probe, a health check) is no
+    attack and is only logged at debug level.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._peers: set[str] = set()
+        self._last = -REFUSAL_LOG_SECONDS
+
+    def note(self, reason: str, peer: str) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+            if len(self._peers) < 5:
+                self._peers.add(peer.rsplit(":", 1)[0])
+        self.flush()
+
+    def flush(self) -> None:
+        """Log what was counted, if the last line is old enough."""
+        with self._lock:
+            if not self._counts or self._clock() - self._last < REFUSAL_LOG_SECONDS:
+                return
+            counts, peers, self._counts, self._peers = self._counts, self._peers, {}, set()
+            self._last = self._clock()
+        what = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        log.warning("refused %d connection(s) (%s) from %s; slaves and clients need the "
+                    "master's SCHEDULER_AUTHKEY", sum(counts.values()), what,
+                    ", ".join(sorted(peers)))  # fmt: skip
+
+
+class _Deadline:
+    """Shuts a connection's socket down after ``seconds`` unless cancelled first."""
+
+    def __init__(self, conn: connection.Connection, seconds: float) -> None:
+        self.fired = False
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._sock.close()
+
+
 class _Server(managers.Server):
-    """The stdlib server, plus one log line for a peer that fails the handshake."""
+    """The stdlib server, hardened against peers that never authenticate.
+
+    A handshake has HANDSHAKE_SECONDS to finish; at most MAX_UNAUTHENTICATED run at once;
+    refused connections are counted and logged at most once a minute (``refusals``).
+    """
+
+    refusals = Refusals()
+    _unauthenticated = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
+
+    def accepter(self) -> None:
+        while True:
+            try:
+                c = self.listener.accept()  # type: ignore[attr-defined]
+            except OSError:
+                continue
+            if not self._unauthenticated.acquire(blocking=False):
+                self.refusals.note("over the limit of connections in handshake", _peer(c))
+                c.close()
+                continue
+            t = threading.Thread(target=self.handle_request, args=(c,), daemon=True)
+            t.start()
 
     def _handle_request(self, c: connection.Connection) -> None:
-        # Same as the stdlib's, except that a failed handshake (wrong key, garbage
-        # bytes, a port scanner) is logged once and the connection dropped quietly.
+        # Same as the stdlib's, except that the handshake has a deadline and a failed one
+        # (wrong key, garbage bytes, a silent peer, a port scanner) is counted, not logged
+        # line by line, and the connection dropped quietly.
+        try:
+            deadline = _Deadline(c, HANDSHAKE_SECONDS)
+        except OSError:
+            self._unauthenticated.release()
+            return
         try:
             connection.deliver_challenge(c, self.authkey)  # type: ignore[attr-defined]
             connection.answer_challenge(c, self.authkey)  # type: ignore[attr-defined]
         except (AuthenticationError, AssertionError, OSError, EOFError, ValueError) as exc:
-            reason = "wrong authkey" if isinstance(exc, AuthenticationError) else "bad handshake"
-            log.warning("connection from %s refused: %s", _peer(c), reason)
+            self._refused(c, exc, deadline.fired)
             return
+        finally:
+            deadline.cancel()
+            self._unauthenticated.release()
         funcname = None
         try:
             _, funcname, args, kwds = c.recv()
@@ -65,6 +152,17 @@ class _Server(managers.Server):
             c.send(msg)
         except OSError:
             pass
+
+    def _refused(self, c: connection.Connection, exc: BaseException, late: bool) -> None:
+        peer = _peer(c)
+        if isinstance(exc, AuthenticationError):
+            self.refusals.note("wrong authkey", peer)
+        elif late:
+            self.refusals.note(f"no handshake within {HANDSHAKE_SECONDS:g}s", peer)
+        elif isinstance(exc, EOFError):
+            log.debug("connection from %s closed before the handshake (a probe)", peer)
+        else:
+            self.refusals.note("bad handshake", peer)
 
 
 class MasterManager(managers.BaseManager):
@@ -132,6 +230,8 @@ def forget_connection(proxy: Any) -> None:
         del tls.connection
 
 
+MAX_RETRY_DELAY = 2.0  # seconds between reconnect attempts, at most: slaves come back fast
+
 # What a broken connection to the master looks like from a proxy call.
 _CONNECTION_ERRORS = (OSError, EOFError)
 
@@ -176,7 +276,7 @@ class Link:
                 log.warning("master at %s unreachable (%s); retrying in %.1fs (attempt %d)",
                             self._where(), type(exc).__name__, delay, attempt)  # fmt: skip
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def _given_up(self, started: float, attempt: int) -> bool:
         if self._stopping() and attempt > 3:
@@ -206,7 +306,7 @@ class Link:
                     raise
                 log.warning("%s; retrying in %.1fs (attempt %d)", exc, delay, attempt)
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def _drop(self, proxy: Any, generation: int) -> None:
         forget_connection(proxy)

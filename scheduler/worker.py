@@ -1,8 +1,13 @@
 """The slave's engine: fetch leases in batches, run them in slots, report in batches.
 
 Threads: one fetcher (long-polls the master for work while there is room), one
-reporter (sends outcomes as they come, batched under load), one heartbeat (renews
-leases, learns about cancels), and one thread per slot running jobs.
+reporter (sends outcomes as they come, batched under load, until the master has saved
+them), one heartbeat (says what the slave holds, learns what to drop; it beats until
+the slave says goodbye, draining included), and one thread per slot running jobs.
+
+A job stays in what the slave *holds* from the moment its lease arrives until the
+master has acknowledged its outcome, so there is no moment at which a heartbeat could
+make the master think a running or finishing job was lost.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .board import Lease, Outcome
-from .errors import AuthError, ConnectError, UnknownWorker
+from .errors import AuthError, ConnectError, SchedulerError, UnknownWorker
 from .progress import RateLimit
+from .protocol import VERSION, Holding, Lease, Outcome, Reply
 from .runner import Abort, PythonSlot, run_shell
 from .settings import Settings
 from .transport import Link
@@ -34,6 +39,7 @@ MAX_CHILD_BATCH = 16  # jobs sent to a child cannot be handed back: keep batches
 SHORT_JOB = 0.002  # seconds; jobs shorter than this on average are batched to the child
 LONG_POLL = 5.0
 REPORT_GAP = 0.002  # seconds; a slave busy with short jobs reports at most this often
+RETRY_SECONDS = 1.0  # after an unexpected error from the master
 
 
 class Worker:
@@ -47,11 +53,17 @@ class Worker:
         self._has_room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._queue: deque[Lease] = deque()
         self._funcs: dict[str, bytes] = {}
+        self._func_refs: dict[str, int] = {}  # digest -> leases held that call it
         # keyed by (job id, lease): after a master restart the same job can come twice
         self._running: dict[tuple[int, int], tuple[Lease, Abort, PythonSlot | None]] = {}
+        self._reporting: set[tuple[int, int]] = set()  # finished, not yet saved by the master
+        self._void: set[tuple[int, int]] = set()  # dropped by the master: never report
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._requeue: list[tuple[int, int]] = []
         self._draining = threading.Event()
+        self._gone = threading.Event()  # said goodbye: heartbeats stop
+        self._seq = 0  # numbers our lease calls
+        self._fetched = 0  # the last lease reply taken in
         self._avg = 0.0  # moving average of job run time, seconds
         self._slots = [
             PythonSlot(settings.output_limit, settings.result_limit)
@@ -61,12 +73,15 @@ class Worker:
         self._log_ok = RateLimit(time.time)
         self._done = 0
         self._failed = 0
-        self.heartbeat_seconds = 5.0
+        self.heartbeat_seconds = settings.heartbeat_seconds or settings.lease_seconds / 3
 
     # -- lifecycle -----------------------------------------------------------
 
     def run(self) -> int:
         """Serve until ``stop`` is set, then drain; returns the exit status."""
+        # what a job needs to find its master (a Client inside a job) and its slave
+        os.environ["SCHEDULER_MASTER"] = "{}:{}".format(*self.settings.master)
+        os.environ["SCHEDULER_WORKER_NAME"] = self.name
         self._register()
         threads = [threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{i}")
                    for i, s in enumerate(self._slots)]  # fmt: skip
@@ -80,35 +95,48 @@ class Worker:
         self._drain(threads, reporter, fetcher)
         return 0
 
+    def holding(self) -> Holding:
+        """What this slave holds, for register and heartbeats (see protocol.Holding)."""
+        with self._cond:
+            waiting = tuple(lease.job_id for lease in self._queue)
+            held = [(lease.job_id, lease.lease) for lease in self._queue]
+            held += [key for key in self._running if key not in self._void]
+            held += [key for key in self._reporting if key not in self._void]
+            return Holding(tuple(held), waiting, self._fetched, self._draining.is_set())
+
     def _register(self) -> None:
         info = self.link.call("register", self.name, socket.gethostname(), os.getpid(),
-                              self.concurrency)  # fmt: skip
-        self.heartbeat_seconds = info["heartbeat_seconds"]
+                              self.concurrency, tuple(self.holding()), VERSION)  # fmt: skip
+        self.heartbeat_seconds = self.settings.heartbeat_seconds or info["heartbeat_seconds"]
         log.info("slave %s connected to master %s:%d with %d processes", self.name,
                  *self.settings.master, self.concurrency)  # fmt: skip
+        self._apply(Reply(*info["reply"]))
         self._touch_health()
 
     def _drain(
         self, slots: list[threading.Thread], reporter: threading.Thread, fetcher: threading.Thread
     ) -> None:
         grace = self.settings.grace_seconds
-        log.info("slave %s draining: taking no new jobs, %.0fs grace for running ones",
-                 self.name, grace)  # fmt: skip
+        log.info("slave %s draining: taking no new jobs, %.0fs grace for running ones "
+                 "(Ctrl-C again to stop now and hand them back)", self.name, grace)  # fmt: skip
         with self._cond:
             self._draining.set()
-            unstarted = [(lease.job_id, lease.lease) for lease in self._queue]
+            unstarted = [lease for lease in self._queue]
             self._queue.clear()
             self._cond.notify_all()
             self._has_room.notify_all()
-        self._call_quietly("heartbeat", self.name, True)  # wakes our own long-poll, empty
+        for lease in unstarted:
+            self._unref(lease)
+        self._beat()  # tells the master we drain; wakes our own long-poll, empty
         fetcher.join(LONG_POLL + 1)  # whatever it still got, it hands back itself
         if unstarted:
-            self._call_quietly("release", self.name, unstarted)
+            self._call_quietly("release", self.name, [(x.job_id, x.lease) for x in unstarted])
             log.info("slave %s handed back %d unstarted job(s)", self.name, len(unstarted))
+        self._stop.clear()  # a second Ctrl-C / SIGTERM ends the grace period
         deadline = time.monotonic() + grace
         with self._cond:
-            while self._busy_slots and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
+            while self._busy_slots and time.monotonic() < deadline and not self._stop.is_set():
+                self._cond.wait(min(0.2, max(0.0, deadline - time.monotonic())))
             late = list(self._running.values())
         for _, abort, _ in late:
             abort("the slave drained past its grace period", requeue=True)
@@ -121,6 +149,7 @@ class Worker:
             log.info("slave %s requeued %d job(s) still running after the grace period",
                      self.name, len(self._requeue))  # fmt: skip
         self._call_quietly("goodbye", self.name)
+        self._gone.set()
         for slot in self._slots:
             slot.close()
         log.info("slave %s stopped: %d jobs done, %d failed", self.name, self._done, self._failed)
@@ -128,7 +157,7 @@ class Worker:
     def _call_quietly(self, method: str, *args: Any) -> Any:
         try:
             return self.link.call(method, *args)
-        except ConnectError as exc:
+        except SchedulerError as exc:
             log.warning("slave %s: %s during shutdown: %s", self.name, method, exc)
             return None
 
@@ -144,29 +173,63 @@ class Worker:
 
     def _fetch_loop(self) -> None:
         while not self._draining.is_set():
-            with self._cond:
-                while not self._draining.is_set() and self._room()[0] < self._room()[1]:
-                    self._has_room.wait(1.0)
-                want = self._room()[0]
-            if self._draining.is_set():
-                return
             try:
-                leases, funcs = self.link.call("lease", self.name, want, LONG_POLL)
-            except UnknownWorker:
-                if not self._draining.is_set():
-                    self._register()
-                continue
-            except ConnectError:
-                return
-            with self._cond:
-                self._funcs.update(funcs)
-                if self._draining.is_set():
-                    back = [(lease.job_id, lease.lease) for lease in leases]
-                    if back:
-                        self._call_quietly("release", self.name, back)
+                self._fetch_once()
+            except ConnectError as exc:
+                if self._draining.is_set() or self._stop.is_set():
                     return
+                log.warning("slave %s: fetching work: %s", self.name, exc)
+                time.sleep(RETRY_SECONDS)
+            except Exception as exc:  # whatever the master says, this thread goes on
+                log.error("slave %s: fetching work failed, retrying: %r", self.name, exc)
+                time.sleep(RETRY_SECONDS)
+
+    def _fetch_once(self) -> None:
+        with self._cond:
+            while not self._draining.is_set() and self._room()[0] < self._room()[1]:
+                self._has_room.wait(1.0)
+            want = self._room()[0]
+            self._seq += 1
+            seq = self._seq
+        if self._draining.is_set():
+            return
+        try:
+            leases, funcs = self.link.call("lease", self.name, want, LONG_POLL, seq)
+        except UnknownWorker:
+            if not self._draining.is_set():
+                self._register()
+            return
+        with self._cond:
+            self._fetched = seq
+            for digest, body in funcs.items():
+                self._funcs.setdefault(digest, body)
+            for lease in leases:
+                self._ref(lease)
+            if not self._draining.is_set():
                 self._queue.extend(leases)
                 self._cond.notify_all()
+                return
+        if leases:
+            for lease in leases:
+                self._unref(lease)
+            self._call_quietly("release", self.name, [(x.job_id, x.lease) for x in leases])
+
+    def _ref(self, lease: Lease) -> None:
+        if lease.kind == "python":
+            digest = lease.payload[0]
+            self._func_refs[digest] = self._func_refs.get(digest, 0) + 1
+
+    def _unref(self, lease: Lease) -> None:
+        """The slave is done with a lease: forget a function body nothing else calls."""
+        if lease.kind != "python":
+            return
+        digest = lease.payload[0]
+        left = self._func_refs.get(digest, 0) - 1
+        if left > 0:
+            self._func_refs[digest] = left
+        else:
+            self._func_refs.pop(digest, None)
+            self._funcs.pop(digest, None)
 
     # -- running -------------------------------------------------------------
 
@@ -198,13 +261,14 @@ class Worker:
             with self._cond:
                 for lease in batch:
                     self._running[lease.job_id, lease.lease] = (lease, abort, slot)
+                funcs = dict(self._funcs)
             self._log_start(batch)
             if batch[0].kind == "shell":
                 self._finish(run_shell(batch[0], self.settings.output_limit, abort), abort)
                 rest: list[Lease] = []
             else:
                 done = functools.partial(self._finish, abort=abort)
-                rest = slot.run(batch, self._funcs, abort, done)
+                rest = slot.run(batch, funcs, abort, done)
             with self._cond:
                 for lease in rest:
                     self._running.pop((lease.job_id, lease.lease), None)
@@ -216,21 +280,33 @@ class Worker:
                 self._cond.notify_all()
 
     def _finish(self, outcome: Outcome, abort: Abort) -> None:
+        key = (outcome.job_id, outcome.lease)
         with self._cond:
-            self._running.pop((outcome.job_id, outcome.lease), None)
+            entry = self._running.pop(key, None)
+            void = key in self._void
+            self._void.discard(key)
+            if not void and not abort.requeue:
+                self._reporting.add(key)  # held until the master has saved the outcome
+            elif entry is not None:
+                self._unref(entry[0])
             self._avg = (
                 outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
             )
             free, worth = self._room()
             if free >= worth:
                 self._has_room.notify()
+        if void:
+            return
         if abort.requeue:
-            self._requeue.append((outcome.job_id, outcome.lease))
+            self._requeue.append(key)
             return
         abort.reason = None  # the next job in a batch starts clean
         self._done += 1
         if not outcome.ok:
             self._failed += 1
+        if entry is not None:
+            with self._cond:
+                self._unref(entry[0])
         self._results.put(outcome)
         if self._log_ok():
             if outcome.ok:
@@ -269,51 +345,96 @@ class Worker:
                     break
                 batch.append(item)
             last = time.monotonic()
-            reply = self._call_quietly("report", self.name, batch)
-            if reply:
-                self._give_back(reply[2])
+            self._send_report(batch)
             if stop:
                 return
 
-    def _heartbeat_loop(self) -> None:
-        while not self._draining.wait(self.heartbeat_seconds):
-            with self._cond:
-                waiting = [lease.job_id for lease in self._queue]
-                running = [job_id for job_id, _ in self._running]
+    def _send_report(self, batch: list[Outcome]) -> None:
+        """Report until the master has them (or, stopping, until it cannot be reached)."""
+        while True:
             try:
-                reply = self.link.call("heartbeat", self.name, False, running, waiting)
-            except ConnectError:
-                continue
-            except AuthError as exc:
-                log.error("%s", exc)
-                continue
-            if not reply["known"]:
-                log.warning("master did not know slave %s (restarted, or it gave us up); "
-                            "registering again", self.name)  # fmt: skip
-                self._register()
-            self._cancel(reply["cancel"])
-            self._give_back(reply.get("give_back", 0))
-            self._touch_health()
+                reply = self.link.call("report", self.name, batch)
+                break
+            except ConnectError as exc:
+                if self._stop.is_set() or self._draining.is_set():
+                    log.warning("slave %s: %d outcome(s) not delivered: %s", self.name,
+                                len(batch), exc)  # fmt: skip
+                    reply = None
+                    break
+            except Exception as exc:
+                log.error("slave %s: reporting %d outcome(s) failed, retrying: %r", self.name,
+                          len(batch), exc)  # fmt: skip
+                time.sleep(RETRY_SECONDS)
+        with self._cond:
+            self._reporting.difference_update((o.job_id, o.lease) for o in batch)
+        if reply:
+            self._give_back(reply[2])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._gone.wait(self.heartbeat_seconds):
+            try:
+                self._beat()
+            except Exception as exc:  # the heartbeat must outlive anything the master says
+                log.error("slave %s: heartbeat failed: %r", self.name, exc)
+
+    def _beat(self) -> None:
+        try:
+            reply = Reply(*self.link.call("heartbeat", self.name, tuple(self.holding())))
+        except AuthError as exc:
+            log.error("%s", exc)
+            return
+        except ConnectError:
+            return
+        if not reply.known:
+            if self._gone.is_set():
+                return
+            log.warning("master did not know slave %s (restarted, or it gave us up); "
+                        "registering again with what we hold", self.name)  # fmt: skip
+            self._register()
+            return
+        self._apply(reply)
+        self._touch_health()
+
+    def _apply(self, reply: Reply) -> None:
+        if reply.exit:
+            log.error("slave %s: `scheduler verify` asked this slave to die now", self.name)
+            logging.shutdown()
+            os._exit(137)
+        self._drop(reply.drop, set(reply.cancelled))
+        if reply.give_back:
+            self._give_back(reply.give_back)
 
     def _give_back(self, n: int) -> None:
         """Hand the last ``n`` unstarted jobs back to the master for idle slaves."""
         with self._cond:
             back = [self._queue.pop() for _ in range(min(n, len(self._queue)))]
+            for lease in back:
+                self._unref(lease)
         if back:
             self._call_quietly("release", self.name, [(b.job_id, b.lease) for b in back])
             log.info("slave %s handed %d queued job(s) to idle slaves", self.name, len(back))
 
-    def _cancel(self, job_ids: list[int]) -> None:
+    def _drop(self, drops: tuple[tuple[int, int], ...], cancelled: set[int]) -> None:
+        """Stop runs the master no longer counts as ours; never report them."""
         with self._cond:
-            for job_id in job_ids:
-                for lease in [q for q in self._queue if q.job_id == job_id]:
+            for job_id, lease_no in drops:
+                key = (job_id, lease_no)
+                for lease in [q for q in self._queue if (q.job_id, q.lease) == key]:
                     self._queue.remove(lease)
-                for lease, abort, slot in self._running.values():
-                    if lease.job_id != job_id:
-                        continue
-                    if lease.kind == "shell" or (slot and slot.current is lease):
-                        log.info("job %d cancelled by request; killing it", job_id)
-                        abort("cancelled by request")
+                    self._unref(lease)
+                self._reporting.discard(key)
+                entry = self._running.get(key)
+                if entry is None:
+                    continue
+                self._void.add(key)
+                lease, abort, slot = entry
+                if lease.kind == "shell" or (slot and slot.current is lease):
+                    why = (
+                        "cancelled by request" if job_id in cancelled
+                        else "its lease went elsewhere"
+                    )  # fmt: skip
+                    log.info("job %d %s; killing it", job_id, why)
+                    abort(why)
 
     def _touch_health(self) -> None:
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from scheduler.board import Board, Outcome
+from scheduler.board import RECONNECT_SECONDS, Board, Holding, Outcome
 from scheduler.errors import UnknownJob, UnknownWorker
 from scheduler.job import JobSpec, State
 
@@ -75,13 +77,31 @@ def test_a_silent_worker_loses_its_jobs_after_the_lease(board, clock):
     assert again == [job] and job.attempts == 2 and job.worker == "w2"
 
 
-def test_heartbeats_and_any_call_renew_the_lease(board, clock):
-    board.submit([shell("x")])
+def claims(*jobs, waiting=(), fetched=10**9, draining=False) -> Holding:
+    """What a worker says it holds: these jobs under their current leases."""
+    return Holding(tuple((j.id, j.lease) for j in jobs), tuple(j.id for j in waiting),
+                   fetched, draining)  # fmt: skip
+
+
+def test_a_heard_from_worker_keeps_a_job_however_long_it_runs(board, clock):
+    (job,) = board.submit([shell("sleep", "3600")])
     take(board, "w1", 1)
-    for _ in range(5):
+    for _ in range(200):  # 200 heartbeats 20 s apart: far longer than the 30 s lease
         clock.now += 20
-        board.heartbeat("w1", running=[1])
+        assert board.heartbeat("w1", claims(job)).drop == ()
         assert board.expire() == []
+    assert job.state is State.RUNNING and job.attempts == 1
+    assert board.complete("w1", [ok(job)])[0] == [job]
+
+
+def test_a_finishing_job_is_not_requeued_while_its_outcome_travels(board, clock):
+    """The bug of 0.1: the slave forgot the job before the master had its outcome."""
+    (job,) = board.submit([shell("x")])
+    take(board, "w1", 1)
+    clock.now += 100
+    board.heartbeat("w1", claims(job))  # finished, report in flight: still claimed
+    assert job.state is State.RUNNING
+    assert board.complete("w1", [ok(job)])[0] == [job] and job.attempts == 1
 
 
 def test_a_late_outcome_from_a_lapsed_lease_is_rejected(board, clock):
@@ -94,6 +114,37 @@ def test_a_late_outcome_from_a_lapsed_lease_is_rejected(board, clock):
     assert board.complete("w1", [Outcome(job.id, old_lease, True)]) == ([], 1)
     assert job.state is State.RUNNING and job.worker == "w2"
     assert board.complete("w2", [ok(job)])[0] == [job]
+
+
+def test_an_outcome_only_counts_from_the_worker_holding_the_lease(board):
+    (job,) = board.submit([shell("x")])
+    take(board, "w1", 1)
+    board.register("w2")
+    assert board.complete("w2", [ok(job)]) == ([], 1)
+    assert job.state is State.RUNNING
+
+
+def test_a_worker_back_from_a_partition_keeps_a_job_nobody_took(board, clock):
+    (job,) = board.submit([shell("x")])
+    take(board, "w1", 1)
+    clock.now += 31
+    assert board.expire() == [job] and job.state is State.QUEUED
+    assert not board.heartbeat("w1", claims(job)).known  # it must register again
+    _, reply = board.register("w1", claims(job))
+    assert reply.drop == () and job.state is State.RUNNING and job.worker == "w1"
+    assert board.lease("w1", 1) == []  # not handed out a second time
+
+
+def test_a_worker_back_from_a_partition_drops_a_job_that_went_elsewhere(board, clock):
+    (job,) = board.submit([shell("x")])
+    take(board, "w1", 1)
+    old = job.lease
+    clock.now += 31
+    board.expire()
+    take(board, "w2", 1)
+    _, reply = board.register("w1", Holding(((job.id, old),)))
+    assert reply.drop == ((job.id, old),)
+    assert job.worker == "w2" and board.complete("w1", [Outcome(job.id, old, True)]) == ([], 1)
 
 
 def test_max_attempts_then_failed_with_the_reason(board, clock):
@@ -109,20 +160,29 @@ def test_max_attempts_then_failed_with_the_reason(board, clock):
 def test_jobs_only_waiting_on_a_dead_worker_do_not_use_an_attempt(board, clock):
     a, b = board.submit([shell("a", max_attempts=1), shell("b", max_attempts=1)])
     take(board, "w1", 2)
-    board.heartbeat("w1", running=[a.id], waiting=[b.id])
+    board.heartbeat("w1", claims(a, b, waiting=[b]))
     clock.now += 31
     board.expire()
     assert a.state is State.FAILED and b.state is State.QUEUED and b.attempts == 0
 
 
-def test_a_lease_lost_in_transit_is_reclaimed_by_heartbeat(board, clock):
+def test_a_lease_lost_in_transit_is_reclaimed_once_the_worker_says_it_took_the_reply(board):
     a, b = board.submit([shell("a"), shell("b")])
-    take(board, "w1", 2)  # pretend the reply carrying b never arrived
-    board.heartbeat("w1", running=[a.id])
-    assert b.state is State.RUNNING  # too recent to tell
-    clock.now += 31
-    board.heartbeat("w1", running=[a.id])
-    assert b.state is State.QUEUED and a.state is State.RUNNING
+    board.register("w1")
+    board.lease("w1", 1, seq=1)
+    board.lease("w1", 1, seq=2)  # the reply carrying b never arrived
+    board.heartbeat("w1", claims(a, fetched=1))
+    assert b.state is State.RUNNING  # the reply may still be on its way
+    board.heartbeat("w1", claims(a, fetched=3))  # a later reply arrived: b's was lost
+    assert b.state is State.QUEUED and b.attempts == 0 and a.state is State.RUNNING
+
+
+def test_a_retried_lease_call_gets_the_same_jobs(board):
+    board.submit([shell("a"), shell("b"), shell("c")])
+    board.register("w1")
+    first = board.lease("w1", 2, seq=7)
+    assert board.lease("w1", 2, seq=7) == first
+    assert [j.id for j in board.lease("w1", 2, seq=8)] == [3]
 
 
 def test_release_hands_back_without_counting_an_attempt(board):
@@ -143,15 +203,18 @@ def test_an_unknown_or_departed_worker_must_register_first(board):
     with pytest.raises(UnknownWorker):
         board.lease("w1", 1)
     # a late heartbeat does not bring it back: it has to register again
-    assert board.heartbeat("w1", running=[]) is None and "w1" not in board.workers
+    assert not board.heartbeat("w1").known and "w1" not in board.workers
     assert board.counts["queued"] == 1
 
 
-def test_a_draining_worker_gets_nothing(board):
-    board.submit([shell("a")])
-    board.register("w1")
-    board.heartbeat("w1", draining=True)
-    assert board.lease("w1", 1) == []
+def test_a_draining_worker_gets_nothing_and_keeps_what_runs(board, clock):
+    (a, _) = board.submit([shell("a"), shell("b")])
+    take(board, "w1", 1)
+    for _ in range(10):  # a grace period far longer than the lease
+        clock.now += 20
+        board.heartbeat("w1", claims(a, draining=True))
+        board.expire()
+    assert board.lease("w1", 1) == [] and a.state is State.RUNNING and a.attempts == 1
     assert len(take(board, "w2", 1)) == 1
 
 
@@ -162,11 +225,21 @@ def test_cancel_queued_and_running(board):
     assert [j.id for j in take(board, "w1", 5)] == [b.id]  # the cancelled one is skipped
     board.cancel(b.id)
     assert b.state is State.CANCELLED
-    assert board.heartbeat("w1") == [b.id]  # the worker is told to kill it
+    reply = board.heartbeat("w1", claims(b))
+    assert reply.drop == ((b.id, b.lease),) and reply.cancelled == (b.id,)  # kill it
     assert board.complete("w1", [ok(b)]) == ([], 1)
     assert board.cancel(b.id).state is State.CANCELLED  # idempotent
     with pytest.raises(UnknownJob, match="no job 99"):
         board.cancel(99)
+
+
+def test_cancelled_jobs_that_left_memory_do_not_break_the_queue(board):
+    jobs = board.submit([shell(str(i)) for i in range(30)])
+    for job in jobs[:10]:
+        board.cancel(job.id)
+    assert board.evict(keep=3) == 7
+    got = take(board, "w1", 30)
+    assert [j.id for j in got] == [j.id for j in jobs[10:]]
 
 
 def test_goodbye_requeues_what_the_worker_still_held(board):
@@ -176,18 +249,60 @@ def test_goodbye_requeues_what_the_worker_still_held(board):
     assert a.state is State.QUEUED and a.attempts == 0
 
 
-def test_restore_requeues_running_jobs_and_keeps_ids_and_leases_increasing(board, clock):
+def test_a_restarted_master_keeps_running_jobs_for_their_worker(board, clock):
     a, b, c = board.submit([shell("a"), shell("b"), shell("c")])
     take(board, "w1", 2)
     board.complete("w1", [ok(a)])
-    restored = Board(clock=clock)
+    restored = Board(clock=clock, lease_seconds=30, first_lease=b.lease + 1)
     assert restored.restore([a, b, c]) == 1
-    assert b.state is State.QUEUED and b.attempts == 0
-    assert [j.id for j in take(restored, "w2", 5)] == [b.id, c.id]
-    assert b.lease > a.lease
+    assert b.state is State.RUNNING and b.attempts == 1
+    assert [j.id for j in take(restored, "w2", 5)] == [c.id]  # b is not handed out again
+    _, reply = restored.register("w1", claims(b))
+    assert reply.drop == () and b.worker == "w1"
+    assert restored.complete("w1", [ok(b)])[0] == [b] and b.attempts == 1
     (d,) = restored.submit([shell("d")])
-    assert d.id == 4
-    assert restored.status()["counts"]["succeeded"] == 1
+    assert d.id == 4 and c.lease > b.lease
+
+
+def test_a_restarted_master_requeues_what_a_worker_does_not_claim(board, clock):
+    a, b = board.submit([shell("a"), shell("b")])
+    take(board, "w1", 2)
+    restored = Board(clock=clock, lease_seconds=30, first_lease=b.lease + 1)
+    restored.restore([a, b])
+    restored.register("w1", claims(a))  # b finished and was forgotten, or never started
+    assert a.state is State.RUNNING and b.state is State.QUEUED
+
+
+def test_a_restarted_master_gives_up_on_workers_that_do_not_come_back(board, clock):
+    (a,) = board.submit([shell("a")])
+    take(board, "w1", 1)
+    restored = Board(clock=clock, lease_seconds=30, first_lease=a.lease + 1)
+    restored.restore([a])
+    clock.now += 31
+    assert restored.expire() == []  # slaves get time to reconnect
+    clock.now += RECONNECT_SECONDS
+    assert restored.expire() == [a] and a.state is State.QUEUED
+
+
+def test_a_lease_the_journal_never_saw_is_adopted_not_repeated(board, clock):
+    """Handed out, then the master died before saving it: the journal says queued."""
+    (a,) = board.submit([shell("a")])
+    saved = copy.copy(a)  # what the journal had
+    take(board, "w1", 1)
+    restored = Board(clock=clock, lease_seconds=30, first_lease=a.lease + 100)
+    restored.restore([saved])
+    _, reply = restored.register("w1", Holding(((a.id, a.lease),)))
+    assert reply.drop == () and saved.state is State.RUNNING and saved.lease == a.lease
+    assert restored.complete("w1", [ok(a)])[0] == [saved]
+
+
+def test_leases_stop_at_the_reserved_ceiling(clock):
+    board = Board(clock=clock, first_lease=5, lease_ceiling=7)
+    board.submit([shell(str(i)) for i in range(5)])
+    assert [j.lease for j in take(board, "w1", 5)] == [5, 6, 7]
+    assert board.lease_room() == 0 and board.lease("w1", 1) == []
+    board.lease_ceiling = 100
+    assert [j.lease for j in board.lease("w1", 5)] == [8, 9]
 
 
 def test_take_dirty_returns_each_changed_job_once(board):
@@ -200,8 +315,8 @@ def test_take_dirty_returns_each_changed_job_once(board):
 
 def test_work_stealing_gives_prefetched_jobs_to_idle_workers(board):
     jobs = board.submit([shell(str(i)) for i in range(10)])
-    board.register("busy").concurrency = 2
-    board.register("idle").concurrency = 2
+    board.register("busy")[0].concurrency = 2
+    board.register("idle")[0].concurrency = 2
     assert len(board.lease("busy", 10)) == 10  # prefetched while jobs looked tiny
     board.complete("busy", [ok(jobs[0], duration=0.001)])
     assert board.lease("idle", 4) == [] and board.give_back("busy") == 0  # not worth moving
@@ -221,9 +336,8 @@ def test_finished_jobs_beyond_the_window_leave_memory_but_still_count(board):
     board.register("w")
     for job in board.lease("w", 5):
         board.complete("w", [ok(job)])
-    assert board.evict(keep=2) == 0  # not journaled yet: kept
-    for job in board.take_dirty():
-        job.journaled = True
-    assert board.evict(keep=2) == 3
+    assert board.evict(keep=2, saved=0) == 0  # not journaled yet: kept
+    assert board.evict(keep=2, saved=2) == 2  # the first two finished are saved
+    assert board.evict(keep=2, saved=5) == 1
     assert sorted(board.jobs) == [jobs[3].id, jobs[4].id]
     assert board.status()["counts"]["succeeded"] == 5 and board.status()["total"] == 5

@@ -91,7 +91,7 @@ def test_a_journal_of_another_format_is_refused_clearly(tmp_path):
     db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB)")
     db.commit()
     db.close()
-    with pytest.raises(JournalError, match="has format 0, this master reads format 1"):
+    with pytest.raises(JournalError, match="has format 0, this master reads format 2"):
         Journal(tmp_path)
 
 
@@ -110,10 +110,77 @@ def test_restart_loads_unfinished_and_recent_finished_jobs_only(tmp_path):
     assert sorted(j.id for j in loaded) == [3, 4, 5, 6]
     assert stored.total == 6 and stored.counts == {"succeeded": 4, "running": 1, "queued": 1}
     again = Board()
-    assert again.restore(loaded, stored) == 1
+    assert again.restore(loaded, stored) == 1  # job 5 waits for its slave to come back
     assert again.status()["counts"] == {
-        "queued": 2, "running": 0, "succeeded": 4, "failed": 0, "cancelled": 0,
+        "queued": 1, "running": 1, "succeeded": 4, "failed": 0, "cancelled": 0,
     }  # fmt: skip
     assert again.submit([JobSpec("shell", (["true"], False))])[0].id == 7
     assert journal.fetch(1).state is State.SUCCEEDED and journal.fetch(99) is None
+    journal.close()
+
+
+def test_a_journal_of_format_1_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from scheduler import journal as journal_module
+
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    db.executescript(journal_module._SCHEMA)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO jobs (id, kind, args, state, lease) VALUES (1, 'shell', ?, 'queued', 9)",
+        (b'[["true"], false]',),
+    )
+    db.commit()
+    db.close()
+    journal = Journal(tmp_path)
+    jobs, _, stored = journal.load(10)
+    journal.close()
+    assert [j.id for j in jobs] == [1] and stored.max_lease == 9
+
+
+def test_text_that_is_not_utf8_is_stored_escaped_not_fatal(tmp_path):
+    from scheduler.board import Outcome
+
+    journal = Journal(tmp_path)
+    board = Board()
+    (job,) = board.submit([JobSpec("shell", (["ls", "caf\udce9"], False), "n\udcff")])
+    board.register("w")
+    board.lease("w", 1)
+    board.complete("w", [Outcome(job.id, job.lease, False, error="name \udcff",
+                                 stdout="out \udcfe", stderr="\ud800")])  # fmt: skip
+    assert journal.wait(journal.append(board.take_dirty()), timeout=10)
+    assert journal.failing is None
+    again = journal.fetch(job.id)
+    journal.close()
+    assert again.error == "name \\udcff" and again.stdout == "out \\udcfe"
+    assert again.payload == (["ls", "caf\udce9"], False)  # the command itself is exact
+
+
+def test_a_lease_reservation_is_loaded_as_the_highest_lease(tmp_path):
+    journal = Journal(tmp_path)
+    journal.wait(journal.append([], meta={"lease_ceiling": 5000}))
+    assert journal.load(10)[2].max_lease == 5000
+    journal.close()
+
+
+def test_a_failed_write_is_retried_and_an_abandoned_entry_is_never_written(tmp_path):
+    journal = Journal(tmp_path)
+    board = Board()
+    journal._db.execute("PRAGMA query_only = ON")  # every write fails until switched off
+    (a,) = board.submit([JobSpec("shell", (["a"], False))])
+    kept = journal.append(board.take_dirty())
+    (b,) = board.submit([JobSpec("shell", (["b"], False))])
+    dropped = journal.append(board.take_dirty())
+    import pytest
+
+    from scheduler.errors import JournalError
+
+    with pytest.raises(JournalError, match="cannot write"):
+        journal.wait(dropped, give_up=True)
+    assert journal.failing and journal.abandon(dropped)
+    journal._db.execute("PRAGMA query_only = OFF")
+    assert journal.wait(kept, timeout=10)
+    assert journal.fetch(a.id) is not None and journal.fetch(b.id) is None
+    assert journal.failing is None
     journal.close()
