@@ -1,12 +1,15 @@
 """deployctl on the test bed: three hosts with their own engines and sshd, the real CLI.
 
 The CLI runs as a subprocess with HOME set to the test bed's client home, so paramiko finds
-the bed's ~/.ssh/config, key and known_hosts exactly as a user's would be found.
+the bed's ~/.ssh/config, key and known_hosts exactly as a user's would be found. The hosts are
+ssh aliases (``Host tb1`` / ``HostName 10.213.47.11``) that nothing else resolves.
+The last tests install the kit's wheel in a fresh virtualenv and deploy with that deployctl.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -24,7 +27,7 @@ import docker
 import docker.errors
 import pytest
 
-from tests.testbed import Layout, Testbed
+from tests.testbed import Layout, Testbed, wheelenv
 from tests.testbed.bed import up as bring_up
 from tests.testbed.layout import host_dir
 from tests.testbed.procs import live_pid
@@ -70,9 +73,12 @@ class Bed:
         env["HOME"] = str(self.home)
         return env
 
-    def run(self, *args: str, inventory: str = "cluster.toml", check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        proc = subprocess.run([str(DEPLOYCTL), "-i", inventory, *args], cwd=self.workdir,
+    def run(self, *args: str, inventory: str | None = "cluster.toml", check: bool = True,
+            timeout: float = 300, deployctl: Path = DEPLOYCTL,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``deployctl -i INVENTORY ARGS`` (no -i when ``inventory`` is None)."""
+        given = ["-i", inventory] if inventory else []
+        proc = subprocess.run([str(deployctl), *given, *args], cwd=cwd or self.workdir,
                               env=self.env(), capture_output=True, text=True,
                               timeout=timeout)  # fmt: skip
         if check and proc.returncode != 0:
@@ -96,8 +102,8 @@ def _wipe(bed: Bed, images: bool) -> None:
                 v.remove(force=True)
             if images:  # make the engines empty of our images, so `up` has to ship them
                 for image in client.images.list():
-                    if any(t.startswith(("scheduler-master:", "scheduler-slave:"))
-                           for t in image.tags):  # fmt: skip
+                    if any(t.startswith(("scheduler-master:", "scheduler-slave:",
+                                         "scheduler-base:")) for t in image.tags):  # fmt: skip
                         try:
                             client.images.remove(image.id, force=True)
                         except docker.errors.APIError:
@@ -145,6 +151,33 @@ def test_second_up_touches_nothing(bed: Bed, up) -> None:
     assert bed.containers() == before
     assert "shipping" not in again.stderr and "started" not in again.stderr
     assert bed.run("up", "--dry-run").stdout.startswith("nothing to do")
+
+
+def test_hosts_as_ssh_aliases_and_options_after_the_command(bed: Bed, up) -> None:
+    """`--hosts "tb1 tb2 tb3"` after the command: the aliases resolve through ~/.ssh/config to
+    the same addresses the inventory gave, so the cluster is the same and nothing changes; the
+    workers dial the master's address, never the alias (which no container resolves)."""
+    before = bed.containers()
+    again = bed.run("up", "--no-build", "--hosts", "tb1 tb2 tb3", "--verbose", inventory=None)
+    assert bed.containers() == before, again.stderr
+    with bed.engine("tb2") as client:
+        worker = client.containers.list(filters={"label": LABEL})[0]
+        env = dict(e.split("=", 1) for e in worker.attrs["Config"]["Env"])
+    assert env["SCHEDULER_MASTER"] == f"{bed.address('tb1')}:{PORT}"
+    view = json.loads(bed.run("status", "--json", "--hosts", "tb1 tb2 tb3",
+                              inventory=None).stdout)  # fmt: skip
+    assert view["healthy"] and view["hosts"][0]["address"] == bed.address("tb1")
+    assert "--hosts" in bed.run("scale", "--help", inventory=None).stdout  # listed everywhere
+
+
+def test_status_does_not_alarm_the_master(bed: Bed, up) -> None:
+    """Reaching the master from deployctl is an authenticated connection, not a probe that
+    the master logs as a refused peer."""
+    started = time.time()
+    for _ in range(3):
+        bed.run("status")
+    lines = bed.run("logs", "master", "--since", f"{started - 1:.3f}").stdout.splitlines()
+    assert not [line for line in lines if "WARNING" in line or "refused" in line], lines
 
 
 def test_status_json(bed: Bed, up) -> None:
@@ -369,6 +402,48 @@ def test_one_host_down_is_reported_while_the_others_work(bed: Bed, up) -> None:
     bed.run("up")  # back to the three-host inventory
 
 
+def test_a_master_address_the_workers_cannot_reach_fails_fast(bed: Bed, up) -> None:
+    """master.advertise = an alias only this machine's ssh knows: `up` says so in seconds."""
+    text = inventory(["tb2", "tb3"], workers=2).replace(f'name = "{CLUSTER}"', 'name = "itestadv"')
+    text = text.replace(f"port = {PORT}", f'port = {PORT + 5}\nadvertise = "tb1"')
+    (bed.workdir / "advertise.toml").write_text(text)
+    started = time.monotonic()
+    proc = bed.run("up", "--no-build", inventory="advertise.toml", check=False)
+    took = time.monotonic() - started
+    try:
+        assert proc.returncode == 4, proc.stderr
+        assert f"master address tb1:{PORT + 5}: not reachable from worker host(s) tb2 (" \
+            in proc.stderr
+        assert "set master.advertise" in proc.stderr
+        assert took < 40  # not ready_timeout (90 s)
+    finally:
+        bed.run("down", "--volumes", inventory="advertise.toml")
+
+
+def test_a_container_in_the_way_that_is_not_ours_is_left_alone(bed: Bed, up) -> None:
+    """A name conflict with a container deployctl did not make: one clear line, nothing
+    removed (issue #7, item 5)."""
+    (bed.workdir / "conflict.toml").write_text(
+        inventory(["tb3"], workers=1).replace(f'name = "{CLUSTER}"', 'name = "itestc"')
+        .replace(f"port = {PORT}", f"port = {PORT + 6}"))  # fmt: skip
+    with bed.engine("tb3") as client:
+        image = client.images.list(name="scheduler-slave")[0]
+        foreign = client.containers.create(image.id, name="itestc-worker-1",
+                                           command=["sleep", "600"], labels={"owner": "ann"})
+    try:
+        proc = bed.run("up", "--no-build", inventory="conflict.toml", check=False)
+        assert proc.returncode == 3, proc.stderr
+        assert ("container name itestc-worker-1 is taken by a container that is not this "
+                "cluster's (not deployctl") in proc.stderr  # fmt: skip
+        assert "docker rm -f itestc-worker-1" in proc.stderr
+        with bed.engine("tb3") as client:
+            assert client.containers.get("itestc-worker-1").id == foreign.id  # still there
+    finally:
+        with bed.engine("tb3") as client:
+            client.containers.get("itestc-worker-1").remove(force=True)
+        bed.run("down", "--volumes", inventory="conflict.toml")
+
+
 def test_down_removes_everything_it_made(bed: Bed, up) -> None:
     bed.run("down")
     assert all(v == [] for v in bed.containers().values())
@@ -378,3 +453,80 @@ def test_down_removes_everything_it_made(bed: Bed, up) -> None:
     with bed.engine("tb1") as client, pytest.raises(docker.errors.NotFound):
         client.volumes.get(f"{CLUSTER}-state")
     assert bed.run("down").stdout.strip() == "nothing to remove"
+
+
+# ---- the kit as users install it: a wheel in a fresh virtualenv -----------------------------
+
+WHEEL_CLUSTER = "wtest"
+
+
+@dataclass
+class Installed:
+    venv: wheelenv.Venv
+    bare: wheelenv.Venv  # without the deploy extra
+    workdir: Path
+
+    @property
+    def deployctl(self) -> Path:
+        return self.venv.bin / "deployctl"
+
+
+@pytest.fixture(scope="module")
+def installed(bed: Bed, tmp_path_factory) -> Iterator[Installed]:
+    work = tmp_path_factory.mktemp("wheel")
+    wheel = wheelenv.build_wheel(work)
+    kit = Installed(wheelenv.install(wheel, work / "venv"),
+                    wheelenv.install(wheel, work / "bare", extra=None), work / "cluster")
+    kit.workdir.mkdir()
+    (kit.workdir / "cluster.toml").write_text(inventory(["tb1", "tb2", "tb3"], workers=3).replace(
+        f'name = "{CLUSTER}"', f'name = "{WHEEL_CLUSTER}"').replace(
+        f"port = {PORT}", f"port = {PORT + 7}"))  # fmt: skip
+    yield kit
+    bed.run("down", "--volumes", deployctl=kit.deployctl, cwd=kit.workdir, check=False)
+
+
+def test_without_the_deploy_extra_deployctl_says_what_to_install(installed: Installed) -> None:
+    proc = subprocess.run([str(installed.bare.bin / "deployctl"), "status"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "deployctl: typer, docker, paramiko not installed; install the deploy extra: "
+        "pip install 'scheduler-kit[deploy]'"]  # fmt: skip
+
+
+def test_an_installed_deployctl_builds_from_any_directory(bed: Bed, installed: Installed,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    run = functools.partial(bed.run, inventory=None, deployctl=installed.deployctl, cwd=tmp_path)
+    assert run("--version").stdout.strip() == "deployctl 0.1.0"
+    assert run("base-image").stdout.strip() == "scheduler-base:bookworm"  # made once, reused
+    built = run("build").stdout
+    assert "scheduler-master:hash-" in built and "scheduler-slave:hash-" in built
+
+
+def test_up_from_the_wheel_on_empty_hosts_then_a_one_line_change_ships_only_the_delta(
+    bed: Bed, installed: Installed
+) -> None:  # fmt: skip
+    """Issue #8's bar: after a one-line change to the scheduler, `up` on 3 hosts ships at most
+    5 MB per host (held layers go as empty files) and finishes in seconds."""
+    run = functools.partial(bed.run, inventory=None, deployctl=installed.deployctl,
+                            cwd=installed.workdir)  # fmt: skip
+    _wipe(bed, images=True)
+    first = run("up")
+    assert first.stderr.count("images loaded") == 3
+    wheelenv.one_line_change(installed.venv, f"a one-line change {time.time_ns()}")
+    started = time.monotonic()
+    second = run("up")
+    took = time.monotonic() - started
+    sent = [float(m) for m in re.findall(r"images loaded in [\d.]+s \(([\d.]+) MB sent\)",
+                                         second.stderr)]  # fmt: skip
+    assert len(sent) == 3 and max(sent) <= 5.0, second.stderr
+    assert "layers there" in second.stderr and "built" in second.stderr
+    assert took < 30, f"up after a one-line change took {took:.1f}s"  # ~7 s on the bed
+    images = {c["image"] for h in json.loads(run("status", "--json").stdout)["hosts"]
+              for c in h["containers"]}  # fmt: skip
+    assert all(":hash-" in i for i in images)  # one name, the content tag, everywhere
+    scaled = run("scale", "workers", "4")
+    assert "started wtest-worker-" in scaled.stderr
+    images = {c["image"] for h in json.loads(run("status", "--json").stdout)["hosts"]
+              for c in h["containers"] if c["role"] == "worker"}  # fmt: skip
+    assert len(images) == 1 and ":hash-" in images.pop()  # scale runs what up runs
