@@ -1,12 +1,17 @@
-"""deployctl timings on the 3-host test bed: ship to empty hosts, up of master + 5 workers
-with images present, scale 5 -> 10. Prints a table; needs a checkout (uses tests.testbed).
+"""deployctl timings on the 3-host test bed, with deployctl installed from the kit's wheel in a
+fresh virtualenv, as users install it. Prints a table; needs a checkout (uses tests.testbed).
 
     python -m bench.deployctl         (`make bench` runs it after bench.run)
+
+Rows: up on 3 empty hosts from the wheel install; ship, and up, after a one-line change to the
+scheduler (megabytes sent per host: only the layers a host lacks); ship to 3 empty hosts; up of
+master + 5 workers with the images present; up again with nothing to do; scale 5 -> 10; down.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,7 +23,6 @@ import docker.errors
 
 CLUSTER = "bench"
 PORT = 18891
-DEPLOYCTL = Path(sys.executable).with_name("deployctl")
 INVENTORY = f"""[cluster]
 name = "{CLUSTER}"
 [master]
@@ -33,18 +37,32 @@ name = "tb2"
 [[hosts]]
 name = "tb3"
 """
+Row = tuple[str, float, str, str]  # what, seconds, MB per host, command
 
 
-def _deployctl(home: Path, workdir: Path, *args: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCHEDULER_", "DEPLOYCTL_"))}
-    env["HOME"] = str(home)
-    started = time.monotonic()
-    proc = subprocess.run([str(DEPLOYCTL), *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    took = time.monotonic() - started
-    if proc.returncode:
-        raise SystemExit(f"deployctl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return took
+class Deployctl:
+    """The wheel-installed deployctl, run in ``workdir`` with HOME at the bed's client home."""
+
+    def __init__(self, path: Path, home: Path, workdir: Path) -> None:
+        self.path, self.home, self.workdir = path, home, workdir
+
+    def __call__(self, *args: str) -> tuple[float, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SCHEDULER_", "DEPLOYCTL_"))}  # fmt: skip
+        env["HOME"] = str(self.home)
+        started = time.monotonic()
+        proc = subprocess.run([str(self.path), *args], cwd=self.workdir, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        took = time.monotonic() - started
+        if proc.returncode:
+            raise SystemExit(f"deployctl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return took, proc.stderr
+
+
+def _per_host(stderr: str) -> str:
+    """The most any host was sent, from the 'images loaded in ... (N MB sent)' lines."""
+    sent = [float(m) for m in re.findall(r"\(([\d.]+) MB sent\)", stderr)]
+    return f"{max(sent):.1f}" if sent else "0"
 
 
 def _empty_engines(urls: list[str]) -> None:
@@ -57,7 +75,8 @@ def _empty_engines(urls: list[str]) -> None:
             ):
                 c.remove(force=True)
             for image in client.images.list():
-                if any(t.startswith(("scheduler-master:", "scheduler-slave:")) for t in image.tags):
+                if any(t.startswith(("scheduler-master:", "scheduler-slave:", "scheduler-base:"))
+                       for t in image.tags):  # fmt: skip
                     try:
                         client.images.remove(image.id, force=True)
                     except docker.errors.APIError:
@@ -66,37 +85,57 @@ def _empty_engines(urls: list[str]) -> None:
             client.close()
 
 
+def measure(run: Deployctl, venv: object, urls: list[str]) -> list[Row]:
+    from tests.testbed import wheelenv
+
+    rows: list[Row] = []
+    _empty_engines(urls)
+    took, err = run("up")
+    rows.append(("up on 3 empty hosts, from a wheel install", took, _per_host(err),
+                 "deployctl up (build, ship, master + 5 workers)"))  # fmt: skip
+    wheelenv.one_line_change(venv, f"bench change {time.time_ns()}")  # type: ignore[arg-type]
+    took, err = run("ship")
+    rows.append(("ship after a one-line change (3 hosts)", took, _per_host(err),
+                 "deployctl ship (build included)"))  # fmt: skip
+    wheelenv.one_line_change(venv, f"bench change {time.time_ns()}")  # type: ignore[arg-type]
+    took, err = run("up")
+    rows.append(("up after a one-line change (3 hosts)", took, _per_host(err),
+                 "deployctl up (build, ship, replace 6 containers)"))  # fmt: skip
+    run("down", "--volumes")
+    _empty_engines(urls)
+    took, err = run("ship")
+    rows.append(("ship images to 3 empty hosts", took, _per_host(err), "deployctl ship"))
+    took, _ = run("up", "--no-build")
+    rows.append(("up: master + 5 workers, images present", took, "-",
+                 "deployctl up --no-build (goal < 15 s)"))  # fmt: skip
+    took, _ = run("up", "--no-build")
+    rows.append(("up again, nothing to do", took, "-", "deployctl up --no-build"))
+    took, _ = run("scale", "workers", "10")
+    rows.append(("scale workers 5 -> 10", took, "-", "deployctl scale workers 10"))
+    took, _ = run("down", "--volumes")
+    rows.append(("down (10 workers drain, master)", took, "-", "deployctl down --volumes"))
+    return rows
+
+
 def main() -> int:
-    from tests.testbed import bed  # the test bed of a checkout (network namespaces, sshd)
+    from tests.testbed import bed, wheelenv  # the test bed of a checkout (namespaces, sshd)
 
     testbed = bed.up(3)
-    home = testbed.hosts[0].home
-    rows: list[tuple[str, float, str]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="deployctl-bench-") as tmp:
             work = Path(tmp)
-            (work / "cluster.toml").write_text(INVENTORY)
-            _deployctl(home, work, "build")
-            _empty_engines([h.docker_url for h in testbed.hosts])
-            rows.append(("ship images to 3 empty hosts", _deployctl(home, work, "ship"),
-                         "deployctl ship"))  # fmt: skip
-            # --no-build: the lead edits scheduler/ while this runs; a rebuild would be timed too
-            up = _deployctl(home, work, "up", "--no-build")
-            rows.append(("up: master + 5 workers, images present", up,
-                         "deployctl up --no-build (goal < 15 s)"))  # fmt: skip
-            again = _deployctl(home, work, "up", "--no-build")
-            rows.append(("up again, nothing to do", again, "deployctl up --no-build"))
-            rows.append(("scale workers 5 -> 10", _deployctl(home, work, "scale", "workers", "10"),
-                         "deployctl scale workers 10"))  # fmt: skip
-            down = _deployctl(home, work, "down", "--volumes")
-            rows.append(("down (10 workers drain, master)", down, "deployctl down --volumes"))
+            venv = wheelenv.install(wheelenv.build_wheel(work / "wheel"), work / "venv")
+            (work / "cluster").mkdir()
+            (work / "cluster" / "cluster.toml").write_text(INVENTORY)
+            run = Deployctl(venv.bin / "deployctl", testbed.hosts[0].home, work / "cluster")
+            rows = measure(run, venv, [h.docker_url for h in testbed.hosts])
     finally:
         if testbed.started:
             bed.down()
     width = max(len(r[0]) for r in rows)
-    print(f"{'deployctl on the 3-host test bed'.ljust(width)}  seconds  command")
-    for what, seconds, command in rows:
-        print(f"{what.ljust(width)}  {seconds:7.1f}  {command}")
+    print(f"{'deployctl on the 3-host test bed'.ljust(width)}  seconds  MB/host  command")
+    for what, seconds, per_host, command in rows:
+        print(f"{what.ljust(width)}  {seconds:7.1f}  {per_host:>7}  {command}")
     return 0
 
 
