@@ -13,7 +13,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from .context import Context, Echo
 from .errors import DeployError, MasterError
 from .keyfile import Secret
 from .observed import Observed
-from .parallel import Failures, across, each
+from .parallel import Failures, across, each, echo_errors
 from .planner import (
     Action,
     Create,
@@ -66,13 +66,9 @@ def observe(ctx: Context, hosts: Sequence[Host] | None = None) -> Observation:
     """Every container of the cluster on every reachable host."""
     hosts = ctx.config.hosts if hosts is None else hosts
     out = across(hosts, lambda h: engine.observe(ctx.engines, h, ctx.config.cluster),
-                 ctx.config.parallel, _reporter(ctx.echo))  # fmt: skip
+                 ctx.config.parallel, echo_errors(ctx.echo))  # fmt: skip
     found = tuple(o for name in out.results for o in out.results[name])
     return Observation(found, frozenset(out.ok), dict(out.errors))
-
-
-def _reporter(echo: Echo) -> Callable[[Host, DeployError], None]:
-    return lambda host, error: echo(f"error: {error}")
 
 
 class Executor(Protocol):
@@ -127,7 +123,7 @@ def run(ctx: Context, actions: Sequence[Action], executor: Executor, skip: Failu
             by_host.setdefault(action.host, []).append(action)
         hosts = [ctx.config.host(n) for n in by_host if n not in failed and n not in skip]
         out = across(hosts, functools.partial(_run_host, ctx, by_host, executor),
-                     ctx.config.parallel, _reporter(ctx.echo), ctx.stop)  # fmt: skip
+                     ctx.config.parallel, echo_errors(ctx.echo), ctx.stop)  # fmt: skip
         failed.update(out.errors)
     return failed
 
@@ -292,7 +288,7 @@ def _check_reach(ctx: Context, actions: Sequence[Action], failures: Failures) ->
             time.sleep(0.25)
 
     out = across([ctx.config.host(n) for n in names], probe, ctx.config.parallel,
-                 _reporter(ctx.echo), ctx.stop)  # fmt: skip
+                 echo_errors(ctx.echo), ctx.stop)  # fmt: skip
     failures.add(out)
     blocked = {n: why for n, why in out.results.items() if why is not None}
     if blocked:

@@ -55,6 +55,11 @@ class Failures:
             raise PartialFailure(action, self.errors, total)
 
 
+def echo_errors(echo: Callable[[str], None]) -> Callable[[Host, DeployError], None]:
+    """An ``on_error`` for ``across`` that reports each host's error as it comes."""
+    return lambda host, error: echo(f"error: {error}")
+
+
 def across(
     hosts: Iterable[Host],
     work: Callable[[Host], T],

@@ -21,7 +21,7 @@ from .config import Host
 from .context import Context
 from .errors import DeployError, HostError
 from .observed import Observed
-from .parallel import Failures, Outcome, across, each
+from .parallel import Failures, Outcome, across, each, echo_errors
 from .shipplan import Ship, delta_stream, empty_paths, gzipped, plan_ship, read_manifest
 from .specs import MASTER, UNBUILT, WORKER, ImageRef, Images
 
@@ -70,7 +70,7 @@ def plan(ctx: Context, needed: Mapping[str, Sequence[ImageRef]], skip: Iterable[
     chains = {ref: engine.chain(ctx.engines, HERE, ref) for ref in sorted(refs)}
     targets = [h for h in ctx.config.hosts if h.name in needed and h.name not in set(skip)]
     found = across(targets, lambda h: engine.holdings(ctx.engines, h), ctx.config.parallel,
-                   _reporter(ctx))  # fmt: skip
+                   echo_errors(ctx.echo))  # fmt: skip
     return plan_ship(needed, found.results, chains), found  # type: ignore[return-value]
 
 
@@ -102,10 +102,6 @@ def ensure(ctx: Context, needed: Mapping[str, Sequence[ImageRef]]
     return shipments, sent, failures
 
 
-def _reporter(ctx: Context):  # type: ignore[no-untyped-def]
-    return lambda host, error: ctx.echo(f"error: {error}")
-
-
 def _name(ctx: Context, shipments: Sequence[Ship]) -> Outcome[None]:
     """Tag images that hosts hold under another name: nothing to send."""
     names = {s.host: s.names for s in shipments}
@@ -115,8 +111,8 @@ def _name(ctx: Context, shipments: Sequence[Ship]) -> Outcome[None]:
             engine.tag(ctx.engines, host, ref.id, ref.ref)
             ctx.echo(f"{host.name}: named {ref.ref} (image {ref.version} was there)")
 
-    return across([ctx.config.host(n) for n in names], tag, ctx.config.parallel, _reporter(ctx),
-                  ctx.stop)  # fmt: skip
+    hosts = [ctx.config.host(n) for n in names]
+    return across(hosts, tag, ctx.config.parallel, echo_errors(ctx.echo), ctx.stop)
 
 
 def _via_ssh(ctx: Context, todo: Sequence[Ship]) -> tuple[list[Sent], dict[str, DeployError]]:
@@ -148,7 +144,7 @@ def _save_and_send(ctx: Context, group: tuple[tuple[str, ...], list[Ship]]) -> O
         by_host = {s.host: s for s in ships}
         load = functools.partial(_send_one, ctx, path=path, by_host=by_host)
         return across([ctx.config.host(s.host) for s in ships], load, ctx.config.parallel,
-                      _reporter(ctx), ctx.stop)  # fmt: skip
+                      echo_errors(ctx.echo), ctx.stop)  # fmt: skip
 
 
 def _send_one(ctx: Context, host: Host, path: str, by_host: Mapping[str, Ship]) -> Sent:
@@ -200,7 +196,8 @@ def _via_registry(ctx: Context, todo: dict[str, list[str]]) -> Outcome[None]:
             engine.pull(ctx.engines, host, remote[ref], ref)
             ctx.echo(f"{host.name}: pulled {remote[ref]}")
 
-    return across([ctx.config.host(n) for n in todo], pull, ctx.config.parallel, _reporter(ctx))
+    hosts = [ctx.config.host(n) for n in todo]
+    return across(hosts, pull, ctx.config.parallel, echo_errors(ctx.echo))
 
 
 def _tmp_dir() -> str:

@@ -1,0 +1,60 @@
+"""The command line without hosts: global options before or after the command, precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deploy.cli import app
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        "Host h1\n  HostName 10.9.0.1\nHost h2\n  HostName 10.9.0.2\n  Port 2202\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def hosts_shown(*args: str, env: dict[str, str] | None = None) -> list[list[str]]:
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return [line.split()[:2] for line in result.stdout.splitlines()[1:]]
+
+
+def test_global_options_work_before_and_after_the_command(home: Path) -> None:
+    before = hosts_shown("--hosts", "h1 h2", "hosts", "list")
+    after = hosts_shown("hosts", "list", "--hosts", "h1 h2")
+    assert before == after == [["h1", "10.9.0.1"], ["h2", "10.9.0.2"]]
+
+
+def test_after_the_command_wins_then_before_then_the_environment(home: Path) -> None:
+    env = {"DEPLOYCTL_HOSTS": "h2"}
+    assert hosts_shown("hosts", "list", env=env) == [["h2", "10.9.0.2"]]
+    assert hosts_shown("--hosts", "h1", "hosts", "list", env=env) == [["h1", "10.9.0.1"]]
+    assert hosts_shown("--hosts", "h2", "hosts", "list", "--hosts", "h1", env=env) == [
+        ["h1", "10.9.0.1"]]  # fmt: skip
+
+
+def test_every_command_lists_the_global_options(home: Path) -> None:
+    for command in (["up"], ["status"], ["scale"], ["submit"], ["build"], ["hosts", "trust"]):
+        text = CliRunner().invoke(app, [*command, "--help"]).stdout
+        for option in ("--hosts", "--inventory", "--accept-new-host-keys", "--verbose"):
+            assert option in text, (command, option)
+
+
+def test_an_invalid_inventory_is_one_error_line_and_exit_2(home: Path) -> None:
+    (home / "bad.toml").write_text("[cluster]\nname = 'x'\n[[hosts]]\nport = 'x'\n")
+    result = CliRunner().invoke(app, ["status", "-i", str(home / "bad.toml")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {home / 'bad.toml'}: ")
+    assert "Traceback" not in result.output
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("deployctl ")
