@@ -29,7 +29,7 @@ deps: venv
 # before (say, make cluster-up's) stays: scripts/engine.sh stops only its ENGINE_OWNER's.
 test: venv
 	@owner=make-test-$$$$-$$(date +%s%N); export ENGINE_OWNER=$$owner; \
-	trap 'scripts/engine.sh stop' EXIT; \
+	trap '[ "$${TESTBED_KEEP_ENGINE:-}" = 1 ] || scripts/engine.sh stop' EXIT; \
 	PY=$(PY) scripts/bootstrap.sh && $(VENV)/bin/pytest
 
 test-unit: venv

@@ -97,7 +97,7 @@ def _users_cluster(engine: SecondEngine, base: docker.models.images.Image) -> st
         client.images.load(base.save(chunk_size=1 << 20))
         made = client.containers.run(base.id, ["python3", "-c", "import time; time.sleep(600)"],
                                      labels=USER_LABEL, detach=True, network_mode="host",
-                                     init=True)  # fmt: skip
+                                     init=True, user="root")  # fmt: skip
         return str(made.id)
 
 
@@ -107,10 +107,10 @@ def _running(engine: SecondEngine, cid: str) -> bool:
 
 
 def test_a_session_leaves_running_the_engine_and_cluster_it_found(
-    second: SecondEngine, docker_engine: docker.DockerClient
+    second: SecondEngine, docker_engine: docker.DockerClient, role_images: dict[str, str]
 ) -> None:  # fmt: skip
     second.script("start")  # `make cluster-up` / `make deps`: no owner
-    base = docker_engine.images.get("scheduler-base:bookworm")
+    base = docker_engine.images.get(role_images["slave"])
     cid = _users_cluster(second, base)
     for owner in (None, "make-test-1"):  # pytest by hand, then under `make test`
         proc = second.session(owner)
