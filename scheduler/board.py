@@ -34,7 +34,7 @@ from .job import Job, JobSpec, State
 from .protocol import Holding, Lease, Outcome, Reply
 
 STEAL_SECONDS = 0.2  # less queued work than this is not worth a round trip to move
-RECONNECT_SECONDS = 15.0  # after a master restart, how long slaves get to come back
+RECONNECT_SECONDS = 5.0  # after a master restart, how long slaves get to come back
 
 NOTHING = Holding()  # a slave that holds no job
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import jobsfile, master, slave
+from . import jobsfile, master, slave, verify
 from .client import Client
 from .errors import JobFailed, SchedulerError
 from .job import State
@@ -59,7 +60,10 @@ def _when(ts: float | None) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        jobs = client.jobs(state=args.state, limit=args.limit)
+        if args.limit is not None:
+            jobs = client.jobs(state=args.state, limit=args.limit)
+        else:
+            jobs = list(client.iter_jobs(state=args.state))
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -117,6 +121,17 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = verify.run(client, jobs=args.jobs, seconds=args.seconds, kill=not args.no_kill,
+                            restart_master=args.restart_master)  # fmt: skip
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(report), "ok": report.ok}, indent=2))
+    else:
+        report.print(sys.stdout)
+    return 0 if report.ok else 1
+
+
 def cmd_slave_health(args: argparse.Namespace) -> int:
     cfg = load(authkey="x" * 16)  # health needs no key
     try:
@@ -163,6 +178,13 @@ def parser() -> argparse.ArgumentParser:
     w = add("wait", cmd_wait, "wait for jobs (default: all unfinished); exit 1 if any failed")
     w.add_argument("ids", type=int, nargs="*")
     w.add_argument("--timeout", type=float)
+    v = add("verify", cmd_verify, "chaos check: kill a slave mid-batch, account for every job")
+    v.add_argument("--jobs", type=int, help="how many jobs (default: twice the slots, >= 8)")
+    v.add_argument("--seconds", type=float, help="how long each runs (default: 2 x the lease)")
+    v.add_argument("--restart-master", action="store_true",
+                   help="also crash the master mid-batch (it restarts itself from its journal)")
+    v.add_argument("--no-kill", action="store_true", help="kill no slave")
+    v.add_argument("--json", action="store_true")
     add("ping", cmd_ping, "exit 0 if the master answers with our key")
     add("slave-health", cmd_slave_health, "exit 0 if this host's slave heartbeats")
     return p

@@ -246,7 +246,7 @@ class Client:
         """Wait until the given jobs (default: every job not finished) end; return them."""
         self.flush()
         if ids is None:
-            ids = [j["id"] for s in ("queued", "running") for j in self.jobs(state=s)]
+            ids = [j["id"] for s in ("queued", "running") for j in self.iter_jobs(state=s)]
         handles = [self.result(i) for i in ids]
         for handle in handles:
             if not handle.wait(timeout):
@@ -256,8 +256,18 @@ class Client:
     def job(self, job_id: int) -> dict:
         return self._link.call("get", job_id)
 
-    def jobs(self, state: str | None = None, limit: int | None = None) -> list[dict]:
-        return self._link.call("jobs", state, limit)
+    def jobs(
+        self, state: str | None = None, limit: int | None = None, after: int = 0
+    ) -> list[dict]:
+        """Jobs the master keeps in memory, by id after ``after``: one page (<= 1000)."""
+        return self._link.call("jobs", state, limit, after)
+
+    def iter_jobs(self, state: str | None = None) -> Iterator[dict]:
+        """Every job the master keeps in memory, a page at a time."""
+        after = 0
+        while page := self.jobs(state=state, after=after):
+            yield from page
+            after = page[-1]["id"]
 
     def cancel(self, job_id: int) -> dict:
         return self._link.call("cancel", job_id)

@@ -66,6 +66,7 @@ class Cluster:
         self.authkey = secrets.token_urlsafe(24)
         self.lease = lease
         self.port = 0
+        self.host = "127.0.0.1"
         self.master: Proc | None = None
         self.slaves: dict[str, Proc] = {}
         self._count = 0
@@ -84,21 +85,23 @@ class Cluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start_master(self, **env: str) -> Proc:
         self._count += 1
         log = self.tmp / f"master-{self._count}.log"
-        argv = [sys.executable, "-m", "scheduler.master", "--bind", f"127.0.0.1:{self.port}"]
+        argv = [sys.executable, "-m", "scheduler.master", "--bind", self.address]
         self.master = Proc(argv, self.env(**env), log)
-        match = self.master.wait_log(r"master listening on 127\.0\.0\.1:(\d+)")
+        match = self.master.wait_log(r"master listening on [\d.]+:(\d+)")
         self.port = int(match.group(1))
         return self.master
 
-    def start_slave(self, name: str, concurrency: int = 1, **env: str) -> Proc:
+    def start_slave(
+        self, name: str, concurrency: int = 1, prefix: tuple[str, ...] = (), **env: str
+    ) -> Proc:
         log = self.tmp / f"slave-{name}-{self._count}.log"
         env.setdefault("SCHEDULER_HEALTH_FILE", str(self.tmp / f"{name}.health"))
-        argv = [sys.executable, "-m", "scheduler.slave", "--master", self.address,
+        argv = [*prefix, sys.executable, "-m", "scheduler.slave", "--master", self.address,
                 "--concurrency", str(concurrency)]  # fmt: skip
         proc = Proc(argv, self.env(SCHEDULER_WORKER_NAME=name, **env), log)
         self.slaves[name] = proc
@@ -114,6 +117,11 @@ class Cluster:
 
     def client(self) -> Client:
         return Client(self.address, self.authkey)
+
+    def restart_master(self, **env: str) -> Proc:
+        """kill -9 the master and start it again at once on the same port and journal."""
+        self.kill_master()
+        return self.start_master(**env)
 
     def kill_master(self) -> None:
         assert self.master is not None
