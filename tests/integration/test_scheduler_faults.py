@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from scheduler import Client, JobFailed, SubmitError
+from scheduler import JobFailed, SubmitError
 
 from . import jobs
 from .scheduler_procs import Cluster, wait_until
