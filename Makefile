@@ -44,6 +44,7 @@ lint: venv
 # on the 3-host test bed. QUICK=1 for a short scheduler run.
 bench: deps
 	$(PY) -m bench.run $(if $(QUICK),--quick)
+	$(PY) -m bench.faults
 	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----

@@ -256,7 +256,7 @@ class Board:
         worker = self.seen(name)
         if worker is None or not worker.registered:
             raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
-        if seq is not None and seq == worker.last_seq:
+        if seq is not None and seq == worker.last_seq:  # only set when jobs were handed
             return [self.jobs[j] for j in worker.last_handed if j in worker.held]
         if worker.draining:
             return []
@@ -282,7 +282,7 @@ class Board:
             handed.append(job)
         self.counts[State.QUEUED] -= len(handed)
         self.counts[State.RUNNING] += len(handed)
-        if seq is not None:
+        if seq is not None and handed:
             worker.last_seq, worker.last_handed = seq, [j.id for j in handed]
         if handed:
             self.hungry.discard(name)

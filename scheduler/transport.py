@@ -236,6 +236,15 @@ MAX_RETRY_DELAY = 2.0  # seconds between reconnect attempts, at most: slaves com
 _CONNECTION_ERRORS = (OSError, EOFError)
 
 
+def _stale(exc: BaseException) -> bool:
+    """A proxy from before a master restart: the new server does not know its object.
+
+    The stdlib reconnects a thread's dropped connection by itself, to whatever now
+    listens at the address, and then fails with a RemoteError (KeyError in id_to_obj).
+    """
+    return isinstance(exc, managers.RemoteError) and "id_to_obj" in str(exc)
+
+
 class Link:
     """Calls to the master that survive it going away: reconnect with backoff and retry.
 
@@ -266,7 +275,9 @@ class Link:
             proxy, generation = self._current(retry)
             try:
                 return getattr(proxy, method)(*args)
-            except _CONNECTION_ERRORS as exc:
+            except (*_CONNECTION_ERRORS, managers.RemoteError) as exc:
+                if isinstance(exc, managers.RemoteError) and not _stale(exc):
+                    raise
                 self._drop(proxy, generation)
                 attempt += 1
                 if not retry or self._given_up(started, attempt):

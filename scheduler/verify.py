@@ -112,8 +112,8 @@ def run(
                for i in range(jobs)]  # fmt: skip
     client.flush()
     killed_at = None
-    if kill:
-        victim = _busy_slave(client, run_id, seconds)
+    victim = _busy_slave(client, run_id, seconds) if kill or restart_master else None
+    if kill and victim is not None:
         killed_at = client.ping()["time"]
         kill_slave(victim)
         report.killed = victim["name"]

@@ -178,8 +178,9 @@ def test_a_lease_lost_in_transit_is_reclaimed_once_the_worker_says_it_took_the_r
 
 
 def test_a_retried_lease_call_gets_the_same_jobs(board):
-    board.submit([shell("a"), shell("b"), shell("c")])
     board.register("w1")
+    assert board.lease("w1", 2, seq=7) == []  # a long-poll asks again with the same seq
+    board.submit([shell("a"), shell("b"), shell("c")])
     first = board.lease("w1", 2, seq=7)
     assert board.lease("w1", 2, seq=7) == first
     assert [j.id for j in board.lease("w1", 2, seq=8)] == [3]
