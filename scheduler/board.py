@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -449,16 +449,13 @@ class Board:
         return jobs
 
     def select(
-        self, state: State | None = None, limit: int | None = None, after: int = 0
+        self, state: State | None = None, limit: int | None = None, before: int | None = None
     ) -> list[Job]:
-        """Jobs in memory by id, from the first after ``after``, at most ``limit``."""
-        jobs: Iterator[Job]
-        if after <= 0:
-            jobs = iter(self.jobs.values())
-        else:
-            jobs = (self.jobs[i] for i in range(after + 1, self._next_id) if i in self.jobs)
-        out = []
-        for job in jobs:
+        """Jobs in memory, newest first, with ids below ``before``, at most ``limit``."""
+        out: list[Job] = []
+        for job in reversed(self.jobs.values()):
+            if before is not None and job.id >= before:
+                continue
             if state is None or job.state is state:
                 out.append(job)
                 if limit is not None and len(out) >= limit:
@@ -469,6 +466,7 @@ class Board:
         return {
             "counts": {str(k): v for k, v in self.counts.items()},
             "total": self.total,
+            "in_memory": len(self.jobs),
             "workers": [w.view() for w in sorted(self.workers.values(), key=lambda w: w.name)],
         }
 

@@ -138,8 +138,9 @@ class Client:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         env = os.environ if environ is None else environ
-        where = master or env.get("SCHEDULER_MASTER") or "127.0.0.1:8888"
-        self.address = settings.parse_address(where, "master") if isinstance(where, str) else where
+        where = master or env.get("SCHEDULER_MASTER") or f"127.0.0.1:{settings.DEFAULT_PORT}"
+        what = "master" if master else "SCHEDULER_MASTER"
+        self.address = settings.parse_address(where, what) if isinstance(where, str) else where
         if authkey is not None:
             key = settings.authkey_from(authkey, "authkey")
         else:
@@ -257,17 +258,20 @@ class Client:
         return self._link.call("get", job_id)
 
     def jobs(
-        self, state: str | None = None, limit: int | None = None, after: int = 0
+        self, state: str | None = None, limit: int | None = 100, before: int | None = None
     ) -> list[dict]:
-        """Jobs the master keeps in memory, by id after ``after``: one page (<= 1000)."""
-        return self._link.call("jobs", state, limit, after)
+        """Jobs newest first (ids below ``before``): at most ``limit``, and 1,000 a call.
+
+        Finished jobs the master no longer keeps in memory come from its journal.
+        """
+        return self._link.call("jobs", state, limit, before)
 
     def iter_jobs(self, state: str | None = None) -> Iterator[dict]:
-        """Every job the master keeps in memory, a page at a time."""
-        after = 0
-        while page := self.jobs(state=state, after=after):
+        """Every job, newest first, a page at a time."""
+        before = None
+        while page := self.jobs(state=state, limit=None, before=before):
             yield from page
-            after = page[-1]["id"]
+            before = page[-1]["id"]
 
     def cancel(self, job_id: int) -> dict:
         return self._link.call("cancel", job_id)

@@ -184,6 +184,20 @@ class Journal:
             ).fetchone()
         return _row_job(row) if row else None
 
+    def select(self, state: str | None, limit: int, before: int | None) -> list[Job]:
+        """Jobs as the journal has them, newest first (for those no longer in memory)."""
+        where = ["id < ?"]
+        args: list[object] = [before if before is not None else 1 << 62]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        with self._read_lock:
+            rows = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY id DESC LIMIT ?", (*args, limit),
+            ).fetchall()  # fmt: skip
+        return [_row_job(r) for r in rows]
+
     def func(self, digest: str) -> bytes | None:
         """A function body by digest (the master keeps only those its open jobs use)."""
         with self._read_lock:

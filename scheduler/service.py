@@ -180,16 +180,23 @@ class Service:
         return old.info(with_result=with_result)  # type: ignore[union-attr]
 
     def jobs(
-        self, state: str | None = None, limit: int | None = None, after: int = 0
+        self, state: str | None = None, limit: int | None = None, before: int | None = None
     ) -> list[dict[str, Any]]:
-        """Jobs in memory by id after ``after``, at most ``limit`` (and PAGE) of them."""
+        """Jobs newest first, ids below ``before``, at most ``limit`` (and PAGE); finished
+        jobs that left memory come from the journal."""
         try:
             wanted = State(state) if state else None
         except ValueError:
             raise SubmitError(f"unknown state {state!r}; use one of {', '.join(State)}") from None
         page = PAGE if limit is None else max(0, min(int(limit), PAGE))
         with self._lock:
-            return [j.info() for j in self._board.select(wanted, page, int(after))]
+            found = {j.id: j.info() for j in self._board.select(wanted, page, before)}
+        if wanted is None or wanted.terminal:
+            older = self._journal.select(state, 2 * page, before)
+            with self._lock:
+                found.update((j.id, j.info()) for j in older
+                             if j.id not in found and j.id not in self._board.jobs)  # fmt: skip
+        return [found[i] for i in sorted(found, reverse=True)[:page]]
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         with self._lock:

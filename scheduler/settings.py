@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
 import secrets
 import socket
@@ -10,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from typing import Generic, TypeVar
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MIN_AUTHKEY = 16
 
@@ -55,9 +60,15 @@ class Secret(Generic[SecretValue]):
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too); a ConfigError naming ``what`` otherwise."""
+    if "://" in text:
+        raise ConfigError(
+            f"{what}: expected host:port without a scheme, got {text!r}; "
+            f"write {text.split('://', 1)[1].split('/', 1)[0]!r}"
+        )
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: expected host:port, got {text!r}")
+        raise ConfigError(f"{what}: expected host:port (e.g. 10.0.0.5:8888), got {text!r}")
     return host.strip("[]"), int(port)
 
 
@@ -81,6 +92,7 @@ class Settings:
     health_file: str = "/tmp/scheduler-slave.health"
     keep_finished: int = 100_000
     result_limit: int = 16 * 1024 * 1024
+    http: tuple[str, int] | None = ("127.0.0.1", DEFAULT_PORT + 1)  # metrics and dashboard
 
 
 # variable -> (field, parser)
@@ -99,24 +111,47 @@ _VARS = {
     "SCHEDULER_HEALTH_FILE": ("health_file", "str"),
     "SCHEDULER_KEEP_FINISHED": ("keep_finished", "posint"),
     "SCHEDULER_RESULT_LIMIT": ("result_limit", "posint"),
+    "SCHEDULER_HTTP": ("http", "optaddress"),
 }
 VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
+# also read, but not settings of a process: what a slave tells its jobs
+KNOWN = (*VARIABLES, "SCHEDULER_ARRAY_INDEX")
+
+
+_EXPECTED = {
+    "posint": "a positive integer",
+    "posfloat": "a positive number of seconds",
+    "nonneg": "a number of seconds, 0 or more",
+    "str": "a non-empty string",
+}
 
 
 def _convert(name: str, kind: str, raw: str) -> object:
+    if kind == "address":
+        return parse_address(raw, name)
+    if kind == "optaddress":
+        return parse_address(raw, name) if raw.strip() else None
     try:
-        if kind == "address":
-            return parse_address(raw, name)
         if kind == "str":
             if not raw.strip():
                 raise ValueError
             return raw.strip()
         number = int(raw) if kind == "posint" else float(raw)
+        if not math.isfinite(number) or number < 0 or (number == 0 and kind != "nonneg"):
+            raise ValueError
     except ValueError:
-        raise ConfigError(f"{name}: cannot use {raw!r}; see README for the expected form") from None
-    if number < 0 or (number == 0 and kind != "nonneg"):
-        raise ConfigError(f"{name}: must be {'>= 0' if kind == 'nonneg' else '> 0'}, got {raw!r}")
+        raise ConfigError(f"{name}: expected {_EXPECTED[kind]}, got {raw!r}") from None
     return number
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per ``SCHEDULER_*`` variable we do not read, with the closest name."""
+    lines = []
+    for name in sorted(n for n in environ if n.startswith("SCHEDULER_") and n not in KNOWN):
+        close = difflib.get_close_matches(name, KNOWN, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else "; see the README's settings table"
+        lines.append(f"{name} is not a setting and is ignored{hint}")
+    return lines
 
 
 def authkey_from(raw: str | bytes | None, source: str = "SCHEDULER_AUTHKEY") -> Secret[bytes]:
@@ -147,9 +182,11 @@ def authkey_from_environ(environ: Mapping[str, str]) -> Secret[bytes]:
 def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build settings from ``environ`` (default ``os.environ``); None overrides are ignored."""
     environ = os.environ if environ is None else environ
+    for line in unknown_variables(environ):
+        log.warning("%s", line)
     values: dict[str, object] = {}
     for name, (attr, kind) in _VARS.items():
-        if environ.get(name, "").strip():
+        if environ.get(name, "").strip() or (kind == "optaddress" and name in environ):
             values[attr] = _convert(name, kind, environ[name])
     known = {f.name for f in fields(Settings)}
     for attr, value in overrides.items():

@@ -167,7 +167,7 @@ def test_cancelled_jobs_that_left_memory_do_not_stall_the_cluster(tmp_path):
             client.flush()
             for h in handles[:10]:
                 client.cancel(h.id)
-            wait_until(lambda: len(client.jobs()) <= 23, what="eviction")  # 20 queued + 3
+            wait_until(lambda: client.status()["in_memory"] == 23, what="eviction")  # 20 + 3
             cluster.start_slave("s1", concurrency=2)
             assert [h.get(timeout=30) for h in handles[10:]] == [f"{i}\n" for i in range(10, 30)]
     finally:

@@ -217,8 +217,11 @@ def test_old_finished_jobs_leave_memory_but_stay_in_the_journal(tmp_path):
             handles = [client.apply_async(jobs.square, (i,)) for i in range(20)]
             assert [h.get(timeout=30) for h in handles] == [i * i for i in range(20)]
             first = handles[0].id
-            wait_until(lambda: len(client.jobs(state="succeeded")) == 5, what="eviction")
+            wait_until(lambda: client.status()["in_memory"] == 5, what="eviction")
             assert client.job(first)["state"] == "succeeded"  # read back from the journal
+            listed = client.jobs(state="succeeded")  # from memory and the journal, newest first
+            assert [j["id"] for j in listed] == [h.id for h in reversed(handles)]
+            assert [j["id"] for j in client.jobs(limit=3)] == [h.id for h in handles[:-4:-1]]
             assert client.status()["counts"]["succeeded"] == 20
         small.kill_master()
         small.start_master(SCHEDULER_KEEP_FINISHED="5")

@@ -55,8 +55,19 @@ def test_settings_from_environment_and_overrides():
             {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_BIND": "nohost"},
             "SCHEDULER_BIND: expected host:port",
         ),
-        ({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_CONCURRENCY": "x"}, "SCHEDULER_CONCURRENCY"),
-        ({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_LEASE_SECONDS": "0"}, "must be > 0"),
+        (
+            {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_CONCURRENCY": "two"},
+            "SCHEDULER_CONCURRENCY: expected a positive integer, got 'two'",
+        ),
+        (
+            {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_LEASE_SECONDS": "0"},
+            "SCHEDULER_LEASE_SECONDS: expected a positive number of seconds, got '0'",
+        ),
+        ({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_LEASE_SECONDS": "inf"}, "expected a positive"),
+        (
+            {"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_MASTER": "http://10.0.0.5:8888/"},
+            "SCHEDULER_MASTER: expected host:port without a scheme.*write '10.0.0.5:8888'",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env, message):
@@ -96,3 +107,16 @@ def test_secret_never_shows():
 
 def test_job_failed_message():
     assert str(JobFailed(3, "failed", "exited with 2\n", 2)) == "job 3 failed: exited with 2"
+
+
+def test_a_misspelled_variable_gets_one_warning_with_the_closest_name(caplog):
+    load({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_CONCURENCY": "1", "SCHEDULER_QWERTYUIOP": "1"})
+    assert caplog.messages == [
+        "SCHEDULER_CONCURENCY is not a setting and is ignored; did you mean SCHEDULER_CONCURRENCY?",
+        "SCHEDULER_QWERTYUIOP is not a setting and is ignored; see the README's settings table",
+    ]
+
+
+def test_the_http_address_can_be_turned_off():
+    assert load({"SCHEDULER_AUTHKEY": KEY}).http == ("127.0.0.1", 8889)
+    assert load({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_HTTP": ""}).http is None
