@@ -82,6 +82,13 @@ class Worker:
         }
 
 
+def _reported(job: Job, name: str, lease: int) -> bool:
+    """The job finished on this very run (not cancelled: a cancelled run must stop)."""
+    return job.state in (State.SUCCEEDED, State.FAILED) and job.lease == lease and (
+        job.worker == name
+    )
+
+
 class Board:
     def __init__(
         self,
@@ -375,6 +382,8 @@ class Board:
             if worker.held.get(job_id) == lease:
                 continue
             job = self.jobs.get(job_id)
+            if job is not None and _reported(job, worker.name, lease):
+                continue  # its outcome is in; the slave forgets it once told so
             if job is not None and self.owns(worker.name, job, lease):
                 self._adopt(worker, job, lease)
             else:

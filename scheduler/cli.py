@@ -1,28 +1,45 @@
-"""The ``scheduler`` command: run a master or slave, submit and follow jobs."""
+"""The scheduler command: run a master or a slave, submit jobs and follow them."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from . import jobsfile, master, slave, verify
-from .client import Client
-from .errors import JobFailed, SchedulerError
+from . import __version__, jobsfile, master, slave, verify
+from .client import AsyncResult, Client
+from .errors import SchedulerError
 from .job import State
 from .settings import load
 
 STATES = [str(s) for s in State]
+SHOWN_FAILURES = 5  # `submit --wait` tells this many failures in full, then counts
+DEFAULT_LIMIT = 20
+EPILOG = (
+    "The master's address comes from --master (before or after the command), else "
+    "SCHEDULER_MASTER, else 127.0.0.1:8888; the key from SCHEDULER_AUTHKEY or "
+    "SCHEDULER_AUTHKEY_FILE."
+)
 
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(master=args.master)
+
+
+def _tail(text: str | None, lines: int = 10) -> str:
+    body = (text or "").rstrip("\n").splitlines()
+    return "\n".join(("  " + line) for line in body[-lines:])
+
+
+# -- submitting -------------------------------------------------------------------------
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -33,45 +50,122 @@ def cmd_submit(args: argparse.Namespace) -> int:
         commands, use_shell = [args.shell and " ".join(args.command) or args.command], args.shell
     else:
         raise SchedulerError("nothing to submit; give `-- CMD ARGS...` or `--file FILE`")
+    env = _env_pairs(args.env)
     with _client(args) as client:
         handles = [
-            client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout)
+            client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout,
+                                cwd=args.cwd, env=env)  # fmt: skip
             for cmd in commands
         ]
         client.flush()
         for handle in handles:
-            print(handle.id)
-        if not args.wait:
-            return 0
-        failed = 0
-        for handle in handles:
-            try:
-                handle.get()
-            except JobFailed as exc:
-                failed += 1
-                print(exc, file=sys.stderr)
-        print(f"{len(handles) - failed} succeeded, {failed} failed", file=sys.stderr)
-        return 1 if failed else 0
+            print(handle.id, flush=True)
+        return _report(client, handles) if args.wait else 0
+
+
+def _env_pairs(pairs: Iterable[str] | None) -> dict[str, str] | None:
+    env = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SchedulerError(f"--env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env or None
+
+
+def _report(client: Client, handles: list[AsyncResult]) -> int:
+    """Wait for every job; show what each printed, and why the failed ones failed."""
+    failed = []
+    for handle in handles:
+        handle.wait()
+        info = client.job(handle.id)
+        if info["state"] == State.SUCCEEDED:
+            if info["stdout"] and len(handles) <= SHOWN_FAILURES:
+                print(f"job {info['id']} succeeded; stdout:\n{_tail(info['stdout'])}")
+            continue
+        failed.append(info)
+        if len(failed) <= SHOWN_FAILURES:
+            print(_failure(info), file=sys.stderr)
+    if len(failed) > SHOWN_FAILURES:
+        rest = [str(j["id"]) for j in failed[SHOWN_FAILURES:]]
+        print(f"... and {len(rest)} more failed (jobs {', '.join(rest[:20])}"
+              f"{', ...' if len(rest) > 20 else ''}); see `scheduler job ID`", file=sys.stderr)
+    ok = len(handles) - len(failed)
+    print(f"{ok} succeeded, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _failure(info: dict) -> str:
+    reason = (info["error"] or "").strip().splitlines()[-1:] or ["(no reason given)"]
+    lines = [f"job {info['id']} {info['state']}: {reason[0]}"]
+    if info.get("stderr"):
+        lines.append(f"stderr:\n{_tail(info['stderr'])}")
+    return "\n".join(lines)
+
+
+# -- looking -----------------------------------------------------------------------------
 
 
 def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%H:%M:%S") if ts else "-"
 
 
+def _took(job: dict, now: float) -> str:
+    if job["started"] is None:
+        return "-"
+    seconds = (job["ended"] or now) - job["started"]
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.job(args.id)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    now = time.time()
+    rows = [
+        ("job", f"{info['id']}" + (f" ({info['name']})" if info["name"] else "")),
+        ("state", info["state"]),
+        ("command", info["command"]),
+        ("attempts", f"{info['attempts']} of {info['max_attempts']}"),
+        ("worker", info["worker"] or "-"),
+        ("submitted", _when(info["submitted"])),
+        ("started", _when(info["started"])),
+        ("ended", _when(info["ended"])),
+        ("took" if info["ended"] else "running for", _took(info, now)),
+        ("exit code", "-" if info["exit_code"] is None else str(info["exit_code"])),
+        ("error", (info["error"] or "-").rstrip()),
+    ]
+    for key, value in rows:
+        print(f"{key:<12} {value}")
+    for stream in ("stdout", "stderr"):
+        if info[stream]:
+            print(f"{stream}:\n{_tail(info[stream], 40)}")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        if args.limit is not None:
-            jobs = client.jobs(state=args.state, limit=args.limit)
-        else:
+        if args.all:
             jobs = list(client.iter_jobs(state=args.state))
+        else:
+            jobs = client.jobs(state=args.state, limit=args.limit)
+        counts = client.status()["counts"] if not args.all else {}
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
-    print(f"{'ID':>7}  {'STATE':<10} {'TRIES':>5}  {'WORKER':<20} {'ENDED':>8}  COMMAND")
+    now = time.time()
+    print(f"{'ID':>7}  {'STATE':<10} {'TRIES':>5}  {'WORKER':<20} {'STARTED':>8} {'TOOK':>7}  "
+          "COMMAND")  # fmt: skip
     for j in jobs:
         label = f"{j['name']}: {j['command']}" if j["name"] else j["command"]
         print(f"{j['id']:>7}  {j['state']:<10} {j['attempts']:>5}  {(j['worker'] or '-'):<20} "
-              f"{_when(j['ended']):>8}  {label[:60]}")  # fmt: skip
+              f"{_when(j['started']):>8} {_took(j, now):>7}  {label[:60]}")  # fmt: skip
+    matching = counts.get(args.state, 0) if args.state else sum(counts.values())
+    if matching > len(jobs):
+        print(f"... {matching - len(jobs)} more (newest first; --limit N, --all, --json)",
+              file=sys.stderr)
     return 0
 
 
@@ -83,34 +177,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     counts = status["counts"]
     print("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATES))
+    if status.get("journal_error"):
+        print(f"journal: cannot write ({status['journal_error']})")
     print(f"slaves: {len(status['workers'])}")
     now = time.time()
     for w in status["workers"]:
         running = ",".join(map(str, w["running"][:10])) or "-"
         more = f" (+{len(w['running']) - 10})" if len(w["running"]) > 10 else ""
         flag = " draining" if w["draining"] else ""
+        flag += "" if w.get("connected", True) else " not back since the master restarted"
         beat = now - w["last_heartbeat"]
-        print(
-            f"  {w['name']:<24} {w['concurrency']:>3} procs  heartbeat {beat:.1f}s ago"
-            f"{flag}  running {running}{more}"
-        )
+        print(f"  {w['name']:<24} {w['concurrency']:>3} procs  heartbeat {beat:.1f}s ago"
+              f"{flag}  running {running}{more}")  # fmt: skip
     return 0
+
+
+# -- changing ------------------------------------------------------------------------------
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    untouched = 0
     with _client(args) as client:
         for job_id in args.ids:
-            info = client.cancel(job_id)
-            print(f"job {job_id}: {info['state']}")
-    return 0
+            before = client.job(job_id)["state"]
+            if State(before).terminal:
+                print(f"job {job_id}: already {before}; nothing cancelled", file=sys.stderr)
+                untouched += 1
+                continue
+            print(f"job {job_id}: {client.cancel(job_id)['state']}")
+    return 1 if untouched else 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     with _client(args) as client:
         jobs = client.wait(args.ids or None, timeout=args.timeout)
     failed = [j for j in jobs if j["state"] != State.SUCCEEDED]
-    for j in failed:
-        print(f"job {j['id']} {j['state']}: {j['error']}", file=sys.stderr)
+    for j in failed[:SHOWN_FAILURES]:
+        print(_failure(j), file=sys.stderr)
     print(f"{len(jobs) - len(failed)} succeeded, {len(failed)} not", file=sys.stderr)
     return 1 if failed else 0
 
@@ -132,6 +235,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    top = importlib.import_module("scheduler.top")  # it needs rich, not in the images
+
+    with _client(args) as client:
+        return int(top.run(client, once=args.once))
+
+
 def cmd_slave_health(args: argparse.Namespace) -> int:
     cfg = load(authkey="x" * 16)  # health needs no key
     try:
@@ -144,56 +254,85 @@ def cmd_slave_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scheduler", description=__doc__)
-    p.add_argument("--master", help="host:port of the master (SCHEDULER_MASTER)")
-    sub = p.add_subparsers(dest="command_name", metavar="COMMAND")
-    sub.add_parser("master", help="run the master", add_help=False)
-    sub.add_parser("slave", help="run a slave", add_help=False)
+# -- parsing -------------------------------------------------------------------------------
 
-    def add(
-        name: str, func: Callable[[argparse.Namespace], int], help: str
-    ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scheduler", description=__doc__, epilog=EPILOG)
+    p.add_argument("--master", help="host:port of the master (SCHEDULER_MASTER)")
+    p.add_argument("--version", action="version", version=f"scheduler {__version__}")
+    sub = p.add_subparsers(dest="command_name", metavar="COMMAND")
+    sub.add_parser("master", help="run the master (see: scheduler master --help)", add_help=False)
+    sub.add_parser("slave", help="run a slave (see: scheduler slave --help)", add_help=False)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        sp = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                            epilog=EPILOG)  # fmt: skip
         sp.set_defaults(func=func)
         # accepted after the command too: `scheduler jobs --master host:port`
-        sp.add_argument("--master", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--master", default=argparse.SUPPRESS,
+                        help="host:port of the master (SCHEDULER_MASTER)")  # fmt: skip
         return sp
 
     s = add("submit", cmd_submit, "submit shell commands")
-    s.add_argument("--wait", action="store_true", help="wait; exit 1 if any job failed")
-    s.add_argument("--file", help="one shell command per line")
+    s.add_argument("--wait", action="store_true",
+                   help="wait for the jobs, show their output; exit 1 if any failed")
+    s.add_argument("--file", help="a jobs file: one shell command per line, # for comments")
     s.add_argument("--shell", action="store_true", help="run CMD through /bin/sh")
-    s.add_argument("--name", help="job name")
+    s.add_argument("--name", help="a name for the job(s), shown in logs and listings")
     s.add_argument("--timeout", type=float, help="seconds before the job is killed")
+    s.add_argument("--cwd", help="directory to run in, on the slave (default: the slave's)")
+    s.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   help="add a variable to the job's environment (repeatable)")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    j = add("jobs", cmd_jobs, "list jobs")
-    j.add_argument("--state", choices=STATES)
-    j.add_argument("--limit", type=int)
-    j.add_argument("--json", action="store_true")
+    one = add("job", cmd_job, "show one job: state, attempts, times, error, output")
+    one.add_argument("id", type=int, help="the job id")
+    one.add_argument("--json", action="store_true", help="print it as JSON")
+    j = add("jobs", cmd_jobs, "list jobs, newest first")
+    j.add_argument("--state", choices=STATES, help="only jobs in this state")
+    j.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                   help=f"show this many (default {DEFAULT_LIMIT}, at most 1000)")
+    j.add_argument("--all", action="store_true", help="show every job, a page at a time")
+    j.add_argument("--json", action="store_true", help="print them as JSON")
     st = add("status", cmd_status, "job counts and slaves")
-    st.add_argument("--json", action="store_true")
-    c = add("cancel", cmd_cancel, "cancel jobs")
-    c.add_argument("ids", type=int, nargs="+")
+    st.add_argument("--json", action="store_true", help="print it as JSON")
+    c = add("cancel", cmd_cancel, "cancel jobs; exit 1 if one had already finished")
+    c.add_argument("ids", type=int, nargs="+", help="job ids")
     w = add("wait", cmd_wait, "wait for jobs (default: all unfinished); exit 1 if any failed")
-    w.add_argument("ids", type=int, nargs="*")
-    w.add_argument("--timeout", type=float)
+    w.add_argument("ids", type=int, nargs="*", help="job ids (default: every unfinished job)")
+    w.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")
     v = add("verify", cmd_verify, "chaos check: kill a slave mid-batch, account for every job")
     v.add_argument("--jobs", type=int, help="how many jobs (default: twice the slots, >= 8)")
     v.add_argument("--seconds", type=float, help="how long each runs (default: 2 x the lease)")
     v.add_argument("--restart-master", action="store_true",
                    help="also crash the master mid-batch (it restarts itself from its journal)")
     v.add_argument("--no-kill", action="store_true", help="kill no slave")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    t = add("top", cmd_top, "a live view of counts, rate and slaves (Ctrl-C to leave)")
+    t.add_argument("--once", action="store_true", help="draw once and exit")
     add("ping", cmd_ping, "exit 0 if the master answers with our key")
     add("slave-health", cmd_slave_health, "exit 0 if this host's slave heartbeats")
     return p
 
 
+def _split_globals(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Global options given before the command, and the rest (command first)."""
+    before: list[str] = []
+    while argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        takes_value = argv[0] == "--master"
+        before, argv = before + argv[: 1 + takes_value], argv[1 + takes_value :]
+    return before, argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("master", "slave"):
-        return {"master": master.main, "slave": slave.main}[argv[0]](argv[1:])
+    before, rest = _split_globals(argv)
+    if rest and rest[0] in ("master", "slave"):
+        if rest[0] == "master" and before:
+            print("error: the master takes --bind, not --master", file=sys.stderr)
+            return 2
+        run = {"master": master.main, "slave": slave.main}[rest[0]]
+        return run([*rest[1:], *before])
     args = parser().parse_args(argv)
     if not hasattr(args, "func"):
         parser().print_help()
@@ -210,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `scheduler jobs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

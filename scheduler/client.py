@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import math
 import os
 import pickle
 import queue
+import re
 import threading
 import time
+import types
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,7 +26,7 @@ from typing import Any
 import cloudpickle
 
 from . import settings
-from .errors import ConnectError, JobFailed, SchedulerError, SubmitError
+from .errors import ConnectError, JobFailed, RemoteTraceback, SchedulerError, SubmitError
 from .job import JobSpec, State
 from .transport import Link
 
@@ -88,12 +91,25 @@ class AsyncResult:
         return self._value
 
     def _raise(self) -> None:
-        state, _, error, exit_code = self._outcome or ("failed", None, "not submitted", None)
+        raise self._exception()
+
+    def _exception(self) -> BaseException:
+        """What ``get()`` raises: the job's own exception, rebuilt, with the remote
+        traceback as its cause (as ``multiprocessing.pool``); else a JobFailed."""
+        state, result, error, exit_code = self._outcome or ("failed", None, "not submitted", None)
         if state == "refused":
-            raise SubmitError(error)
+            return SubmitError(error)
         if state == "lost":
-            raise ConnectError(error)
-        raise JobFailed(self._id or 0, state, error, exit_code)
+            return ConnectError(error)
+        if state == State.FAILED and isinstance(result, bytes):
+            try:
+                exc = pickle.loads(result)
+            except Exception:  # its class is not importable here
+                exc = None
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(error or "")
+                return exc
+        return JobFailed(self._id or 0, state, error, exit_code, _exc_type(error))
 
     def _set(self, state: str, result: Any, error: str | None, exit_code: int | None) -> None:
         """Record the outcome; the caller notifies ``client._done`` (once per batch)."""
@@ -110,12 +126,39 @@ class AsyncResult:
                 if state == State.SUCCEEDED and callback:
                     callback(self.get())
                 elif state != State.SUCCEEDED and error_callback:
-                    error_callback(JobFailed(self._id or 0, state, error, exit_code))
+                    error_callback(self._exception())
             except Exception:  # a user's callback must not kill the result thread
                 pass
 
     def __repr__(self) -> str:
         return f"<AsyncResult job={self._id} state={self.state or 'pending'}>"
+
+
+def _exc_type(error: str | None) -> str | None:
+    """The exception type named on a Python traceback's last line, if it is one."""
+    last = (error or "").strip().splitlines()[-1:] or [""]
+    found = re.match(r"([A-Za-z_][\w.]*)(:|$)", last[0])
+    return found.group(1) if found and "Traceback" in (error or "") else None
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle that keeps each function's source file name (cloudpickle writes
+    ``<dynamic-code>``), so tracebacks from slaves name the user's file and line."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if _code_reduce is not None and type(obj) is types.CodeType:
+            make, args = _code_reduce(obj)
+            return make, tuple(obj.co_filename if a == "<dynamic-code>" else a for a in args)
+        return super().reducer_override(obj)
+
+
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+def dumps_function(func: Callable) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=5).dump(func)
+    return buffer.getvalue()
 
 
 def _apply_chunk(func: Callable, chunk: list, star: bool) -> list:
@@ -126,7 +169,8 @@ class Client:
     """Submit jobs to a master and collect their results.
 
     ``master`` is ``"host:port"`` (default ``SCHEDULER_MASTER``, then 127.0.0.1:8888);
-    ``authkey`` defaults to ``SCHEDULER_AUTHKEY``.
+    ``authkey`` defaults to ``SCHEDULER_AUTHKEY``. ``ship_modules``: modules of yours
+    (next to your script, not installed on the slaves) to send along with your functions.
     """
 
     def __init__(
@@ -136,7 +180,10 @@ class Client:
         *,
         batch_size: int = 1000,
         environ: Mapping[str, str] | None = None,
+        ship_modules: Iterable[types.ModuleType] = (),
     ) -> None:
+        for module in ship_modules:  # sent by value with the functions that use them
+            cloudpickle.register_pickle_by_value(module)
         env = os.environ if environ is None else environ
         where = master or env.get("SCHEDULER_MASTER") or f"127.0.0.1:{settings.DEFAULT_PORT}"
         what = "master" if master else "SCHEDULER_MASTER"
@@ -217,17 +264,22 @@ class Client:
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> AsyncResult:
         """Run a command: an argv list, or a string given to ``/bin/sh`` when ``shell=True``.
 
-        ``get()`` returns the tail of its stdout and raises JobFailed on a non-zero exit.
+        It runs in ``cwd`` (default: the slave's working directory) with ``env`` added to
+        the slave's environment. ``get()`` returns the tail of its stdout and raises
+        JobFailed on a non-zero exit.
         """
         if isinstance(command, str) and not shell:
             raise SubmitError("a command string needs shell=True; or pass an argv list")
         if not command or (isinstance(command, list) and not all(command)):
             raise SubmitError("empty command; give at least the program to run")
         cmd = command if shell else [str(part) for part in command]
-        spec = JobSpec("shell", (cmd, shell), name or "", labels, timeout, max_attempts)
+        payload = (cmd, shell, cwd, dict(env or {})) if cwd or env else (cmd, shell)
+        spec = JobSpec("shell", payload, name or "", labels, timeout, max_attempts)
         return self._enqueue(spec, AsyncResult(self))
 
     def result(self, job_id: int) -> AsyncResult:
@@ -345,7 +397,7 @@ class Client:
         entry = self._funcs.get(id(func))
         if entry is None or entry[0] is not func:
             try:
-                body = cloudpickle.dumps(func)
+                body = dumps_function(func)
             except Exception as exc:
                 raise SubmitError(f"cannot pickle {_name_of(func)!r}: {exc}") from exc
             entry = (func, hashlib.blake2b(body, digest_size=16).hexdigest(), body)

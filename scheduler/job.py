@@ -28,7 +28,9 @@ KINDS = ("shell", "python")
 class JobSpec(NamedTuple):
     """What a client submits. ``payload`` depends on ``kind``.
 
-    shell:  ``(command, use_shell)`` where command is an argv list, or a string when use_shell.
+    shell:  ``(command, use_shell)`` or ``(command, use_shell, cwd, env)``: command is an argv
+            list, or a string when use_shell; cwd a directory or None; env a dict of
+            variables added to the slave's environment, or None.
     python: ``(func_digest, args_blob)``; the function bytes travel once per batch, by digest.
     """
 
@@ -53,10 +55,12 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         spec = JobSpec(*spec)
     if spec.kind not in KINDS:
         raise SubmitError(f"unknown job kind {spec.kind!r}; use one of {', '.join(KINDS)}")
-    if not isinstance(spec.payload, tuple) or len(spec.payload) != 2:
+    sizes = (2, 4) if spec.kind == "shell" else (2,)
+    if not isinstance(spec.payload, tuple) or len(spec.payload) not in sizes:
         raise SubmitError(f"malformed {spec.kind} payload")
     if spec.kind == "shell":
-        _validate_command(*spec.payload)
+        _validate_command(*spec.payload[:2])
+        _validate_place(*spec.payload[2:])
     elif not (isinstance(spec.payload[0], str) and (spec.payload[0] in (sent or ())
                                                    or spec.payload[0] in known)):
         raise SubmitError("python job refers to a function that was not sent with it")
@@ -81,6 +85,17 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
     ):
         raise SubmitError("job labels must map strings to strings")
     return spec
+
+
+def _validate_place(cwd: Any = None, env: Any = None) -> None:
+    if cwd is not None and not (isinstance(cwd, str) and cwd):
+        raise SubmitError("cwd must be a directory path (a non-empty string)")
+    if env is not None and not (
+        isinstance(env, dict)
+        and all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+                for k, v in env.items())
+    ):  # fmt: skip
+        raise SubmitError("env must map variable names to strings (NAME=value)")
 
 
 def _validate_command(command: Any, use_shell: Any) -> None:
@@ -129,7 +144,7 @@ class Job:
     def describe(self) -> str:
         """A short human description of what the job runs."""
         if self.kind == "shell":
-            command, use_shell = self.payload
+            command, use_shell = self.payload[:2]
             return command if use_shell else " ".join(command)
         return "python callable"
 

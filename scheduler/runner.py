@@ -104,17 +104,22 @@ class Abort:
 
 def run_shell(lease: Lease, limit: int, abort: Abort) -> Outcome:
     """Run one shell job to its end, its timeout, or an abort; never raises."""
-    command, use_shell = lease.payload
+    command, use_shell, cwd, env = (*lease.payload, None, None)[:4]
     started = time.monotonic()
+    if cwd and not os.path.isdir(cwd):
+        return Outcome(lease.job_id, lease.lease, False, None,
+                       f"working directory {cwd} does not exist on this slave", 126)  # fmt: skip
     try:
         proc = subprocess.Popen(
             command, shell=bool(use_shell), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, cwd=cwd,
+            env={**os.environ, **env} if env else None,
         )  # fmt: skip
     except OSError as exc:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
+        where = f" in {cwd}" if cwd else ""
         return Outcome(lease.job_id, lease.lease, False, None,
-                       f"cannot run {command!r}: {exc.strerror or exc}", code)  # fmt: skip
+                       f"cannot run {command!r}{where}: {exc.strerror or exc}", code)  # fmt: skip
     abort.arm(lambda: _killpg(proc.pid))
     tails = [Tail(limit), Tail(limit)]
     pumps = [
@@ -211,18 +216,26 @@ def _die_with_parent() -> None:
 def _call(
     bodies: OrderedDict, loaded: dict, digest: str, args_blob: bytes, limit: int, result_limit: int
 ) -> tuple:
+    """Run one call; return (ok, result or pickled exception, error, out, err, took, exit code).
+
+    As in ``multiprocessing.pool``: the job's own exception travels back pickled (when it
+    can be) with its traceback as text. ``SystemExit(0)`` is success; another exit code
+    is a failure that records the code.
+    """
     started = time.monotonic()
     out, err = _TextTail(limit), _TextTail(limit)
+    code = None
+    blob: bytes | None
     try:
-        func = loaded.get(digest)
-        if func is None:
-            if digest not in bodies:
-                raise LookupError(f"the slave lost the body of function {digest}; submit again")
-            func = loaded[digest] = pickle.loads(bodies[digest])
-        args, kwargs = pickle.loads(args_blob)
+        func, args, kwargs = _load(bodies, loaded, digest, args_blob)
         sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
         try:
             value = func(*args, **kwargs)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                code = exc.code if isinstance(exc.code, int) else 1
+                raise
+            value = None
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         blob = _dumps(value)
@@ -233,9 +246,42 @@ def _call(
                 "to shared storage and return their path"
             )
         ok, error = True, None
-    except BaseException:  # the job's own failure, SystemExit included, is its outcome
-        ok, blob, error = False, None, traceback.format_exc()
-    return ok, blob, error, out.text(), err.text(), time.monotonic() - started
+    except BaseException as exc:  # the job's own failure is its outcome
+        ok, error = False, traceback.format_exc()
+        # SystemExit and KeyboardInterrupt are not raised again in the client: they
+        # would end the caller's program; their exit code is recorded instead
+        blob = _dump_exception(exc, result_limit) if isinstance(exc, Exception) else None
+    return ok, blob, error, out.text(), err.text(), time.monotonic() - started, code
+
+
+def _load(bodies: OrderedDict, loaded: dict, digest: str, args_blob: bytes) -> tuple:
+    """The function and its arguments; a missing module is said plainly."""
+    try:
+        func = loaded.get(digest)
+        if func is None:
+            if digest not in bodies:
+                raise LookupError(f"the slave lost the body of function {digest}; submit again")
+            func = loaded[digest] = pickle.loads(bodies[digest])
+        args, kwargs = pickle.loads(args_blob)
+    except ModuleNotFoundError as exc:
+        where = os.environ.get("SCHEDULER_WORKER_NAME") or "this slave"
+        raise ModuleNotFoundError(
+            f"module {exc.name!r} is not installed on slave {where}: install it there, or send "
+            f"it with the job: Client(ship_modules=[{exc.name}])", name=exc.name,
+        ) from None  # fmt: skip
+    return func, args, kwargs
+
+
+def _dump_exception(exc: BaseException, limit: int) -> bytes | None:
+    """The exception pickled for the client to raise again, or None if it cannot be."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    try:
+        blob = _dumps(exc)
+        pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt
+    except Exception:
+        return None
+    return blob if len(blob) <= limit else None
 
 
 def _dumps(value: Any) -> bytes:
@@ -308,9 +354,9 @@ class PythonSlot:
             while i < len(batch):
                 self.current = batch[i] if len(batch) == 1 else None  # cancel kills singles only
                 results = self._wait(batch[i], abort)
-                for ok, blob, error, out, err, took in results or ():
+                for ok, blob, error, out, err, took, code in results or ():
                     lease = batch[i]
-                    done(Outcome(lease.job_id, lease.lease, ok, blob, error, None, out, err, took))
+                    done(Outcome(lease.job_id, lease.lease, ok, blob, error, code, out, err, took))
                     i += 1
                 if results is None:  # the child died running batch[i]
                     done(self._death(batch[i], abort))
@@ -348,7 +394,12 @@ class PythonSlot:
         code, self._proc = self._proc.exitcode, None
         if timed_out:
             why = f"timed out after {lease.timeout:g}s; killed its process"
+        elif abort.reason:
+            why = abort.reason
+        elif code is not None and code < 0:
+            why = f"the process running it was killed by signal {-code}"
         else:
-            why = abort.reason or f"the process running it died (exit code {code})"
-        return Outcome(lease.job_id, lease.lease, False, None, why, None, None, None,
+            why = f"the process running it exited with {code} (os._exit)"
+        recorded = code if code is not None and code >= 0 and not timed_out else None
+        return Outcome(lease.job_id, lease.lease, False, None, why, recorded, None, None,
                        time.monotonic() - started)  # fmt: skip

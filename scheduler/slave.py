@@ -13,10 +13,13 @@ from .worker import Worker
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scheduler slave", description="Run a slave.")
     p.add_argument("--master", help="host:port of the master (SCHEDULER_MASTER)")
-    p.add_argument("--concurrency", type=int, help="jobs at once (SCHEDULER_CONCURRENCY)")
-    p.add_argument("--name", help="worker name (SCHEDULER_WORKER_NAME)")
-    p.add_argument("--grace-seconds", type=float, help="drain grace (SCHEDULER_GRACE_SECONDS)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--concurrency", type=int,
+                   help="jobs run at once (SCHEDULER_CONCURRENCY, default: the CPU count)")
+    p.add_argument("--name", help="worker name in status and logs (SCHEDULER_WORKER_NAME)")
+    p.add_argument("--grace-seconds", type=float,
+                   help="how long a drain (SIGTERM) lets running jobs finish "
+                        "(SCHEDULER_GRACE_SECONDS, default 60); a second SIGTERM ends it")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     return p
 
 

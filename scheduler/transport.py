@@ -159,8 +159,9 @@ class _Server(managers.Server):
             self.refusals.note("wrong authkey", peer)
         elif late:
             self.refusals.note(f"no handshake within {HANDSHAKE_SECONDS:g}s", peer)
-        elif isinstance(exc, EOFError):
-            log.debug("connection from %s closed before the handshake (a probe)", peer)
+        elif isinstance(exc, (EOFError, ConnectionResetError, BrokenPipeError)):
+            # a port probe, or one of our own processes exiting mid-handshake
+            log.debug("connection from %s closed during the handshake", peer)
         else:
             self.refusals.note("bad handshake", peer)
 

@@ -321,7 +321,7 @@ class Worker:
             if not self._log_ok():
                 return
             if lease.kind == "shell":
-                command, use_shell = lease.payload
+                command, use_shell = lease.payload[:2]
                 shown = command if use_shell else " ".join(command)
             else:
                 shown = "python callable"

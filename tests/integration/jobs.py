@@ -55,3 +55,32 @@ def noop_item(_):
 
 def big(n):
     return b"x" * n
+
+
+class Oops(Exception):
+    """An exception class of the user's own."""
+
+
+def raise_oops(detail):
+    raise Oops(detail)
+
+
+def divide(a, b):
+    return a / b
+
+
+class Unbuildable(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be rebuilt from its args
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unbuildable():
+    raise Unbuildable(1, 2)
+
+
+def leave(code):
+    sys.exit(code)
+
+
+def hard_exit(code):
+    os._exit(code)

@@ -77,6 +77,7 @@ class Cluster:
             SCHEDULER_AUTHKEY=self.authkey,
             SCHEDULER_LEASE_SECONDS=str(self.lease),
             SCHEDULER_PROGRESS_SECONDS="0.5",
+            SCHEDULER_HTTP="",  # tests that want the dashboard ask for a port
             SCHEDULER_STATE_DIR=str(self.tmp / "state"),
             PYTHONUNBUFFERED="1",
         )

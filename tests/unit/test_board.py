@@ -342,3 +342,10 @@ def test_finished_jobs_beyond_the_window_leave_memory_but_still_count(board):
     assert board.evict(keep=2, saved=5) == 1
     assert sorted(board.jobs) == [jobs[3].id, jobs[4].id]
     assert board.status()["counts"]["succeeded"] == 5 and board.status()["total"] == 5
+
+
+def test_a_finished_run_still_claimed_while_its_ack_travels_is_not_dropped(board):
+    (job,) = board.submit([shell("x")])
+    take(board, "w1", 1)
+    board.complete("w1", [ok(job)])
+    assert board.heartbeat("w1", Holding(((job.id, job.lease),))).drop == ()
