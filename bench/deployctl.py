@@ -23,7 +23,11 @@ import docker.errors
 
 CLUSTER = "bench"
 PORT = 18891
-INVENTORY = f"""[cluster]
+# Images of their own name, so the bench's builds leave the checkout's images alone.
+INVENTORY = f"""[images]
+master = "{CLUSTER}-master"
+slave = "{CLUSTER}-slave"
+[cluster]
 name = "{CLUSTER}"
 [master]
 port = {PORT}
@@ -75,8 +79,8 @@ def _empty_engines(urls: list[str]) -> None:
             ):
                 c.remove(force=True)
             for image in client.images.list():
-                if any(t.startswith(("scheduler-master:", "scheduler-slave:", "scheduler-base:"))
-                       for t in image.tags):  # fmt: skip
+                if any(t.startswith((f"{CLUSTER}-master:", f"{CLUSTER}-slave:",
+                                     "scheduler-base:")) for t in image.tags):  # fmt: skip
                     try:
                         client.images.remove(image.id, force=True)
                     except docker.errors.APIError:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from tests.testbed import bed
@@ -60,8 +61,12 @@ def docker_engine() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="session")
-def role_images(docker_engine: docker.DockerClient) -> dict[str, str]:
-    """role -> image reference (the content-hash tag) of freshly built or up-to-date images."""
+def role_images(docker_engine: docker.DockerClient) -> Iterator[dict[str, str]]:
+    """role -> a reference of this session's own to freshly built or up-to-date images.
+
+    The session's tag keeps them while a later build in the same session (deployctl after a
+    change) drops the older ``hash-`` tags; it is removed at the end.
+    """
     from deploy.build import build_images
     from deploy.engine import Engines
 
@@ -70,7 +75,17 @@ def role_images(docker_engine: docker.DockerClient) -> dict[str, str]:
         built = build_images(engines, sys.stderr)
     finally:
         engines.close()
-    return {image.role: f"{image.repository}:{image.tags[1]}" for image in built}
+    session = f"session-{os.getpid()}"
+    refs = {}
+    for image in built:
+        docker_engine.images.get(image.image_id).tag(image.repository, session)
+        refs[image.role] = f"{image.repository}:{session}"
+    yield refs
+    for ref in refs.values():
+        try:
+            docker_engine.images.remove(ref)
+        except docker.errors.APIError:
+            pass  # still used by a container another session made: it goes with that
 
 
 @pytest.fixture(scope="session")
