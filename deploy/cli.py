@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from . import build as builder
-from . import cluster, config, jobs, keyfile, render, shipping, ssh, watch
+from . import chaos, cluster, config, jobs, keyfile, render, shipping, ssh, watch
 from .context import Context, session
 from .engine import Engines
 from .errors import DeployError
@@ -403,6 +403,27 @@ def jobs_cmd(
     with _session() as ctx:
         found = jobs.jobs(ctx, state)
         _out(json.dumps(found, indent=2, default=str) if json_ else render.jobs_text(found))
+
+
+@command(app)
+def verify(
+    restart_master: Annotated[bool, typer.Option(
+        "--restart-master", help="also kill the master's container mid-batch")] = False,
+    jobs_: Annotated[int | None, typer.Option(
+        "--jobs", min=1, help="how many jobs (default: twice the slots, at least 8)")] = None,
+    seconds: Annotated[float | None, typer.Option(
+        min=0.1, help="how long each job runs (default: twice the lease)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:  # fmt: skip
+    """Chaos check of the deployed cluster: kill a worker container (and with
+    --restart-master the master's) mid-batch, then account for every job; exit 5 if any
+    was lost or ran twice on a healthy worker."""
+    with _session() as ctx:
+        report = chaos.verify(ctx, restart_master, jobs_, seconds)
+        _out(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2) if json_
+             else render.verify_text(report))  # fmt: skip
+        if not report["ok"]:
+            raise typer.Exit(5)
 
 
 @command(hosts_app, "trust")

@@ -239,6 +239,12 @@ def start(engines: Engines, host: Host, container: Observed) -> None:
         engines.client(host).api.start(container.id)
 
 
+def kill(engines: Engines, host: Host, container: Observed) -> None:
+    """SIGKILL the container, as a machine dying would (its restart policy still applies)."""
+    with engines.guard(host, f"kill container {container.name}"):
+        engines.client(host).api.kill(container.id)
+
+
 def remove(engines: Engines, host: Host, container: Observed, timeout: int) -> None:
     """SIGTERM, wait up to ``timeout`` s (a worker drains meanwhile), then remove."""
     api = engines.client(host).api

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from scheduler import AuthError, Client, ConnectError, SchedulerError
+from scheduler import verify as chaos
 
 from .config import Config, Host
 from .errors import MasterError
@@ -143,6 +144,16 @@ class MasterLink:
                         "see 'deployctl logs master' (port in use? wrong master.advertise?)",
                     ) from exc  # fmt: skip
                 sleep(0.25)
+
+    def verify(self, key: Secret, kill_slave: Callable[[dict[str, Any]], None],
+               crash_master: Callable[[], None] | None, jobs: int | None,
+               seconds: float | None, say: Callable[[str], None]) -> chaos.Report:  # fmt: skip
+        """The scheduler's chaos run (``scheduler.verify``) on this master, with deployctl's
+        own ways to kill a worker and crash the master."""
+        with self.use(key) as client:
+            return chaos.run(client, jobs=jobs, seconds=seconds, kill_slave=kill_slave,
+                             restart_master=crash_master is not None,
+                             crash_master=crash_master, say=say)  # fmt: skip
 
     def reset(self) -> None:
         """Close the client; the next use opens another (say, once the master was replaced)."""

@@ -141,3 +141,13 @@ def jobs_text(jobs: Sequence[dict[str, Any]]) -> str:
 
 def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def verify_text(report: dict[str, Any]) -> str:
+    """The chaos run's accounting, one row a line, then the verdict."""
+    rows = report["rows"]
+    width = max(len(str(key)) for key, _ in rows)
+    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    verdict = ("nothing lost, nothing run twice on a healthy worker" if report["ok"]
+               else "FAILED: jobs lost or run twice on a healthy worker")  # fmt: skip
+    return "\n".join([*lines, f"verdict: {verdict}"])

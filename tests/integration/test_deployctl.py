@@ -226,6 +226,19 @@ def test_scale_up_and_down_during_a_batch_loses_no_job(bed: Bed, up) -> None:
     bed.run("scale", "workers", "5")
 
 
+def test_verify_kills_a_worker_and_the_master_and_accounts_for_every_job(bed: Bed, up) -> None:
+    """`deployctl verify --restart-master`: the scheduler's chaos run on the deployed cluster,
+    a worker container and the master's killed with the engine mid-batch."""
+    proc = bed.run("verify", "--restart-master", "--jobs", "10", "--seconds", "3", "--json")
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["lost"] == [] and report["twice_on_healthy"] == []
+    assert report["killed"].startswith("itest-worker-") and report["master_crashes"] == 1
+    assert sorted(report["once"] + report["rerun_after_kill"]) == list(range(10))
+    assert f"killed {report['killed']} (SIGKILL)" in proc.stderr
+    assert "killed itest-master (SIGKILL)" in proc.stderr
+    assert status(bed)["healthy"]  # both came back by their restart policy
+
+
 def test_logs_show_dispatch_and_progress(bed: Bed, up) -> None:
     bed.run("submit", "--wait", "--", "sh", "-c", "echo hello; sleep 1")
     text = bed.run("logs", "master").stdout

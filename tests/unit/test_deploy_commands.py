@@ -162,3 +162,11 @@ def test_error_messages_name_the_subject_and_the_next_step() -> None:
         "fix the hosts above and run the command again",
     ]  # fmt: skip
     assert summary.exit_code == 3
+
+
+def test_verify_report_text_ends_with_the_verdict() -> None:
+    rows = [("jobs submitted", "10 x 3 s"), ("lost", "0")]
+    text = render.verify_text({"rows": rows, "ok": True}).splitlines()
+    assert text == ["jobs submitted  10 x 3 s", "lost            0",
+                    "verdict: nothing lost, nothing run twice on a healthy worker"]  # fmt: skip
+    assert render.verify_text({"rows": rows, "ok": False}).endswith("run twice on a healthy worker")
