@@ -391,10 +391,16 @@ class SSHPool:
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc) or type(exc).__name__
+        transport = self.client(host).get_transport()
+        assert transport is not None
         try:
-            channel = self.open(host, lambda t: t.open_channel(
-                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout))  # fmt: skip
+            channel = transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
+                                             timeout=timeout)  # fmt: skip
         except paramiko.ChannelException as exc:
+            if exc.code != CONNECT_FAILED:  # sshd forbids forwarding: nothing to learn here
+                log.warning("host %s: cannot check that it reaches %s:%d (%s)", host.name,
+                            address, port, exc.text)  # fmt: skip
+                return None
             return exc.text.lower() if exc.text else "connect failed"
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise _unreachable(host, exc) from exc
