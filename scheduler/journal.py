@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,7 @@ class Journal:
         self._done_seq = 0
         self._error: str | None = None  # why the last write failed, until one succeeds
         self._closing = False
+        self.on_commit: Callable[[float], None] | None = None  # seconds a transaction took
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
 
@@ -296,8 +298,12 @@ class Journal:
                               self.path, len(self._pending), self._error)  # fmt: skip
                     return
                 self._in_flight, self._pending = self._pending, []
+                written = any(e.new or e.changed or e.funcs or e.meta or e.marks
+                              for e in self._in_flight)  # not the master's idle ticks
             try:
+                started = time.perf_counter()
                 self._write(self._in_flight)
+                took = time.perf_counter() - started
             except Exception as exc:  # disk full, permissions, anything: keep it, retry
                 failures += 1
                 with self._cond:
@@ -317,6 +323,8 @@ class Journal:
                 self._done_seq = self._in_flight[-1].seq
                 self._in_flight = []
                 self._cond.notify_all()
+            if self.on_commit is not None and written:
+                self.on_commit(took)
 
     def _write(self, entries: list[_Entry]) -> None:
         db = self._db

@@ -8,13 +8,17 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from . import entry, settings, transport
+from . import entry, metrics, settings, transport
 from .board import RECONNECT_SECONDS, Board
 from .errors import SchedulerError
 from .journal import LEASE_BLOCK, Journal
 from .progress import Progress
 from .service import Service
+
+if TYPE_CHECKING:
+    from .web import WebServer
 
 log = logging.getLogger("scheduler.master")
 TICK = 0.1
@@ -42,8 +46,9 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
                   first_lease=stored.max_lease + 1, lease_ceiling=ceiling)  # fmt: skip
     running = board.restore(jobs, stored)
     progress = Progress(time.time, cfg.progress_seconds)
+    counted = _metrics(cfg)
     service = Service(board, journal, funcs, progress, keep_finished=cfg.keep_finished,
-                      heartbeat_seconds=cfg.heartbeat_seconds,
+                      heartbeat_seconds=cfg.heartbeat_seconds, metrics=counted,
                       crash=lambda: _crash_and_restart(str(host), int(port)))  # fmt: skip
     try:
         server = transport.serve(service, cfg.bind, cfg.authkey.reveal())
@@ -55,14 +60,50 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     log.info("master listening on %s:%d; journal %s (%d jobs, %d running on slaves that "
              "have %.0fs to come back)", host, port, journal.path, stored.total, running,
              cfg.lease_seconds + RECONNECT_SECONDS)  # fmt: skip
+    web = _serve_http(cfg.http, service, journal, counted)
     while not stop.wait(TICK):
         service.tick()
         server.refusals.flush()  # type: ignore[attr-defined]
     log.info("master stopping: refusing new work, flushing the journal")
+    if web is not None:
+        web.close()
     service.close()
     journal.close()
     log.info("master stopped")
     return 0
+
+
+def _metrics(cfg: settings.Settings) -> metrics.NoMetrics:
+    """Counting costs a little per job: only when something serves the numbers."""
+    if cfg.http is None:
+        return metrics.NoMetrics()
+    try:
+        return metrics.Metrics()
+    except ImportError:
+        log.error("dashboard and /metrics off: prometheus_client is not installed "
+                  "(pip install prometheus_client), or set SCHEDULER_HTTP to nothing")  # fmt: skip
+        return metrics.NoMetrics()
+
+
+def _serve_http(address: tuple[str, int] | None, service: Service, journal: Journal,
+                counted: metrics.NoMetrics) -> WebServer | None:  # fmt: skip
+    """The dashboard and /metrics on ``address``; None if off or the port is taken."""
+    if address is None or not isinstance(counted, metrics.Metrics):
+        return None
+    from .web import Api, loopback_only, start
+
+    counted.watch(service.snapshot)
+    counted.seed_failures(service.jobs("failed", metrics.KEEP_FAILURES))
+    journal.on_commit = counted.journal_committed
+    loopback = loopback_only(address[0])
+    served = start(address, Api(service, counted, loopback=loopback))
+    if served is not None:
+        log.info("dashboard on %s (Prometheus metrics at %smetrics)", served.url, served.url)
+        if not loopback:
+            log.warning("dashboard bound to %s: whoever reaches that port reads every job's "
+                        "command and output (no login); prefer loopback and an SSH tunnel",
+                        address[0])  # fmt: skip
+    return served
 
 
 def _crash_and_restart(host: str, port: int) -> None:

@@ -21,6 +21,7 @@ from .board import Board, Holding, Lease, Outcome, Reply
 from .errors import JournalError, SchedulerError, ShuttingDown, SubmitError, UnknownWorker
 from .job import Job, State, validate
 from .journal import LEASE_BLOCK, Journal, safe_text
+from .metrics import NoMetrics
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class Service:
         keep_finished: int = 100_000,
         heartbeat_seconds: float | None = None,
         crash: Callable[[], None] | None = None,
+        metrics: NoMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or NoMetrics()  # counted where things happen; see metrics.py
         self._crash = crash  # what `verify` calls to crash and restart this master
         self._keep = keep_finished
         self._board = board
@@ -118,6 +121,7 @@ class Service:
         with self._lock:
             self._board.publish(jobs)
             self._work.notify_all()
+        self._metrics.submitted(len(jobs))
         if not jobs:
             return (0, 0)
         log.debug("submitted %d jobs (%d..%d)", len(jobs), jobs[0].id, jobs[-1].id)
@@ -212,6 +216,7 @@ class Service:
         if job.state is State.CANCELLED and before is not State.CANCELLED:
             with self._lock:
                 self._route([job])
+            self._metrics.finished([job], ran=False)
             log.info("job %s cancelled (was %s)", job.label, before)
         return job.info()
 
@@ -224,6 +229,25 @@ class Service:
             journal_error=self._journal.failing,
         )  # fmt: skip
         return status
+
+    def snapshot(self) -> dict[str, Any]:
+        """The numbers behind the gauges, read under the lock without walking any job."""
+        connected = draining = slots = busy = held = 0
+        with self._lock:
+            counts = {str(k): v for k, v in self._board.counts.items()}
+            in_memory = len(self._board.jobs)
+            for w in self._board.workers.values():
+                held += len(w.held)
+                if w.registered:
+                    connected += 1
+                    draining += w.draining
+                    slots += w.concurrency
+                    busy += len(w.held) - len(w.waiting.intersection(w.held))
+        return {
+            "counts": counts, "queued": counts["queued"], "in_memory": in_memory,
+            "connected": connected, "draining": draining, "slots": slots, "busy": busy,
+            "held": held, "journal_failing": int(self._journal.failing is not None),
+        }  # fmt: skip
 
     # -- slaves --------------------------------------------------------------
 
@@ -243,12 +267,15 @@ class Service:
                 "run the same scheduler version on master and slaves"
             )
         with self._lock:
+            held = self._held(worker)
             record, reply = self._board.register(worker, Holding(*holding))
+            lost = self._requeued(held)
             record.host, record.pid, record.concurrency = host, pid, concurrency
             self._work.notify_all()
             kept = len(record.held)
         log.info("slave %s registered from %s (pid %s, %s processes%s)", worker, host, pid,
                  concurrency, f"; kept its {kept} running job(s)" if kept else "")  # fmt: skip
+        self._metrics.requeued(lost, "lost_in_transit")
         self._log_drops(worker, reply)
         return {"lease_seconds": self._board.lease_seconds, "heartbeat_seconds": self._heartbeat,
                 "reply": tuple(reply)}  # fmt: skip
@@ -296,11 +323,13 @@ class Service:
         if rejected:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
+            self._metrics.rejected(rejected)
         self._journal.wait(ticket)
         if finished:
             with self._lock:
                 self._route(finished)
         self._progress.finished(finished, worker)
+        self._metrics.finished(finished)
         return len(finished), rejected, give_back
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
@@ -308,19 +337,25 @@ class Service:
             back = self._board.release(worker, leases)
             if back:
                 self._work.notify_all()
+            record = self._board.workers.get(worker)
+            why = "drain" if record is not None and record.draining else "handed_back"
         if back:
             log.info("slave %s handed back %d job(s)", worker, len(back))
+            self._metrics.requeued(len(back), why)
         return len(back)
 
     def heartbeat(self, worker: str, holding: tuple = ()) -> tuple:
         """Keep the slave's leases; reconcile its claims; see protocol.Reply."""
         with self._lock:
+            held = self._held(worker)
             reply = self._board.heartbeat(worker, Holding(*holding))
+            lost = self._requeued(held)
             if reply.known:
                 reply = reply._replace(
                     give_back=self._board.give_back(worker), exit=worker in self._doomed
                 )
             self._work.notify_all()
+        self._metrics.requeued(lost, "lost_in_transit")
         self._log_drops(worker, reply)
         return tuple(reply)
 
@@ -328,6 +363,7 @@ class Service:
         with self._lock:
             back = self._board.forget(worker)
             self._work.notify_all()
+        self._metrics.requeued(len(back), "slave_left")
         log.info("slave %s left%s", worker, f"; {len(back)} job(s) back in the queue" if back
                  else "")  # fmt: skip
 
@@ -379,6 +415,8 @@ class Service:
             with self._lock:
                 self._route([j for j in changed if j.state.terminal])
             self._progress.requeued(changed, "its slave stopped answering")
+            self._metrics.requeued(sum(j.state is State.QUEUED for j in changed), "slave_death")
+            self._metrics.finished([j for j in changed if j.state.terminal], ran=False)
         self._progress.tick(counts, total)
 
     def _evict(self) -> None:
@@ -413,6 +451,15 @@ class Service:
     def _touch_session(self, session: str) -> list[tuple]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
+
+    def _held(self, worker: str) -> list[int]:
+        record = self._board.workers.get(worker)
+        return list(record.held) if record is not None else []
+
+    def _requeued(self, held: list[int]) -> int:
+        """How many of the jobs a slave held are back in the queue (lost in transit)."""
+        jobs = self._board.jobs
+        return sum(1 for i in held if (j := jobs.get(i)) is not None and j.state is State.QUEUED)
 
     def _log_drops(self, worker: str, reply: Reply) -> None:
         stale = len(reply.drop) - len(reply.cancelled)

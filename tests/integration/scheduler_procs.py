@@ -132,3 +132,8 @@ class Cluster:
     def stop(self) -> None:
         for proc in [*self.slaves.values(), *([self.master] if self.master else [])]:
             proc.stop()
+
+
+def dashboard_url(master: Proc, timeout: float = 20.0) -> str:
+    """The dashboard's URL as the master logged it (start it with SCHEDULER_HTTP=host:0)."""
+    return master.wait_log(r"dashboard on (http://\S+/) ", timeout).group(1)
