@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start what the test suite needs; idempotent, and quick when everything is there.
 #
-# 1. Debian packages that are missing: docker.io, openssh-server, debootstrap, iproute2.
+# 1. Debian packages that are missing: docker.io, openssh-server, debootstrap, iproute2,
+#    chromium and chromium-driver.
 # 2. A Docker engine: the one that answers, or a dockerd started by scripts/engine.sh.
 # 3. A base image for the role images: the default one, or the offline one built once.
 # The project virtualenv is made by the Makefile before this runs (`make deps`).
@@ -12,6 +13,7 @@ PY=${PY:-.venv/bin/python}
 declare -A PACKAGE_OF=(
   [dockerd]=docker.io [docker]=docker.io [/usr/sbin/sshd]=openssh-server
   [debootstrap]=debootstrap [ip]=iproute2 [nsenter]=util-linux
+  [chromium]=chromium [chromedriver]=chromium-driver  # the dashboard's browser tests
 )
 
 missing_packages() {
