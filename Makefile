@@ -45,6 +45,7 @@ lint: venv
 bench: deps
 	$(PY) -m bench.run $(if $(QUICK),--quick)
 	$(PY) -m bench.faults
+	$(PY) -m bench.observe
 	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----

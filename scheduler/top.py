@@ -154,7 +154,7 @@ class View:
         status = self.status or {}
         table = Table(title=f"workers ({len(status['workers'])})", title_justify="left",
                       expand=False)  # fmt: skip
-        for name in ("name", "host", "slots", "running", "held", "heartbeat", "state"):
+        for name in ("name", "host", "slots", "running", "prefetched", "heartbeat", "state"):
             table.add_column(name, no_wrap=name != "running")
         for w in status["workers"]:
             cells = (

@@ -41,6 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     timeout = 30  # an idle keep-alive connection gives its thread back
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def version_string(self) -> str:
         return "scheduler"

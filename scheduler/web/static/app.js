@@ -29,8 +29,9 @@ function ago(seconds) {
 function duration(seconds) {
   if (!isFinite(seconds)) return "-";
   if (seconds < 60) return `${Math.ceil(seconds)} s`;
-  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
-  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+  const rest = (n, unit) => (n ? ` ${n} ${unit}` : "");
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min${rest(Math.round(seconds % 60), "s")}`;
+  return `${Math.floor(seconds / 3600)} h${rest(Math.round((seconds % 3600) / 60), "min")}`;
 }
 
 function clock(epoch) {
@@ -48,12 +49,20 @@ function drawCounts(s) {
 }
 
 function drawChart(t) {
+  // the last 5 minutes, or less while the first activity in them is recent (60 s at least)
+  const all = t.succeeded.length;
+  let first = all;
+  for (let i = 0; i < all && first === all; i++) {
+    if (STATES.some((st) => t[st][i] > 0)) first = i;
+  }
+  const from = Math.max(0, Math.min(first - 5, all - 60));
+  const cut = Object.fromEntries(STATES.map((st) => [st, t[st].slice(from)]));
+  const n = all - from;
   const svg = $("#chart");
-  const n = t.succeeded.length;
   let max = 1, finished = 0, points = 0;
   for (let i = 0; i < n; i++) {
-    const sum = STATES.reduce((acc, st) => acc + t[st][i], 0);
-    max = Math.max(max, ...STATES.map((st) => t[st][i]));
+    const sum = STATES.reduce((acc, st) => acc + cut[st][i], 0);
+    max = Math.max(max, ...STATES.map((st) => cut[st][i]));
     finished += sum;
     if (sum > 0) points++;
   }
@@ -66,7 +75,7 @@ function drawChart(t) {
     svg.append(line);
   }
   for (const st of STATES) {
-    const xy = t[st].map((v, i) =>
+    const xy = cut[st].map((v, i) =>
       `${((i / Math.max(1, n - 1)) * 900).toFixed(1)},${(196 - (v / max) * 190).toFixed(1)}`);
     const line = document.createElementNS(SVG, "polyline");
     line.setAttribute("class", st);
@@ -75,6 +84,7 @@ function drawChart(t) {
   }
   svg.dataset.finished = finished;  // what the chart shows, for tests and curious readers
   svg.dataset.points = points;
+  $("#chart-span").textContent = `last ${duration(n)}`;
   $("#chart-max").textContent = `peak ${max.toLocaleString()}/s`;
 }
 
@@ -102,8 +112,15 @@ function drawFailures(s) {
     return;
   }
   body.replaceChildren(...s.failures.map((f) => {
+    // the last line says what happened; a traceback above it folds away
+    const lines = (f.error || "-").trimEnd().split("\n");
     const error = el("td");
-    error.append(el("pre", f.error));
+    error.append(el("pre", lines[lines.length - 1]));
+    if (lines.length > 1) {
+      const more = el("details");
+      more.append(el("summary", `all ${lines.length} lines`), el("pre", f.error));
+      error.append(more);
+    }
     const link = el("a", f.name ? `${f.id} (${f.name})` : f.id);
     link.href = `#job-${f.id}`;
     link.addEventListener("click", () => lookup(f.id));
