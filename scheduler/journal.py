@@ -290,7 +290,9 @@ class Journal:
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
-                    self._cond.wait()
+                    if not self._cond.wait(1.0) and self._error is not None:
+                        # nothing to write, but a failure to clear: probe with an empty one
+                        self._pending.append(_Entry(self._queued_seq))
                 if not self._pending:
                     return
                 if self._closing and failures > len(RETRY_SECONDS):

@@ -75,6 +75,7 @@ class Service:
         self._started = clock()
         self._saved_marks: list[tuple[int, int]] = []  # (ticket, board.finished_total)
         self._doomed: set[str] = set()  # slaves `verify` asked to die
+        self._reserving: tuple[int, int] | None = None  # (journal ticket, lease ceiling)
         progress.baseline(board.counts)
 
     # -- clients -------------------------------------------------------------
@@ -288,7 +289,7 @@ class Service:
         n = max(0, int(n))
         with self._lock:
             while True:
-                if (room := self._board.lease_room()) is not None and room < n:
+                if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
                     self._reserve_leases()
                 jobs = [] if self._closing else self._board.lease(worker, n, seq)
                 remaining = deadline - self._clock()
@@ -305,10 +306,14 @@ class Service:
         return leases, funcs
 
     def _reserve_leases(self) -> None:
-        """Reserve the next block of lease numbers in the journal before using any."""
-        ceiling = (self._board.lease_ceiling or 0) + LEASE_BLOCK
-        self._journal.wait(self._journal.append([], meta={"lease_ceiling": ceiling}))
-        self._board.lease_ceiling = ceiling
+        """Reserve the next block of lease numbers in the journal, half a block ahead.
+
+        Never waits under the lock: the board hands out numbers only up to the ceiling
+        the journal has saved (``tick`` raises it once the write is in).
+        """
+        if self._reserving is None:
+            ceiling = (self._board.lease_ceiling or 0) + LEASE_BLOCK
+            self._reserving = (self._journal.append([], meta={"lease_ceiling": ceiling}), ceiling)
 
     def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int, int]:
         """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves).
@@ -403,6 +408,8 @@ class Service:
                 self._work.notify_all()
             ticket = self._journal.append(self._board.take_dirty())
             self._saved_marks.append((ticket, self._board.finished_total))
+            if self._reserving and self._journal.saved(self._reserving[0]):
+                self._board.lease_ceiling, self._reserving = self._reserving[1], None
             self._evict()
             counts, total = dict(self._board.counts), self._board.total
             stale = self._clock() - SESSION_IDLE

@@ -1,0 +1,63 @@
+"""The service over a real journal (a temp dir), without sockets: reservations and submits."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scheduler import service as service_module
+from scheduler.board import Board
+from scheduler.errors import SubmitError
+from scheduler.job import JobSpec
+from scheduler.journal import Journal
+from scheduler.progress import Progress
+from scheduler.protocol import VERSION
+from scheduler.service import Service
+
+
+def shell(*argv: str) -> JobSpec:
+    return JobSpec("shell", (list(argv), False))
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path)
+    yield j
+    j.close()
+
+
+def make(journal: Journal, **board: object) -> Service:
+    return Service(Board(**board), journal, {}, Progress(time.time))  # type: ignore[arg-type]
+
+
+def test_lease_numbers_are_reserved_ahead_and_never_waited_for_under_the_lock(
+    journal, monkeypatch
+):
+    monkeypatch.setattr(service_module, "LEASE_BLOCK", 4)
+    svc = make(journal, first_lease=1, lease_ceiling=4)
+    svc.register("w", version=VERSION)
+    svc.submit([shell("true") for _ in range(10)])
+    first, _ = svc.lease("w", 10)
+    assert [x.lease for x in first] == [1, 2, 3, 4]  # the saved ceiling, not beyond
+    assert svc.lease("w", 10)[0] == []
+    svc.tick()  # the reservation written meanwhile is now saved: the ceiling moves
+    deadline = time.monotonic() + 5
+    while svc._board.lease_ceiling == 4 and time.monotonic() < deadline:
+        svc.tick()
+    more, _ = svc.lease("w", 10)
+    assert [x.lease for x in more] == [5, 6, 7, 8]
+    assert journal.load(10)[2].max_lease >= 8  # a restart starts above every lease used
+
+
+def test_a_submit_the_journal_cannot_save_is_refused_and_leaves_nothing(journal):
+    svc = make(journal)
+    journal._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(SubmitError, match="journal cannot write.*nothing was queued"):
+        svc.submit([shell("true")])
+    assert svc.status()["counts"]["queued"] == 0 and svc.status()["total"] == 0
+    journal._db.execute("PRAGMA query_only = OFF")
+    deadline = time.monotonic() + 10
+    while journal.failing and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc.submit([shell("true")]) == (2, 1)  # ids may skip; nothing came back
