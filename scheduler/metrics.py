@@ -27,7 +27,8 @@ COMMIT_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 RING_SECONDS = 600  # how far back the throughput chart reaches
 KEEP_FAILURES = 20
 ERROR_CHARS = 2000  # of a failure's error text kept for the dashboard (its end)
-FAILURE_FIELDS = ("id", "name", "worker", "exit_code", "ended", "attempts", "error")
+FAILURE_FIELDS = ("id", "name", "worker", "exit_code", "ended", "attempts", "error", "stderr")
+STDERR_CHARS = 500  # of a failure's stderr kept for the dashboard (its end)
 
 Snapshot = Callable[[], Mapping[str, Any]]
 
@@ -72,6 +73,7 @@ def failure_view(job: Mapping[str, Any]) -> dict[str, Any]:
     """What the dashboard lists of a failed job (a ``Job.info`` view): the end of its error."""
     view = {key: job.get(key) for key in FAILURE_FIELDS}
     view["error"] = (view["error"] or "")[-ERROR_CHARS:]
+    view["stderr"] = (view["stderr"] or "")[-STDERR_CHARS:]
     return view
 
 

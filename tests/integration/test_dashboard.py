@@ -121,6 +121,7 @@ def test_the_page_follows_a_batch_with_failures(site, browser):
 
     failures = browser.find_element(By.ID, "failures").text
     assert "exited with 3" in failures and "ValueError: kaput-" in failures
+    assert "stderr: bad-" in failures
     assert failed_info["error"].strip().splitlines()[-1] in failures
 
     box = browser.find_element(By.ID, "job-id")

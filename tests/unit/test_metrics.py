@@ -84,7 +84,7 @@ def test_hooks_count_submissions_outcomes_run_time_and_rejections(world, clock):
     a, b, c = leases
     service.report("w1", [Outcome(a.job_id, a.lease, True, duration=0.02),
                           Outcome(b.job_id, b.lease, False, error="exit 1", exit_code=1,
-                                  duration=2.0)])  # fmt: skip
+                                  stderr="x" * 900, duration=2.0)])  # fmt: skip
     service.report("w1", [Outcome(c.job_id, c.lease + 99, True)])  # not its lease
     assert value(metrics, "scheduler_jobs_submitted_total") == 3
     assert value(metrics, "scheduler_jobs_finished_total", state="succeeded") == 1
@@ -95,6 +95,7 @@ def test_hooks_count_submissions_outcomes_run_time_and_rejections(world, clock):
     assert value(metrics, "scheduler_job_run_seconds_sum") == pytest.approx(2.02)
     assert [f["id"] for f in metrics.failures] == [b.job_id]
     assert metrics.failures[0]["exit_code"] == 1 and metrics.failures[0]["error"] == "exit 1"
+    assert metrics.failures[0]["stderr"] == "x" * 500  # its end, bounded
     service.cancel(c.job_id)
     assert value(metrics, "scheduler_jobs_finished_total", state="cancelled") == 1
     assert value(metrics, "scheduler_job_run_seconds_count") == 2  # a cancel is no run

@@ -3,6 +3,7 @@
 "use strict";
 
 const POLL_MS = 1000;
+const SHOWN_FAILURES = 8;
 const STATES = ["succeeded", "failed", "cancelled"];
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (sel) => document.querySelector(sel);
@@ -111,11 +112,13 @@ function drawFailures(s) {
     body.replaceChildren(row([el("td", "none", "muted")]));
     return;
   }
-  body.replaceChildren(...s.failures.map((f) => {
+  body.replaceChildren(...s.failures.slice(0, SHOWN_FAILURES).map((f) => {
     // the last line says what happened; a traceback above it folds away
     const lines = (f.error || "-").trimEnd().split("\n");
     const error = el("td");
     error.append(el("pre", lines[lines.length - 1]));
+    const said = (f.stderr || "").trimEnd().split("\n").pop();
+    if (said) error.append(el("pre", `stderr: ${said}`, "muted"));
     if (lines.length > 1) {
       const more = el("details");
       more.append(el("summary", `all ${lines.length} lines`), el("pre", f.error));
