@@ -97,7 +97,8 @@ class Metrics(NoMetrics):
         self.content_type = CONTENT_TYPE_LATEST
         self.registry = CollectorRegistry(auto_describe=True)
         self.throughput = Throughput(clock=clock)
-        self.failures: deque[dict[str, Any]] = deque(maxlen=KEEP_FAILURES)
+        self._failures: deque[dict[str, Any]] = deque(maxlen=KEEP_FAILURES)
+        self._failures_lock = threading.Lock()
         r = self.registry
         ProcessCollector(registry=r)
         self._submitted = Counter("scheduler_jobs_submitted", "Jobs submitted", registry=r)
@@ -141,8 +142,9 @@ class Metrics(NoMetrics):
             if ran and job.started is not None and job.ended is not None:
                 observe(job.ended - job.started)
             if job.state is State.FAILED:
-                self.failures.appendleft(failure_view({k: getattr(job, k) for k in
-                                                       FAILURE_FIELDS}))  # fmt: skip
+                failed = failure_view({k: getattr(job, k) for k in FAILURE_FIELDS})
+                with self._failures_lock:
+                    self._failures.appendleft(failed)
         for state, n in tally.items():
             if n:
                 self._finished[state].inc(n)
@@ -150,7 +152,13 @@ class Metrics(NoMetrics):
 
     def seed_failures(self, infos: Iterable[Mapping[str, Any]]) -> None:
         """The latest failures from before a restart (``Service.jobs`` views, newest first)."""
-        self.failures.extend(failure_view(info) for info in infos)
+        with self._failures_lock:
+            self._failures.extend(failure_view(info) for info in infos)
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The latest failed jobs, newest first (see failure_view)."""
+        with self._failures_lock:
+            return list(self._failures)
 
     def requeued(self, n: int, reason: str) -> None:
         if n:

@@ -124,7 +124,7 @@ class Api:
         done = [sum(col[-RATE_SECONDS:]) for key, col in chart.items() if key not in
                 ("start", "step")]  # fmt: skip
         status.update(now=self.clock(), throughput=chart, rate=sum(done) / RATE_SECONDS,
-                      failures=list(self.metrics.failures))  # fmt: skip
+                      failures=self.metrics.failures())  # fmt: skip
         return status
 
     def jobs(self, query: Mapping[str, list[str]]) -> Response:
