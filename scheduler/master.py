@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import entry, metrics, settings, transport
 from .board import RECONNECT_SECONDS, Board
 from .errors import SchedulerError
+from .job import State
 from .journal import LEASE_BLOCK, Journal
 from .progress import Progress
 from .service import Service
@@ -93,7 +94,7 @@ def _serve_http(address: tuple[str, int] | None, service: Service, journal: Jour
     from .web import Api, loopback_only, start
 
     counted.watch(service.snapshot)
-    counted.seed_failures(service.jobs("failed", metrics.KEEP_FAILURES))
+    counted.seed_failures(service.recent(State.FAILED, metrics.KEEP_FAILURES))
     journal.on_commit = counted.journal_committed
     loopback = loopback_only(address[0])
     served = start(address, Api(service, counted, loopback=loopback))

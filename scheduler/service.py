@@ -231,6 +231,11 @@ class Service:
         )  # fmt: skip
         return status
 
+    def recent(self, state: State, limit: int) -> list[dict[str, Any]]:
+        """The newest jobs in ``state`` that memory holds (the journal is not read)."""
+        with self._lock:
+            return [j.info() for j in self._board.select(state, limit)]
+
     def snapshot(self) -> dict[str, Any]:
         """The numbers behind the gauges, read under the lock without walking any job."""
         connected = draining = slots = busy = held = 0

@@ -267,3 +267,20 @@ def test_a_port_in_use_makes_start_return_none_with_one_line(caplog):
         assert web.start(address, BrokenApi()) is None  # type: ignore[arg-type]
     (record,) = [r for r in caplog.records if r.name == "scheduler.web"]
     assert "cannot listen on 127.0.0.1" in record.getMessage() and not record.exc_info
+
+
+def test_failures_are_still_listed_after_a_master_restart(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_master(SCHEDULER_HTTP="127.0.0.1:0")
+        cluster.start_slave("s1")
+        cluster.wait_slaves("s1")
+        with cluster.client() as client:
+            handle = client.submit_shell("echo nope >&2; exit 4", shell=True, name="doomed")
+            handle.wait(20)
+        master = cluster.restart_master(SCHEDULER_HTTP="127.0.0.1:0")
+        code, body = fetch(dashboard_url(master) + "api/status")
+        (failure,) = json.loads(body)["failures"]
+        assert (failure["name"], failure["exit_code"], failure["stderr"]) == ("doomed", 4, "nope\n")
+    finally:
+        cluster.stop()
