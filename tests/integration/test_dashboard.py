@@ -94,7 +94,7 @@ def submit_batch(client) -> list:
     return handles
 
 
-def test_the_page_follows_a_batch_with_failures(site, browser):
+def test_the_page_follows_a_batch_with_failures(site, browser, capsys):
     cluster, url = site
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
     browser.get(url)
@@ -138,7 +138,8 @@ def test_the_page_follows_a_batch_with_failures(site, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
-    print(f"\ndashboard screenshot: {shot}")
+    with capsys.disabled():  # shown in every run, not only when the test fails
+        print(f"\ndashboard screenshot: {shot}")
     assert shot.stat().st_size > 10_000
     assert cluster.authkey not in browser.page_source
 
