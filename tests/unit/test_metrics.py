@@ -274,3 +274,15 @@ def test_top_without_rich_says_how_to_install_it(monkeypatch, capsys, clock):
     monkeypatch.setitem(sys.modules, "rich.console", None)
     assert top.run(FakeMaster(clock), once=True) == 2
     assert capsys.readouterr().err.strip() == top.INSTALL_HINT
+
+
+def test_the_master_counts_only_when_http_is_on_and_prometheus_client_is_there(monkeypatch, caplog):
+    from scheduler import master, settings
+
+    on = settings.load({}, authkey="k" * 16)
+    assert isinstance(master._metrics(on), Metrics)  # noqa: SLF001
+    off = settings.load({"SCHEDULER_HTTP": ""}, authkey="k" * 16)
+    assert type(master._metrics(off)) is NoMetrics  # noqa: SLF001
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    assert type(master._metrics(on)) is NoMetrics  # noqa: SLF001
+    assert "pip install prometheus_client" in caplog.text
