@@ -97,7 +97,13 @@ def _serve_http(address: tuple[str, int] | None, service: Service, journal: Jour
     counted.seed_failures(service.recent(State.FAILED, metrics.KEEP_FAILURES))
     journal.on_commit = counted.journal_committed
     loopback = loopback_only(address[0])
-    served = start(address, Api(service, counted, loopback=loopback))
+    try:
+        api = Api(service, counted, loopback=loopback)
+    except OSError as exc:  # the page's files missing from an install: no page, still a master
+        log.error("dashboard and /metrics off: cannot read the dashboard's files (%s); "
+                  "reinstall scheduler-kit", exc)  # fmt: skip
+        return None
+    served = start(address, api)
     if served is not None:
         log.info("dashboard on %s (Prometheus metrics at %smetrics)", served.url, served.url)
         if not loopback:

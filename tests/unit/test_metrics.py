@@ -286,3 +286,18 @@ def test_the_master_counts_only_when_http_is_on_and_prometheus_client_is_there(m
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     assert type(master._metrics(on)) is NoMetrics  # noqa: SLF001
     assert "pip install prometheus_client" in caplog.text
+
+
+def test_missing_page_files_turn_http_off_not_the_master(world, monkeypatch, caplog):
+    from scheduler import master
+    from scheduler.web import api
+
+    service, metrics = world
+
+    def missing() -> dict:
+        raise FileNotFoundError("static/index.html")
+
+    monkeypatch.setattr(api, "load_assets", missing)
+    journal = service._journal  # noqa: SLF001
+    assert master._serve_http(("127.0.0.1", 0), service, journal, metrics) is None  # noqa: SLF001
+    assert "cannot read the dashboard's files" in caplog.text
