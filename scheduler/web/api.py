@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..errors import SubmitError, UnknownJob
-from ..metrics import ERROR_CHARS, Metrics
+from ..metrics import ERROR_CHARS, FINAL, Metrics
 from ..service import Service
 
 JSON = "application/json"
@@ -121,9 +121,8 @@ class Api:
         """``Service.status`` with what the dashboard draws: throughput and latest failures."""
         status = self.service.status()
         chart = self.metrics.throughput.series(CHART_SECONDS)
-        done = [sum(col[-RATE_SECONDS:]) for key, col in chart.items() if key not in
-                ("start", "step")]  # fmt: skip
-        status.update(now=self.clock(), throughput=chart, rate=sum(done) / RATE_SECONDS,
+        done = sum(sum(chart[str(state)][-RATE_SECONDS:]) for state in FINAL)
+        status.update(now=self.clock(), throughput=chart, rate=done / RATE_SECONDS,
                       failures=self.metrics.failures())  # fmt: skip
         return status
 
