@@ -55,18 +55,21 @@ class Options:
 # The global options: the app's callback takes them before the command (with their
 # environment variables); every command takes them after it too (command line only), and a
 # value given after the command wins over one given before it or in the environment.
-_INVENTORY_HELP = "inventory file (default: cluster.toml if present) [env: DEPLOYCTL_INVENTORY]"
+_INVENTORY_HELP = "inventory file (default: cluster.toml if present)"
 _HOSTS_HELP = ("hosts, e.g. 'h1 h2 user@h3:2222' (ssh aliases or names; the first runs the "
-               "master; 'localhost': this machine's engine) [env: DEPLOYCTL_HOSTS]")
+               "master; 'localhost': this machine's engine)")
 _ACCEPT_HELP = ("trust hosts never seen before (like StrictHostKeyChecking=accept-new); a "
-                "changed key is still refused [env: DEPLOYCTL_ACCEPT_NEW_HOST_KEYS]")
+                "changed key is still refused")
+_VERBOSE_HELP = "tracebacks, debug logs"
 _GLOBALS: dict[str, Any] = {
-    "inventory": Annotated[Path | None, typer.Option("--inventory", "-i", help=_INVENTORY_HELP,
-                                                     show_default=False)],
-    "hosts": Annotated[str | None, typer.Option("--hosts", help=_HOSTS_HELP, show_default=False)],
-    "accept_new_host_keys": Annotated[bool, typer.Option("--accept-new-host-keys",
-                                                         help=_ACCEPT_HELP)],
-    "verbose": Annotated[bool, typer.Option("--verbose", "-v", help="tracebacks, debug logs")],
+    "inventory": Annotated[Path | None, typer.Option(
+        "--inventory", "-i", help=f"{_INVENTORY_HELP} [env: DEPLOYCTL_INVENTORY]",
+        show_default=False)],
+    "hosts": Annotated[str | None, typer.Option(
+        "--hosts", help=f"{_HOSTS_HELP} [env: DEPLOYCTL_HOSTS]", show_default=False)],
+    "accept_new_host_keys": Annotated[bool, typer.Option(
+        "--accept-new-host-keys", help=f"{_ACCEPT_HELP} [env: DEPLOYCTL_ACCEPT_NEW_HOST_KEYS]")],
+    "verbose": Annotated[bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP)],
 }  # fmt: skip
 _DEFAULTS: dict[str, Any] = {"inventory": None, "hosts": None, "accept_new_host_keys": False,
                              "verbose": False}  # fmt: skip
@@ -173,19 +176,12 @@ def _version(show: bool) -> None:
 def main(
     ctx: typer.Context,
     inventory: Annotated[Path | None, typer.Option(
-        "--inventory", "-i", envvar="DEPLOYCTL_INVENTORY",
-        help="inventory file (default: cluster.toml if present)")] = None,
-    hosts: Annotated[str | None, typer.Option(
-        envvar="DEPLOYCTL_HOSTS",
-        help="hosts, e.g. 'h1 h2 user@h3:2222' (ssh aliases or names); the first runs the "
-             "master ('localhost': this machine's engine)")] = None,
+        "--inventory", "-i", envvar="DEPLOYCTL_INVENTORY", help=_INVENTORY_HELP)] = None,
+    hosts: Annotated[str | None, typer.Option(envvar="DEPLOYCTL_HOSTS", help=_HOSTS_HELP)] = None,
     accept_new_host_keys: Annotated[bool, typer.Option(
-        "--accept-new-host-keys", envvar="DEPLOYCTL_ACCEPT_NEW_HOST_KEYS",
-        help="trust hosts never seen before (like StrictHostKeyChecking=accept-new); "
-             "a changed key is still refused")] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="tracebacks, debug logs")
+        "--accept-new-host-keys", envvar="DEPLOYCTL_ACCEPT_NEW_HOST_KEYS", help=_ACCEPT_HELP)
     ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP)] = False,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:  # fmt: skip
