@@ -89,6 +89,20 @@ def _empty_engines(urls: list[str]) -> None:
             client.close()
 
 
+def _remove_local_images(repositories: tuple[str, ...]) -> None:
+    """The bench's own images on this machine's engine (the checkout's stay)."""
+    client = docker.from_env(timeout=120)
+    try:
+        for repository in repositories:
+            for image in client.images.list(name=repository):
+                try:
+                    client.images.remove(image.id, force=True)
+                except docker.errors.APIError:
+                    pass
+    finally:
+        client.close()
+
+
 def measure(run: Deployctl, venv: object, urls: list[str]) -> list[Row]:
     from tests.testbed import wheelenv
 
@@ -136,6 +150,7 @@ def main() -> int:
     finally:
         if testbed.started:
             bed.down()
+        _remove_local_images((f"{CLUSTER}-master", f"{CLUSTER}-slave"))
     width = max(len(r[0]) for r in rows)
     print(f"{'deployctl on the 3-host test bed'.ljust(width)}  seconds  MB/host  command")
     for what, seconds, per_host, command in rows:

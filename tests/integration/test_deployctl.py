@@ -489,8 +489,16 @@ class Installed:
         return self.venv.bin / "deployctl"
 
 
+def _remove_images(client: docker.DockerClient, repositories: tuple[str, ...]) -> None:
+    for repository in repositories:
+        for image in client.images.list(name=repository):
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(image.id, force=True)
+
+
 @pytest.fixture(scope="module")
-def installed(bed: Bed, tmp_path_factory) -> Iterator[Installed]:
+def installed(bed: Bed, docker_engine: docker.DockerClient,
+              tmp_path_factory) -> Iterator[Installed]:  # fmt: skip
     work = tmp_path_factory.mktemp("wheel")
     wheel = wheelenv.build_wheel(work)
     kit = Installed(wheelenv.install(wheel, work / "venv"),
@@ -503,6 +511,7 @@ def installed(bed: Bed, tmp_path_factory) -> Iterator[Installed]:
         ).replace(f"port = {PORT}", f"port = {PORT + 7}"))  # fmt: skip
     yield kit
     bed.run("down", "--volumes", deployctl=kit.deployctl, cwd=kit.workdir, check=False)
+    _remove_images(docker_engine, (f"{WHEEL_CLUSTER}-master", f"{WHEEL_CLUSTER}-slave"))
 
 
 def test_without_the_deploy_extra_deployctl_says_what_to_install(installed: Installed) -> None:
