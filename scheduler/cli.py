@@ -239,7 +239,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     top = importlib.import_module("scheduler.top")  # it needs rich, not in the images
 
     with _client(args) as client:
-        return int(top.run(client, once=args.once))
+        return int(top.run(client, interval=args.interval, once=args.once))
 
 
 def cmd_slave_health(args: argparse.Namespace) -> int:
@@ -310,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     t = add("top", cmd_top, "a live view of counts, rate and slaves (Ctrl-C to leave)")
     t.add_argument("--once", action="store_true", help="draw once and exit")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     add("ping", cmd_ping, "exit 0 if the master answers with our key")
     add("slave-health", cmd_slave_health, "exit 0 if this host's slave heartbeats")
     return p

@@ -65,13 +65,11 @@ class Progress:
                 reason = (job.error or "").strip().splitlines()[-1:] or [""]
                 log.info("job %s %s%s%s%s: %s", job.label, job.state, where, took, code, reason[0])
 
-    def requeued(self, jobs: Iterable[Job], why: str) -> None:
-        for job in jobs:
-            if job.state is State.QUEUED:
-                if self._allow():
-                    log.warning("job %s requeued (%s)", job.label, why)
-            else:
-                self.finished([job])
+    def requeued(self, labels: Iterable[str], why: str) -> None:
+        """Jobs that went back to the queue (their labels, taken when it happened)."""
+        for label in labels:
+            if self._allow():
+                log.warning("job %s requeued (%s)", label, why)
 
     def tick(self, counts: Mapping[str, int], total: int, force: bool = False) -> None:
         """Log the progress line every ``interval`` seconds while anything changes."""

@@ -409,6 +409,8 @@ class Service:
         """Expire silent slaves, journal what changed, log progress, drop stale sessions."""
         with self._lock:
             changed = self._board.expire()
+            back = [j.label for j in changed if j.state is State.QUEUED]
+            gone = [j for j in changed if j.state.terminal]
             if changed:
                 self._work.notify_all()
             ticket = self._journal.append(self._board.take_dirty())
@@ -422,13 +424,15 @@ class Service:
                 del self._session_seen[session], self._outboxes[session]
             if len(self._funcs) > 64:
                 self._purge_funcs()
-        if changed:
+        if back:
+            self._progress.requeued(back, "its slave stopped answering")
+            self._metrics.requeued(len(back), "slave_death")
+        if gone:
             self._journal.wait(ticket)
             with self._lock:
-                self._route([j for j in changed if j.state.terminal])
-            self._progress.requeued(changed, "its slave stopped answering")
-            self._metrics.requeued(sum(j.state is State.QUEUED for j in changed), "slave_death")
-            self._metrics.finished([j for j in changed if j.state.terminal], ran=False)
+                self._route(gone)
+            self._progress.finished(gone)
+            self._metrics.finished(gone, ran=False)
         self._progress.tick(counts, total)
 
     def _evict(self) -> None:
