@@ -323,21 +323,22 @@ class Service:
     def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int, int]:
         """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves).
 
-        Returns once they are in the journal: a slave forgets a job only after that.
+        Clients hear of them at once; the slave's reply waits until they are in the
+        journal, and the slave keeps them until then: if the master dies before saving,
+        the slave reports them again to the next one, so what a client saw is what stays.
         """
         outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
             finished, rejected = self._board.complete(worker, outs)
             ticket = self._journal.append(self._board.take_dirty())
             give_back = self._board.give_back(worker)
+            if finished:
+                self._route(finished)
         if rejected:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
             self._metrics.rejected(rejected)
         self._journal.wait(ticket)
-        if finished:
-            with self._lock:
-                self._route(finished)
         self._progress.finished(finished, worker)
         self._metrics.finished(finished)
         return len(finished), rejected, give_back
