@@ -44,6 +44,7 @@ lint: venv
 # on the 3-host test bed. QUICK=1 for a short scheduler run.
 bench: deps
 	$(PY) -m bench.run $(if $(QUICK),--quick)
+	$(PY) -m bench.hops
 	$(PY) -m bench.faults
 	$(PY) -m bench.observe
 	$(PY) -m bench.deployctl
