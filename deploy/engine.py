@@ -240,7 +240,8 @@ def start(engines: Engines, host: Host, container: Observed) -> None:
 
 
 def kill(engines: Engines, host: Host, container: Observed) -> None:
-    """SIGKILL the container, as a machine dying would (its restart policy still applies)."""
+    """SIGKILL the container, as a machine dying would. The engine counts a kill as a manual
+    stop: the restart policy does not bring it back."""
     with engines.guard(host, f"kill container {container.name}"):
         engines.client(host).api.kill(container.id)
 
