@@ -2,7 +2,8 @@
 
 Each role image is built from ``deploy/images/<role>/Dockerfile`` (package data, so an
 installed deployctl builds from any directory) with a context made here: the scheduler package
-and cloudpickle as plain files (no pip, no network inside the build) plus the shared helpers in
+and its run-time dependencies (cloudpickle, prometheus_client) as plain files (no pip, no
+network inside the build) plus the shared helpers in
 ``deploy/images/common``. Images are tagged with the project version, ``latest`` and a hash of
 every build input, so a build whose inputs did not change is skipped.
 
@@ -48,6 +49,7 @@ LABEL = "org.scheduler-kit"
 KIT = Path(__file__).resolve().parent / "images"  # package data: Dockerfiles and the kit
 SCHEDULER_SOURCE = Path(scheduler.__file__).resolve().parent
 CHECKOUT = Path(__file__).resolve().parent.parent  # holds pyproject.toml in a checkout
+
 # Defaults baked into the images come from the scheduler's settings, never written twice.
 BUILD_DEFAULTS = {
     "SCHEDULER_PORT": str(DEFAULT_PORT),
@@ -183,11 +185,21 @@ def role_context(role: str, version: str, kit: Path = KIT,
     files = [_read(kit / role / "Dockerfile", "Dockerfile")]
     files += _tree(kit / "common", "kit")
     files += _tree(source, "kit/site/scheduler")
-    files += _cloudpickle_files("kit/site")
+    for dist in runtime_dists():
+        files += _dist_files(dist, "kit/site")
     files.append(ContextFile(f"kit/site/scheduler_kit-{version}.dist-info/METADATA", (
         f"Metadata-Version: 2.1\nName: scheduler-kit\nVersion: {version}\n"
-        "Requires-Dist: cloudpickle>=3.0\n").encode()))
+        + "".join(f"Requires-Dist: {d}\n" for d in runtime_dists())).encode()))
     return tuple(files)
+
+
+def runtime_dists() -> tuple[str, ...]:
+    """What the scheduler needs at run time besides the standard library: the kit's own
+    dependencies as installed (pyproject's list, not written again here)."""
+    wanted = importlib.metadata.requires("scheduler-kit") or []
+    names = {re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0] for req in wanted
+             if "extra ==" not in req}  # fmt: skip
+    return tuple(sorted(n.lower().replace("-", "_") for n in names))
 
 
 def _read(path: Path, arcname: str) -> ContextFile:
@@ -205,12 +217,12 @@ def _tree(root: Path, prefix: str) -> list[ContextFile]:
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"]
 
 
-def _cloudpickle_files(prefix: str) -> list[ContextFile]:
-    """cloudpickle as installed here (pure Python), so the build never reaches PyPI."""
-    dist = importlib.metadata.distribution("cloudpickle")
+def _dist_files(name: str, prefix: str) -> list[ContextFile]:
+    """A pure-Python distribution as installed here, so the build never reaches PyPI."""
+    dist = importlib.metadata.distribution(name)
     keep = [f for f in dist.files or ()
             if "__pycache__" not in f.parts
-            and (f.parts[0] == "cloudpickle" or f.name == "METADATA" or "licenses" in f.parts)]
+            and (f.parts[0] == name or f.name == "METADATA" or "licenses" in f.parts)]
     return [_read(Path(str(dist.locate_file(f))), f"{prefix}/{f.as_posix()}") for f in keep]
 
 

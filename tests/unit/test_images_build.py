@@ -21,6 +21,7 @@ from deploy.imagekit import (
     image_tags,
     project_version,
     role_context,
+    runtime_dists,
 )
 
 FILES = (ContextFile("Dockerfile", b"FROM x\n"), ContextFile("kit/bin/run", b"#!/bin/sh\n", 0o755))
@@ -74,6 +75,7 @@ def test_role_context_holds_dockerfile_kit_scheduler_and_cloudpickle() -> None:
     assert files["kit/install.sh"].mode == 0o755
     assert "kit/bin/healthcheck" in files and "kit/site/scheduler/cli.py" in files
     assert "kit/site/cloudpickle/__init__.py" in files
+    assert "kit/site/prometheus_client/__init__.py" in files
     assert b"Version: 9.9.9" in files["kit/site/scheduler_kit-9.9.9.dist-info/METADATA"].data
     assert not [p for p in files if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in files if p.startswith("kit/site/deploy")]  # the images run no deploy
@@ -84,6 +86,15 @@ def test_role_context_names_a_missing_input(tmp_path: Path) -> None:
     (tmp_path / "master" / "Dockerfile").write_text("FROM x\n")
     with pytest.raises(ImageError, match="common.*is missing"):
         role_context("master", "0.1.0", tmp_path)
+
+
+def test_the_images_carry_the_dependencies_pyproject_lists() -> None:
+    import tomllib
+
+    listed = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_")
+             for d in listed["project"]["dependencies"]}  # fmt: skip
+    assert set(runtime_dists()) == names
 
 
 def test_the_defaults_baked_into_the_images_are_the_schedulers() -> None:
