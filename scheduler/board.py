@@ -18,7 +18,10 @@ The rules it enforces:
   slave does not claim, was lost in transit and goes back to the queue.
 * An outcome is applied only from the slave that holds the job's lease, once.
 * After a master restart, running jobs stay running: their slaves get ``lease_seconds``
-  (and a reconnect allowance) to come back and claim them.
+  (and a reconnect allowance) to come back and claim them. And no job is handed out
+  until the slaves the journal knew have registered again (or RECONNECT_SECONDS passed):
+  a job the journal still has as queued may be running on one of them under a lease
+  handed out in the last moments before the crash, and must be adopted, not repeated.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Journaled(NamedTuple):
     counts: dict[str, int]
     max_id: int
     max_lease: int
+    slaves: tuple[str, ...] = ()  # registered when the journal was last written
 
 
 @dataclass(slots=True)
@@ -115,6 +119,9 @@ class Board:
         self._finished: deque[int] = deque()  # finished job ids, oldest first
         self._evicted_total = 0  # how many of finished_total left memory
         self._queue: deque[int] = deque()
+        self.awaited: set[str] = set()  # slaves to come back before anything is handed out
+        self.hold_until = 0.0
+        self.roster: list[tuple[str, bool]] = []  # (slave, registered) for the journal
         self._next_id = 1
         self._next_lease = first_lease
 
@@ -139,6 +146,7 @@ class Board:
         for state, n in stored.counts.items():
             self.counts[State(state)] += n
         running, back_by = 0, self.clock() + RECONNECT_SECONDS
+        self.awaited, self.hold_until = set(stored.slaves), back_by
         for job in jobs:
             self.jobs[job.id] = job
             if job.kind == "python" and not job.state.terminal:
@@ -149,6 +157,7 @@ class Board:
                     worker = self.workers[job.worker] = Worker(
                         job.worker, last_seen=back_by, registered=False
                     )
+                    self.awaited.add(job.worker)
                 worker.held[job.id] = job.lease
                 worker.batch[job.id] = 0
                 running += 1
@@ -233,9 +242,12 @@ class Board:
     def register(self, name: str, holding: Holding = NOTHING) -> tuple[Worker, Reply]:
         """A slave (re)joins with what it holds; only registered workers are handed jobs."""
         worker = self.workers.get(name)
+        if worker is None or not worker.registered:
+            self.roster.append((name, True))
         if worker is None:
             worker = self.workers[name] = Worker(name=name, last_seen=self.clock())
         worker.registered = True
+        self.awaited.discard(name)
         worker.last_seen = self.clock()
         worker.last_seq = -1
         worker.draining = holding.draining
@@ -265,7 +277,7 @@ class Board:
             raise UnknownWorker(name)  # gone (goodbye, expired) or the master restarted
         if seq is not None and seq == worker.last_seq:  # only set when jobs were handed
             return [self.jobs[j] for j in worker.last_handed if j in worker.held]
-        if worker.draining:
+        if worker.draining or self.holding_back():
             return []
         if self.hungry - {name} and self._ahead(worker) > 0:
             # others wait with nothing: take no more than a slot's worth ahead
@@ -412,9 +424,16 @@ class Board:
         worker.batch[job.id] = 0
         self.dirty.add(job.id)
 
+    def holding_back(self) -> bool:
+        """Whether hand-outs wait for slaves to come back after a restart (see above)."""
+        if self.awaited and self.clock() >= self.hold_until:
+            self.awaited.clear()
+        return bool(self.awaited)
+
     def forget(self, name: str) -> list[Job]:
         """A worker said goodbye; anything it still held goes back, not counted."""
         self.hungry.discard(name)
+        self.roster.append((name, False))
         worker = self.workers.pop(name, None)
         back = []
         for job_id in list(worker.held) if worker else []:
@@ -431,6 +450,7 @@ class Board:
         for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
             del self.workers[worker.name]
             self.hungry.discard(worker.name)
+            self.roster.append((worker.name, False))
             for job_id in worker.held:
                 job = self.jobs.get(job_id)
                 if job is None or job.state is not State.RUNNING:
@@ -476,6 +496,7 @@ class Board:
             "counts": {str(k): v for k, v in self.counts.items()},
             "total": self.total,
             "in_memory": len(self.jobs),
+            "awaiting": sorted(self.awaited),  # slaves to come back after a restart
             "workers": [w.view() for w in sorted(self.workers.values(), key=lambda w: w.name)],
         }
 

@@ -50,6 +50,7 @@ _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS marks (run TEXT NOT NULL, item INTEGER NOT NULL, worker TEXT,
                                   at REAL);
+CREATE TABLE IF NOT EXISTS slaves (name TEXT PRIMARY KEY);
 """
 
 
@@ -107,6 +108,7 @@ class _Entry:
     funcs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
+    roster: list[tuple[str, bool]] = field(default_factory=list)  # (slave, registered)
 
 
 class Journal:
@@ -139,7 +141,7 @@ class Journal:
         tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
         if version == 0 and tables.fetchone()[0] == 0:
             self._db.executescript(_SCHEMA + _SCHEMA_V2)
-        elif version == 1:  # 0.1: add the tables, keep every job
+        elif version in (1, 2):  # 0.1: add the tables, keep every job
             self._db.executescript(_SCHEMA_V2)
         elif version != SCHEMA_VERSION:
             self._db.close()
@@ -176,7 +178,8 @@ class Journal:
         ).fetchone()
         reserved = self._db.execute("SELECT value FROM meta WHERE key = 'lease_ceiling'")
         max_lease = max([max_lease, *(v for (v,) in reserved)])
-        return jobs, funcs, Journaled(sum(counts.values()), counts, max_id, max_lease)
+        slaves = tuple(n for (n,) in self._db.execute("SELECT name FROM slaves"))
+        return jobs, funcs, Journaled(sum(counts.values()), counts, max_id, max_lease, slaves)
 
     def fetch(self, job_id: int) -> Job | None:
         """A job that is no longer kept in memory (finished long ago)."""
@@ -223,6 +226,7 @@ class Journal:
         *,
         meta: dict[str, int] | None = None,
         marks: list[tuple] | None = None,
+        roster: list[tuple[str, bool]] | None = None,
     ) -> int:
         """Queue the current state of these jobs for writing; return a ticket for wait().
 
@@ -236,7 +240,7 @@ class Journal:
             self._queued_seq += 1
             self._pending.append(_Entry(
                 self._queued_seq, new, changed, list((funcs or {}).items()),
-                list((meta or {}).items()), list(marks or ()),
+                list((meta or {}).items()), list(marks or ()), list(roster or ()),
             ))  # fmt: skip
             self._cond.notify_all()
             return self._queued_seq
@@ -343,6 +347,10 @@ class Journal:
                     db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", e.meta)
                 if e.marks:
                     db.executemany("INSERT INTO marks VALUES (?, ?, ?, ?)", e.marks)
+                for name, present in e.roster:
+                    sql = "INSERT OR IGNORE INTO slaves VALUES (?)" if present else (
+                        "DELETE FROM slaves WHERE name = ?")  # fmt: skip
+                    db.execute(sql, (name,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -409,12 +409,14 @@ class Service:
     def tick(self) -> None:
         """Expire silent slaves, journal what changed, log progress, drop stale sessions."""
         with self._lock:
+            held_back = bool(self._board.awaited)
             changed = self._board.expire()
             back = [j.label for j in changed if j.state is State.QUEUED]
             gone = [j for j in changed if j.state.terminal]
-            if changed:
+            if changed or (held_back and not self._board.holding_back()):
                 self._work.notify_all()
-            ticket = self._journal.append(self._board.take_dirty())
+            roster, self._board.roster = self._board.roster, []
+            ticket = self._journal.append(self._board.take_dirty(), roster=roster)
             self._saved_marks.append((ticket, self._board.finished_total))
             if self._reserving and self._journal.saved(self._reserving[0]):
                 self._board.lease_ceiling, self._reserving = self._reserving[1], None

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from multiprocessing import AuthenticationError, connection, managers
 from typing import Any
@@ -77,17 +78,17 @@ class Refusals:
 
 
 class _Deadline:
-    """Shuts a connection's socket down after ``seconds`` unless cancelled first."""
+    """Shuts a connection's socket down after ``seconds``, or when evicted, unless cancelled."""
 
     def __init__(self, conn: connection.Connection, seconds: float) -> None:
-        self.fired = False
+        self.why: str | None = None  # set when it cut the connection
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = threading.Timer(seconds, self.cut, (f"no handshake within {seconds:g}s",))
         self._timer.daemon = True
         self._timer.start()
 
-    def _expire(self) -> None:
-        self.fired = True
+    def cut(self, why: str) -> None:
+        self.why = why
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -99,44 +100,52 @@ class _Deadline:
 class _Server(managers.Server):
     """The stdlib server, hardened against peers that never authenticate.
 
-    A handshake has HANDSHAKE_SECONDS to finish; at most MAX_UNAUTHENTICATED run at once;
-    refused connections are counted and logged at most once a minute (``refusals``).
+    A handshake has HANDSHAKE_SECONDS to finish. At most MAX_UNAUTHENTICATED are in it at
+    once: a new connection beyond that cuts the oldest one, so a flood of silent peers
+    cannot lock out a real client (whose handshake takes a millisecond). Refused
+    connections are counted and logged at most once a minute (``refusals``).
     """
 
     refusals = Refusals()
-    _unauthenticated = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
 
     def accepter(self) -> None:
+        self._handshaking: OrderedDict[int, _Deadline] = OrderedDict()
+        self._handshaking_lock = threading.Lock()
         while True:
             try:
                 c = self.listener.accept()  # type: ignore[attr-defined]
+                deadline = _Deadline(c, HANDSHAKE_SECONDS)
             except OSError:
                 continue
-            if not self._unauthenticated.acquire(blocking=False):
-                self.refusals.note("over the limit of connections in handshake", _peer(c))
-                c.close()
-                continue
-            t = threading.Thread(target=self.handle_request, args=(c,), daemon=True)
-            t.start()
+            with self._handshaking_lock:
+                self._handshaking[id(deadline)] = deadline
+                while len(self._handshaking) > MAX_UNAUTHENTICATED:
+                    _, oldest = self._handshaking.popitem(last=False)
+                    oldest.cut("over the limit of connections in handshake")
+            threading.Thread(target=self.handle_request, args=(c, deadline), daemon=True).start()
 
-    def _handle_request(self, c: connection.Connection) -> None:
-        # Same as the stdlib's, except that the handshake has a deadline and a failed one
+    def handle_request(self, conn: connection.Connection, deadline: _Deadline) -> None:  # type: ignore[override]
+        try:
+            self._handle_request(conn, deadline)
+        except SystemExit:  # serve_client() exits on EOF, as in the stdlib
+            pass
+        finally:
+            conn.close()
+
+    def _handle_request(self, c: connection.Connection, deadline: _Deadline) -> None:  # type: ignore[override]
+        # Same as the stdlib's, except for the handshake's deadline, and that a failed one
         # (wrong key, garbage bytes, a silent peer, a port scanner) is counted, not logged
         # line by line, and the connection dropped quietly.
-        try:
-            deadline = _Deadline(c, HANDSHAKE_SECONDS)
-        except OSError:
-            self._unauthenticated.release()
-            return
         try:
             connection.deliver_challenge(c, self.authkey)  # type: ignore[attr-defined]
             connection.answer_challenge(c, self.authkey)  # type: ignore[attr-defined]
         except (AuthenticationError, AssertionError, OSError, EOFError, ValueError) as exc:
-            self._refused(c, exc, deadline.fired)
+            self._refused(c, exc, deadline.why)
             return
         finally:
             deadline.cancel()
-            self._unauthenticated.release()
+            with self._handshaking_lock:
+                self._handshaking.pop(id(deadline), None)
         funcname = None
         try:
             _, funcname, args, kwds = c.recv()
@@ -153,12 +162,12 @@ class _Server(managers.Server):
         except OSError:
             pass
 
-    def _refused(self, c: connection.Connection, exc: BaseException, late: bool) -> None:
+    def _refused(self, c: connection.Connection, exc: BaseException, cut: str | None) -> None:
         peer = _peer(c)
         if isinstance(exc, AuthenticationError):
             self.refusals.note("wrong authkey", peer)
-        elif late:
-            self.refusals.note(f"no handshake within {HANDSHAKE_SECONDS:g}s", peer)
+        elif cut is not None:
+            self.refusals.note(cut, peer)
         elif isinstance(exc, (EOFError, ConnectionResetError, BrokenPipeError)):
             # a port probe, or one of our own processes exiting mid-handshake
             log.debug("connection from %s closed during the handshake", peer)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from scheduler.board import RECONNECT_SECONDS, Board, Holding, Outcome
+from scheduler.board import RECONNECT_SECONDS, Board, Holding, Journaled, Outcome
 from scheduler.errors import UnknownJob, UnknownWorker
 from scheduler.job import JobSpec, State
 
@@ -257,9 +257,10 @@ def test_a_restarted_master_keeps_running_jobs_for_their_worker(board, clock):
     restored = Board(clock=clock, lease_seconds=30, first_lease=b.lease + 1)
     assert restored.restore([a, b, c]) == 1
     assert b.state is State.RUNNING and b.attempts == 1
-    assert [j.id for j in take(restored, "w2", 5)] == [c.id]  # b is not handed out again
+    assert take(restored, "w2", 5) == []  # nothing until w1, which ran jobs, is back
     _, reply = restored.register("w1", claims(b))
     assert reply.drop == () and b.worker == "w1"
+    assert [j.id for j in restored.lease("w2", 5)] == [c.id]  # b is not handed out again
     assert restored.complete("w1", [ok(b)])[0] == [b] and b.attempts == 1
     (d,) = restored.submit([shell("d")])
     assert d.id == 4 and c.lease > b.lease
@@ -349,3 +350,38 @@ def test_a_finished_run_still_claimed_while_its_ack_travels_is_not_dropped(board
     take(board, "w1", 1)
     board.complete("w1", [ok(job)])
     assert board.heartbeat("w1", Holding(((job.id, job.lease),))).drop == ()
+
+
+def test_after_a_restart_nothing_is_handed_out_until_known_slaves_are_back(board, clock):
+    """A lease handed out just before the crash never reached the journal: the job looks
+    queued, but its slave runs it. Give that slave the chance to claim it first."""
+    a, b = board.submit([shell("a"), shell("b")])
+    saved = [copy.copy(a), copy.copy(b)]  # the journal: both queued
+    take(board, "w1", 1)  # a goes to w1; then the master dies
+    restored = Board(clock=clock, lease_seconds=30, first_lease=a.lease + 100)
+    restored.restore(saved, Journaled(2, {"queued": 2}, 2, a.lease + 99, ("w1", "w2")))
+    restored.register("w2")
+    assert restored.lease("w2", 2) == [] and restored.status()["awaiting"] == ["w1"]
+    restored.register("w1", Holding(((a.id, a.lease),)))  # back, with its run of a
+    assert [j.id for j in restored.lease("w2", 2)] == [b.id]  # a is not run twice
+    assert restored.jobs[a.id].worker == "w1"
+
+
+def test_a_slave_that_never_comes_back_holds_nothing_up_for_long(board, clock):
+    (a,) = board.submit([shell("a")])
+    restored = Board(clock=clock, lease_seconds=30)
+    restored.restore([copy.copy(a)], Journaled(1, {"queued": 1}, 1, 0, ("gone",)))
+    restored.register("w2")
+    assert restored.lease("w2", 1) == []
+    clock.now += RECONNECT_SECONDS
+    assert [j.id for j in restored.lease("w2", 1)] == [a.id]
+
+
+def test_the_roster_of_slaves_is_kept_for_the_journal(board, clock):
+    board.register("w1")
+    board.register("w1")  # again: no change
+    board.register("w2")
+    board.forget("w2")
+    clock.now += 31
+    board.expire()
+    assert board.roster == [("w1", True), ("w2", True), ("w2", False), ("w1", False)]
