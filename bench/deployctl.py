@@ -78,27 +78,26 @@ def _empty_engines(urls: list[str]) -> None:
                 all=True, filters={"label": f"deployctl.cluster={CLUSTER}"}
             ):
                 c.remove(force=True)
-            for image in client.images.list():
-                if any(t.startswith((f"{CLUSTER}-master:", f"{CLUSTER}-slave:",
-                                     "scheduler-base:")) for t in image.tags):  # fmt: skip
-                    try:
-                        client.images.remove(image.id, force=True)
-                    except docker.errors.APIError:
-                        pass
+            _drop_images(client, (f"{CLUSTER}-master:", f"{CLUSTER}-slave:", "scheduler-base:"))
         finally:
             client.close()
+
+
+def _drop_images(client: docker.DockerClient, prefixes: tuple[str, ...]) -> None:
+    """Remove the images with a tag starting with one of ``prefixes``."""
+    for image in client.images.list():
+        if any(t.startswith(prefixes) for t in image.tags):
+            try:
+                client.images.remove(image.id, force=True)
+            except docker.errors.APIError:
+                pass  # in use by a container of someone else's: it stays
 
 
 def _remove_local_images(repositories: tuple[str, ...]) -> None:
     """The bench's own images on this machine's engine (the checkout's stay)."""
     client = docker.from_env(timeout=120)
     try:
-        for repository in repositories:
-            for image in client.images.list(name=repository):
-                try:
-                    client.images.remove(image.id, force=True)
-                except docker.errors.APIError:
-                    pass
+        _drop_images(client, tuple(f"{r}:" for r in repositories))
     finally:
         client.close()
 
