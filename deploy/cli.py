@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import webbrowser
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -381,7 +382,8 @@ def _progress(show: bool) -> Iterator[jobs.Progress | None]:
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, console=Console(stderr=True)) as bar:
+    with Progress(*render.progress_columns(), transient=True,
+                  console=Console(stderr=True)) as bar:  # fmt: skip
         task = bar.add_task("jobs", total=None)
 
         def update(done: int, total: int) -> None:
@@ -399,6 +401,61 @@ def jobs_cmd(
     with _session() as ctx:
         found = jobs.jobs(ctx, state)
         _out(json.dumps(found, indent=2, default=str) if json_ else render.jobs_text(found))
+
+
+@command(app)
+def job(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="the job's id")],
+    json_: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:  # fmt: skip
+    """One job: state, attempts, worker, times, exit code, error, stdout and stderr tails."""
+    with _session() as ctx:
+        info = jobs.job(ctx, job_id)
+        _out(json.dumps(info, indent=2, default=str) if json_
+             else render.job_text(info, time.time()))  # fmt: skip
+
+
+@command(app)
+def metrics() -> None:
+    """The master's Prometheus metrics (/metrics), fetched through SSH from its host."""
+    with _session() as ctx:
+        _out(watch.metrics(ctx).rstrip("\n"))
+
+
+@command(app)
+def dashboard(
+    port: Annotated[int, typer.Option(
+        min=0, max=65535, help="local port on 127.0.0.1 (default: any free one)")] = 0,
+    no_browser: Annotated[bool, typer.Option(
+        "--no-browser", help="only print the URL, even with a display")] = False,
+) -> None:  # fmt: skip
+    """Tunnel to the master's dashboard: print the local URL (open it in a browser when
+    there is a display) and keep the tunnel until Ctrl-C."""
+    with _session() as ctx:
+        url = watch.dashboard_url(ctx, port)
+        _out(url)
+        _echo(f"dashboard of {ctx.master.subject} at {url}; Ctrl-C closes the tunnel")
+        if not no_browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            webbrowser.open(url)
+        try:
+            while not ctx.stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            _echo("tunnel closed")
+
+
+@command(app)
+def top(
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between redraws")] = 1.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="print one frame (rate measured over --interval) and exit")] = False,
+) -> None:  # fmt: skip
+    """Live terminal view of the master: counts, rate, ETA, workers and what they run,
+    redrawn until Ctrl-C."""
+    with _session() as ctx:
+        code = ctx.master.top(ctx.key(create=False), interval, once)
+        if code:
+            raise typer.Exit(code)
 
 
 @command(app)

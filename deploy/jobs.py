@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from scheduler import jobsfile
-from scheduler.errors import SchedulerError
+from scheduler.errors import SchedulerError, UnknownJob
 
 from .context import Context
-from .errors import DeployError, JobsFailed
+from .errors import DeployError, JobsFailed, MasterError
 
 Progress = Callable[[int, int], None]  # (finished, total)
 Command = str | list[str]  # a line for /bin/sh, or an argv
@@ -66,3 +66,15 @@ def submit(
 def jobs(ctx: Context, state: str | None) -> list[dict[str, Any]]:
     with ctx.master.use(ctx.key(create=False)) as c:
         return list(c.jobs(state=state))
+
+
+def job(ctx: Context, job_id: int) -> dict[str, Any]:
+    """One job as the master (or its journal) knows it."""
+    try:
+        with ctx.master.use(ctx.key(create=False)) as c:
+            return dict(c.job(job_id))
+    except MasterError as exc:
+        if isinstance(exc.__cause__, UnknownJob):
+            raise DeployError(f"job {job_id}", "no such job on the master",
+                              "see 'deployctl jobs' for the ids") from exc  # fmt: skip
+        raise

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from scheduler import AuthError, Client, ConnectError, SchedulerError
+from scheduler import AuthError, Client, ConnectError, SchedulerError, top
 from scheduler import verify as chaos
 
 from .config import Config, Host
@@ -154,6 +154,11 @@ class MasterLink:
             return chaos.run(client, jobs=jobs, seconds=seconds, kill_slave=kill_slave,
                              restart_master=crash_master is not None,
                              crash_master=crash_master, say=say)  # fmt: skip
+
+    def top(self, key: Secret, interval: float, once: bool) -> int:
+        """The scheduler's live terminal view (``scheduler.top``) of this master."""
+        with self.use(key) as client:
+            return top.run(client, interval=interval, once=once)
 
     def reset(self) -> None:
         """Close the client; the next use opens another (say, once the master was replaced)."""

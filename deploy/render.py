@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,6 +140,43 @@ def jobs_text(jobs: Sequence[dict[str, Any]]) -> str:
     return table(["ID", "STATE", "WORKER", "TRIES", "EXIT", "COMMAND"], rows)
 
 
+def job_text(job: dict[str, Any], now: float, tail: int = 40) -> str:
+    """One job as ``scheduler job`` shows it: a field a line, then the output tails."""
+    name = f" ({job['name']})" if job.get("name") else ""
+    ended = job.get("ended")
+    rows = [
+        ("job", f"{job['id']}{name}"),
+        ("state", job["state"]),
+        ("command", job.get("command") or "-"),
+        ("attempts", f"{job.get('attempts', 0)} of {job.get('max_attempts', '-')}"),
+        ("worker", job.get("worker") or "-"),
+        ("submitted", _clock(job.get("submitted"))),
+        ("started", _clock(job.get("started"))),
+        ("ended", _clock(ended)),
+        ("took" if ended else "running for", _took(job.get("started"), ended or now)),
+        ("exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),
+        ("error", (job.get("error") or "-").rstrip()),
+    ]  # fmt: skip
+    lines = [f"{key:<12} {value}" for key, value in rows]
+    for stream in ("stdout", "stderr"):
+        body = (job.get(stream) or "").rstrip("\n").splitlines()
+        if body:
+            lines.append(f"{stream}:")
+            lines.extend("  " + line for line in body[-tail:])
+    return "\n".join(lines)
+
+
+def _clock(stamp: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _took(started: float | None, until: float) -> str:
+    if started is None:
+        return "-"
+    seconds = until - started
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
 def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -151,3 +189,24 @@ def verify_text(report: dict[str, Any]) -> str:
     verdict = ("nothing lost, nothing run twice on a healthy worker" if report["ok"]
                else "FAILED: jobs lost or run twice on a healthy worker")  # fmt: skip
     return "\n".join([*lines, f"verdict: {verdict}"])
+
+
+def progress_columns() -> tuple[Any, ...]:
+    """The columns of ``submit --wait``'s bar: done/total, bar, percent, rate, ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        ProgressColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )  # fmt: skip
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("-- jobs/s" if speed is None else f"{speed:.1f} jobs/s")
+
+    return (TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(),
+            TaskProgressColumn(), Rate(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip

@@ -220,6 +220,28 @@ def connect(host: Host, accept_new: bool = False) -> paramiko.SSHClient:
     return client
 
 
+def http_request(path: str, port: int) -> bytes:
+    """A minimal HTTP/1.0 GET naming a loopback host, so a loopback-only server answers."""
+    return (f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+            "Accept: */*\r\n\r\n").encode("ascii")  # fmt: skip
+
+
+def parse_http_response(raw: bytes, host: Host, where: str) -> tuple[int, bytes]:
+    """(status, body) of a whole HTTP/1.x response read until the server closed."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise _not_served(host, where, "the answer is not HTTP")
+    return int(parts[1]), body
+
+
+def _not_served(host: Host, where: str, why: str) -> HostError:
+    address = host.ssh.address if host.ssh else ""
+    return HostError(host.name, address, f"no HTTP answer from {where} there: {why}",
+                     "is the master running with SCHEDULER_HTTP set (default 127.0.0.1:8889)? "
+                     "see 'deployctl status' and 'deployctl logs master'")  # fmt: skip
+
+
 class Forwarder:
     """A local listening socket; each accepted connection is pumped through a new SSH channel."""
 
@@ -294,7 +316,7 @@ class SSHPool:
         self.accept_new = accept_new
         self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
         self._forwarders: list[Forwarder] = []
-        self._tunnels: dict[tuple[str, str, int], tuple[str, int]] = {}
+        self._tunnels: dict[tuple[str, str, int, int], tuple[str, int]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._closed = False
@@ -360,9 +382,11 @@ class SSHPool:
             self._forwarders.append(forwarder)
         return path, forwarder
 
-    def tunnel(self, host: Host, address: str, port: int) -> tuple[str, int]:
-        """A local TCP port that reaches ``address:port`` as seen from ``host`` (made once)."""
-        key = (host.name, address, port)
+    def tunnel(self, host: Host, address: str, port: int, local_port: int = 0
+               ) -> tuple[str, int]:  # fmt: skip
+        """A local TCP port (on 127.0.0.1 only; any free one unless ``local_port``) that
+        reaches ``address:port`` as seen from ``host`` (made once per local port)."""
+        key = (host.name, address, port, local_port)
         if key in self._tunnels:
             return self._tunnels[key]
 
@@ -374,11 +398,52 @@ class SSHPool:
             self._check_open(host)
             if key not in self._tunnels:
                 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                listener.bind(("127.0.0.1", 0))
+                try:
+                    listener.bind(("127.0.0.1", local_port))
+                except OSError as exc:
+                    listener.close()
+                    raise DeployError(f"local port {local_port}", f"cannot listen: "
+                                      f"{exc.strerror or exc}", "choose another port or "
+                                      "leave --port out for a free one") from exc  # fmt: skip
                 listener.listen(16)
                 self._forwarders.append(Forwarder(listener, open_channel))
                 self._tunnels[key] = listener.getsockname()[:2]
             return self._tunnels[key]
+
+    def http_get(self, host: Host, address: str, port: int, path: str,
+                 timeout: float = 10.0) -> tuple[int, bytes]:  # fmt: skip
+        """``GET path`` from ``address:port`` as seen from ``host``: (status, body).
+
+        One direct-tcpip channel (a plain socket for this machine); the request names a
+        loopback ``Host``, which a server bound to loopback requires. Nothing listening
+        there is a HostError saying so.
+        """
+        where = f"{address}:{port}"
+        if host.local:
+            try:
+                conn: Any = socket.create_connection((address, port), timeout)
+            except OSError as exc:
+                raise _not_served(host, where, exc.strerror or str(exc)) from exc
+        else:
+            try:
+                conn = self.open(host, lambda t: t.open_channel(
+                    "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout))
+            except paramiko.ChannelException as exc:
+                raise _not_served(host, where, (exc.text or "connect failed").lower()) from exc
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise _unreachable(host, exc) from exc
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(http_request(path, port))
+            chunks = []
+            while data := conn.recv(CHUNK):
+                chunks.append(data)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise _not_served(host, where, f"connection lost: {exc or type(exc).__name__}"
+                              ) from exc  # fmt: skip
+        finally:
+            conn.close()
+        return parse_http_response(b"".join(chunks), host, where)
 
     def reach(self, host: Host, address: str, port: int, timeout: float) -> str | None:
         """None when ``host`` can open a TCP connection to ``address:port``, else why not.

@@ -2,20 +2,75 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
+
+from scheduler.settings import Settings
 
 from . import engine
 from .cluster import observe
+from .config import Config
 from .context import Context
-from .errors import DeployError, HostError
+from .errors import DeployError, HostError, MasterError
 from .observed import HostStatus, Observed, Status, stamp_seconds
 from .parallel import across
 from .specs import MASTER, WORKER
 
 RETRY_SECONDS = 3.0
+HTTP_VAR = "SCHEDULER_HTTP"
+# the scheduler's own default, read from its settings rather than written again here
+DEFAULT_HTTP = cast(tuple[str, int], next(
+    f.default for f in dataclasses.fields(Settings) if f.name == "http"))
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def http_endpoint(config: Config) -> tuple[str, int]:
+    """Where the master serves HTTP, as seen from its own host: ``SCHEDULER_HTTP`` from the
+    inventory's [env], else the scheduler's default; a wildcard bind is reached on loopback."""
+    given = dict(config.env).get(HTTP_VAR)
+    if given is None:
+        return DEFAULT_HTTP
+    address, _, port = given.strip().rpartition(":")
+    if not given.strip() or not port.isdigit():
+        raise DeployError(f"[env] {HTTP_VAR}={given!r}", "the master serves no HTTP"
+                          if not given.strip() else "expected host:port",
+                          f"set {HTTP_VAR} to host:port (default 127.0.0.1:8889) and run "
+                          "'deployctl up'")  # fmt: skip
+    host = "127.0.0.1" if address in WILDCARDS else address.strip("[]")
+    return host, int(port)
+
+
+def http_get(ctx: Context, path: str) -> bytes:
+    """``GET path`` from the master's HTTP port, through SSH to its host; 200 or MasterError."""
+    address, port = http_endpoint(ctx.config)
+    code, body = ctx.pool.http_get(ctx.config.master_host, address, port, path)
+    if code != 200:
+        text = body.decode(errors="replace").strip()[:200]
+        raise MasterError(ctx.master.subject, f"GET {path} on {address}:{port} answered "
+                          f"HTTP {code}: {text}", "see 'deployctl logs master'")  # fmt: skip
+    return body
+
+
+def metrics(ctx: Context) -> str:
+    """The master's ``/metrics`` (Prometheus text)."""
+    return http_get(ctx, "/metrics").decode()
+
+
+def dashboard_url(ctx: Context, local_port: int) -> str:
+    """A local URL of the master's dashboard: a tunnel on 127.0.0.1 (``local_port``, or any
+    free one) to its host's HTTP port, kept until the command's connections close. Checks
+    first that the master answers there, so a wrong setting is an error, not a dead page."""
+    http_get(ctx, "/api/status")
+    host = ctx.config.master_host
+    address, port = http_endpoint(ctx.config)
+    if host.local:  # this machine: the master's own port
+        return f"http://{address}:{port}/"
+    local, local_port = ctx.pool.tunnel(host, address, port, local_port)
+    return f"http://{local}:{local_port}/"
 
 
 def status(ctx: Context) -> Status:

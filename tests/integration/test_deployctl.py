@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,80 @@ def test_status_json(bed: Bed, up) -> None:
         "itest-master"]  # fmt: skip
     assert all(c["state"] == "running" for h in hosts.values() for c in h["containers"])
     assert set(view["master"]["jobs"]) >= {"queued", "running", "succeeded", "failed"}
+
+
+def test_job_shows_one_job_with_its_reason_and_output(bed: Bed, up) -> None:
+    failed = bed.run("submit", "--wait", "--", "sh", "-c",
+                     "echo out-line; echo err-line >&2; exit 3", check=False)  # fmt: skip
+    assert failed.returncode == 5, failed.stderr
+    job_id = re.search(r"job (\d+) failed", failed.stderr).group(1)  # type: ignore[union-attr]
+    shown = bed.run("job", job_id)
+    fields = dict(line.split(None, 1) for line in shown.stdout.splitlines()[:2])
+    assert fields == {"job": job_id, "state": "failed"}, shown.stdout
+    assert re.search(r"^exit code\s+3$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^worker\s+itest-worker-\d", shown.stdout, re.M), shown.stdout
+    assert "stdout:\n  out-line" in shown.stdout and "stderr:\n  err-line" in shown.stdout
+    info = json.loads(bed.run("job", job_id, "--json").stdout)
+    assert (info["id"], info["state"], info["exit_code"]) == (int(job_id), "failed", 3)
+    assert info["stderr"].strip() == "err-line"
+    missing = bed.run("job", "987654321", check=False)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == [
+        "error: job 987654321: no such job on the master; see 'deployctl jobs' for the ids"]
+
+
+def test_metrics_through_ssh_match_the_masters_status(bed: Bed, up) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = bed.run("metrics").stdout
+    after = status(bed)["master"]  # idle cluster: nothing changes between the two
+    samples = {(s.name, s.labels.get("state", "")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+        assert samples[("scheduler_jobs", state)] == after["jobs"][state], (state, after)
+    assert samples[("scheduler_workers_connected", "")] == len(after["workers"]) == 5
+    assert samples[("scheduler_slots", "")] == 10  # 5 workers x concurrency 2
+    closed = '[env]\nSCHEDULER_HTTP = "127.0.0.1:1"\n'  # read from the inventory: no `up`
+    (bed.workdir / "nohttp.toml").write_text(inventory(["tb1", "tb2", "tb3"], closed))
+    refused = bed.run("metrics", inventory="nohttp.toml", check=False)
+    assert refused.returncode == 3 and refused.stdout == "", refused.stdout
+    assert refused.stderr.startswith("error: host tb1 (") and len(refused.stderr.splitlines()) == 1
+    assert "no HTTP answer from 127.0.0.1:1 there: connect failed" in refused.stderr
+
+
+def test_dashboard_tunnels_until_ctrl_c(bed: Bed, up) -> None:
+    env = {k: v for k, v in bed.env().items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    port = _free_port()
+    proc = subprocess.Popen([str(DEPLOYCTL), "-i", "cluster.toml", "dashboard", "--port",
+                             str(port)], cwd=bed.workdir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        url = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        assert url == f"http://127.0.0.1:{port}/", (url, proc.poll())
+        with urllib.request.urlopen(url + "api/status", timeout=10) as answer:
+            view = json.load(answer)
+        assert {w["name"] for w in view["workers"]} == {f"itest-worker-{i}" for i in range(1, 6)}
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert b"<html" in page.read().lower()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        assert "tunnel closed" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with socket.socket() as holder:  # a local port in use: one line, exit 1
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = bed.run("dashboard", "--port", str(holder.getsockname()[1]), check=False)
+    assert busy.returncode == 1 and busy.stdout == "", busy.stdout
+    assert busy.stderr.startswith("error: local port ") and "cannot listen" in busy.stderr
+
+
+def test_top_once_prints_one_frame_of_the_cluster(bed: Bed, up) -> None:
+    frame = bed.run("top", "--once", "--interval", "0.2").stdout
+    for word in ("queued", "succeeded", "jobs/s", "ETA", "itest-worker-5"):
+        assert word in frame, (word, frame)
 
 
 def test_dry_run_shows_the_plan_without_the_key(bed: Bed, up) -> None:
