@@ -19,7 +19,8 @@ The rules it enforces:
 * An outcome is applied only from the slave that holds the job's lease, once.
 * After a master restart, running jobs stay running: their slaves get ``lease_seconds``
   (and a reconnect allowance) to come back and claim them. And no job is handed out
-  until the slaves the journal knew have registered again (or RECONNECT_SECONDS passed):
+  until the slaves the journal knew have registered again (or, for one that does not,
+  RECONNECT_SECONDS plus ``lease_seconds`` passed: it counts as dead then):
   a job the journal still has as queued may be running on one of them under a lease
   handed out in the last moments before the crash, and must be adopted, not repeated.
 """
@@ -146,7 +147,8 @@ class Board:
         for state, n in stored.counts.items():
             self.counts[State(state)] += n
         running, back_by = 0, self.clock() + RECONNECT_SECONDS
-        self.awaited, self.hold_until = set(stored.slaves), back_by
+        self.awaited = set(stored.slaves)
+        self.hold_until = back_by + self.lease_seconds
         for job in jobs:
             self.jobs[job.id] = job
             if job.kind == "python" and not job.state.terminal:
@@ -349,15 +351,14 @@ class Board:
 
     def owns(self, name: str, job: Job, lease: int) -> bool:
         """Whether worker ``name`` holding ``lease`` may run and report ``job``."""
-        if job.state is State.RUNNING:
-            return job.lease == lease and job.worker == name
-        if job.state is State.QUEUED:
-            # requeued from this very lease (its slave was presumed dead, or a master
-            # restart forgot the hand-out): the run goes on, adopt it
-            return (lease == job.lease and job.worker == name) or (
-                job.lease < lease < self.first_lease
-            )
-        return False
+        if job.state.terminal:
+            return False
+        # its current lease; or, queued, requeued from this very lease (its slave was
+        # presumed dead); or a later lease than the journal saw, handed out by an
+        # earlier master (which ended every earlier lease of the job: leases only grow)
+        return (lease == job.lease and job.worker == name) or (
+            job.lease < lease < self.first_lease
+        )
 
     def release(self, name: str, leases: Iterable[tuple[int, int]]) -> list[Job]:
         """Take jobs back from a worker (drain, work stealing); the hand-out does not count."""
@@ -414,6 +415,10 @@ class Board:
         return Reply(True, tuple(drop), tuple(cancelled))
 
     def _adopt(self, worker: Worker, job: Job, lease: int) -> None:
+        if job.state is State.RUNNING and job.worker != worker.name:
+            before = self.workers.get(job.worker or "")
+            if before is not None:  # its lease is the older one: not its job any more
+                before.held.pop(job.id, None)
         if job.state is State.QUEUED:
             self.counts[State.QUEUED] -= 1
             self.counts[State.RUNNING] += 1
@@ -464,6 +469,7 @@ class Board:
                         f"gave up after {job.attempts} attempts"
                     )
                     self._finish(job, State.FAILED, error=reason)
+                    job.worker = None  # no run of it counts any more: a returning slave drops it
                 else:
                     self._requeue(job)
                 changed.append(job)

@@ -277,8 +277,13 @@ class Service:
             record, reply = self._board.register(worker, Holding(*holding))
             lost = self._requeued(held)
             record.host, record.pid, record.concurrency = host, pid, concurrency
+            # the roster is saved before the slave gets work: after a crash, a restarted
+            # master must know every slave that may run a job the journal never saw
+            roster, self._board.roster = self._board.roster, []
+            ticket = self._journal.append(self._board.take_dirty(), roster=roster)
             self._work.notify_all()
             kept = len(record.held)
+        self._journal.wait(ticket)
         log.info("slave %s registered from %s (pid %s, %s processes%s)", worker, host, pid,
                  concurrency, f"; kept its {kept} running job(s)" if kept else "")  # fmt: skip
         self._metrics.requeued(lost, "lost_in_transit")

@@ -318,6 +318,8 @@ class BoardModel(RuleBasedStateMachine):
         holding = s.holding()
         worker, reply = self.board.register(s.name, holding)
         worker.concurrency = 2  # what the service records from the call
+        # the service saves the roster (and what changed) before it replies
+        self._save(tick=True)
         s.heard = s.last_call = self.now
         s.last_lease_call = None
         self._apply(s, reply, holding)
