@@ -253,7 +253,13 @@ class Board:
         worker.last_seen = self.clock()
         worker.last_seq = -1
         worker.draining = holding.draining
-        return worker, self._reconcile(worker, holding)
+        # What it says now is all it has: a process registering afresh (a restarted slave
+        # under the same name, or one back after a master restart) has no reply on its
+        # way. What it held before and does not claim ran and died (an attempt), unless
+        # it was only waiting.
+        started = {j: j not in worker.waiting for j in worker.held}
+        worker.batch = dict.fromkeys(worker.held, 0)
+        return worker, self._reconcile(worker, holding, started)
 
     def seen(self, name: str) -> Worker | None:
         """Note that a worker was heard from; every call from a slave keeps its leases."""
@@ -387,7 +393,9 @@ class Board:
         worker.draining = holding.draining
         return self._reconcile(worker, holding)
 
-    def _reconcile(self, worker: Worker, holding: Holding) -> Reply:
+    def _reconcile(
+        self, worker: Worker, holding: Holding, started: dict[int, bool] | None = None
+    ) -> Reply:
         claims = dict(holding.held)
         worker.waiting = set(holding.waiting)
         drop, cancelled = [], []
@@ -407,11 +415,11 @@ class Board:
             j for j in worker.held
             if j not in claims and worker.batch.get(j, 0) <= holding.fetched
         ]  # fmt: skip
-        for job_id in lost:  # handed out, never arrived: not an attempt
+        for job_id in lost:  # handed out, never arrived: not an attempt (see register)
             del worker.held[job_id]
             job = self.jobs.get(job_id)
             if job is not None and job.state is State.RUNNING:
-                self._requeue(job, counted=False)
+                self._requeue(job, counted=bool(started and started.get(job_id)))
         return Reply(True, tuple(drop), tuple(cancelled))
 
     def _adopt(self, worker: Worker, job: Job, lease: int) -> None:

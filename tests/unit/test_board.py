@@ -387,3 +387,14 @@ def test_the_roster_of_slaves_is_kept_for_the_journal(board, clock):
     clock.now += 31
     board.expire()
     assert board.roster == [("w1", True), ("w2", True), ("w2", False), ("w1", False)]
+
+
+def test_a_slave_restarted_under_the_same_name_gives_back_what_the_old_one_ran(board):
+    a, b, c = board.submit([shell("a"), shell("b"), shell("c")])
+    board.register("w1")
+    board.lease("w1", 3, seq=57)
+    board.heartbeat("w1", claims(a, b, c, waiting=[c], fetched=57))
+    _, reply = board.register("w1", Holding())  # a new process: seq 0, holds nothing
+    assert reply.drop == ()
+    assert a.state is b.state is c.state is State.QUEUED
+    assert (a.attempts, b.attempts, c.attempts) == (1, 1, 0)  # a and b ran and died there
