@@ -261,7 +261,9 @@ class Worker:
             with self._cond:
                 for lease in batch:
                     self._running[lease.job_id, lease.lease] = (lease, abort, slot)
-                funcs = dict(self._funcs)
+                # the bodies this batch calls (others may leave self._funcs meanwhile)
+                funcs = {x.payload[0]: self._funcs[x.payload[0]] for x in batch
+                         if x.kind == "python" and x.payload[0] in self._funcs}  # fmt: skip
             self._log_start(batch)
             if batch[0].kind == "shell":
                 self._finish(run_shell(batch[0], self.settings.output_limit, abort), abort)
@@ -287,8 +289,8 @@ class Worker:
             self._void.discard(key)
             if not void and not abort.requeue:
                 self._reporting.add(key)  # held until the master has saved the outcome
-            elif entry is not None:
-                self._unref(entry[0])
+            if entry is not None:
+                self._unref(entry[0])  # run, dropped or handed back: its body is not needed
             self._avg = (
                 outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
             )
@@ -304,9 +306,6 @@ class Worker:
         self._done += 1
         if not outcome.ok:
             self._failed += 1
-        if entry is not None:
-            with self._cond:
-                self._unref(entry[0])
         self._results.put(outcome)
         if self._log_ok():
             if outcome.ok:
