@@ -288,6 +288,7 @@ class Client:
         handle._id = job_id
         with self._lock:
             self._pending[job_id] = handle
+            self._lock.notify_all()  # the collector may sleep with nothing pending
         if not self._link.call("watch", self._session, [job_id]):
             with self._lock:
                 self._pending.pop(job_id, None)

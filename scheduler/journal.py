@@ -1,8 +1,10 @@
 """The journal: jobs persisted to SQLite (WAL) so a master restart loses nothing.
 
-One writer thread owns the connection. Callers hand it entries (rows, in the order the
-board changed them) and, when they must, wait until those are committed; everything
-queued meanwhile goes into the same transaction (group commit). A write that fails
+Callers hand it entries (rows, in the order the board changed them) and, when they must,
+wait until those are committed. A waiter finding no write under way writes what is queued
+itself (no hand-off to another thread on the single-job path); otherwise it waits, and
+everything queued meanwhile goes into the next transaction (group commit). A writer
+thread writes what nobody waits for, and retries. A write that fails
 (disk full, a read-only or vanished directory) is kept and retried, in order, until it
 succeeds; meanwhile ``failing`` says why, and a caller that cannot wait (a submit) may
 ``abandon`` its entry if it was not written yet. Nothing counts as saved before COMMIT.
@@ -131,6 +133,8 @@ class Journal:
         self._queued_seq = 0
         self._done_seq = 0
         self._error: str | None = None  # why the last write failed, until one succeeds
+        self._failures = 0  # failed attempts in a row
+        self._writing = False  # a transaction is under way (one writer at a time)
         self._closing = False
         self.on_commit: Callable[[float], None] | None = None  # seconds a transaction took
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
@@ -264,6 +268,9 @@ class Journal:
             while self._done_seq < ticket:
                 if give_up and self._error is not None:
                     raise JournalError(f"the journal cannot write ({self._error})")
+                if self._pending and not self._writing and self._error is None:
+                    self._write_locked()  # retries, if it fails, are the writer thread's
+                    continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -289,48 +296,63 @@ class Journal:
         self._reader.close()
         self._db.close()
 
-    def _run(self) -> None:  # the writer thread
-        failures = 0
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    if not self._cond.wait(1.0) and self._error is not None:
+    def _run(self) -> None:  # the writer thread: what nobody waits for, and retries
+        with self._cond:
+            while True:
+                while (not self._pending or self._writing) and not self._closing:
+                    if (not self._cond.wait(1.0) and self._error is not None
+                            and not self._pending and not self._writing):  # fmt: skip
                         # nothing to write, but a failure to clear: probe with an empty one
                         self._pending.append(_Entry(self._queued_seq))
+                while self._writing:
+                    self._cond.wait()
                 if not self._pending:
                     return
-                if self._closing and failures > len(RETRY_SECONDS):
+                if self._closing and self._failures > len(RETRY_SECONDS):
                     log.error("journal %s: stopping with %d unsaved change(s): %s",
                               self.path, len(self._pending), self._error)  # fmt: skip
                     return
-                self._in_flight, self._pending = self._pending, []
-                written = any(e.new or e.changed or e.funcs or e.meta or e.marks
-                              for e in self._in_flight)  # not the master's idle ticks
-            try:
-                started = time.perf_counter()
-                self._write(self._in_flight)
-                took = time.perf_counter() - started
-            except Exception as exc:  # disk full, permissions, anything: keep it, retry
-                failures += 1
-                with self._cond:
-                    if self._error is None:
-                        log.error("journal %s: write failed, retrying: %s", self.path, exc)
-                    self._error = f"{type(exc).__name__}: {exc}"
-                    self._pending[:0], self._in_flight = self._in_flight, []
-                    self._cond.notify_all()
-                    delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1]
+                if not self._write_locked():
+                    delay = RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS)) - 1]
                     self._cond.wait_for(lambda: self._closing, timeout=delay)
-                continue
-            with self._cond:
-                if self._error is not None:
-                    log.warning("journal %s: writing again after %d failed attempt(s)",
-                                self.path, failures)  # fmt: skip
-                failures, self._error = 0, None
-                self._done_seq = self._in_flight[-1].seq
-                self._in_flight = []
-                self._cond.notify_all()
-            if self.on_commit is not None and written:
-                self.on_commit(took)
+
+    def _write_locked(self) -> bool:
+        """Write every pending entry in one transaction; True if it committed.
+
+        Called with ``_cond`` held; released during the write. A failed write goes back
+        in front of the queue, in order, for the writer thread to retry.
+        """
+        self._writing = True
+        self._in_flight, self._pending = self._pending, []
+        written = any(e.new or e.changed or e.funcs or e.meta or e.marks
+                      for e in self._in_flight)  # not the master's idle ticks
+        self._cond.release()
+        try:
+            started = time.perf_counter()
+            self._write(self._in_flight)
+            took, error = time.perf_counter() - started, None
+        except Exception as exc:  # disk full, permissions, anything: keep it, retry
+            took, error = 0.0, exc
+        finally:
+            self._cond.acquire()
+        self._writing = False
+        self._cond.notify_all()
+        if error is not None:
+            self._failures += 1
+            if self._error is None:
+                log.error("journal %s: write failed, retrying: %s", self.path, error)
+            self._error = f"{type(error).__name__}: {error}"
+            self._pending[:0], self._in_flight = self._in_flight, []
+            return False
+        if self._error is not None:
+            log.warning("journal %s: writing again after %d failed attempt(s)",
+                        self.path, self._failures)  # fmt: skip
+        self._failures, self._error = 0, None
+        self._done_seq = self._in_flight[-1].seq
+        self._in_flight = []
+        if self.on_commit is not None and written:
+            self.on_commit(took)
+        return True
 
     def _write(self, entries: list[_Entry]) -> None:
         db = self._db

@@ -1,9 +1,12 @@
 """The slave's engine: fetch leases in batches, run them in slots, report in batches.
 
-Threads: one fetcher (long-polls the master for work while there is room), one
-reporter (sends outcomes as they come, batched under load, until the master has saved
-them), one heartbeat (says what the slave holds, learns what to drop; it beats until
-the slave says goodbye, draining included), and one thread per slot running jobs.
+Threads: one per slot running jobs; one fetcher (leases more work while every slot is
+busy and there is room); one reporter (sends outcomes batched under load, until the
+master has saved them); one heartbeat (says what the slave holds, learns what to drop;
+it beats until the slave says goodbye, draining included). An idle slot long-polls for
+work itself, and a slot that finds the slave otherwise idle reports its outcome itself:
+a lone job crosses no thread of the slave. One lease call is in flight at a time
+(``_fetching``), whoever makes it, so replies are taken in in order (``Holding.fetched``).
 
 A job stays in what the slave *holds* from the moment its lease arrives until the
 master has acknowledged its outcome, so there is no moment at which a heartbeat could
@@ -63,6 +66,9 @@ class Worker:
         self._draining = threading.Event()
         self._gone = threading.Event()  # said goodbye: heartbeats stop
         self._seq = 0  # numbers our lease calls
+        self._fetching = False  # a lease call is in flight (one at a time)
+        self._idle = 0  # slots waiting for work (they fetch it themselves)
+        self._sending = 0  # report calls in flight
         self._fetched = 0  # the last lease reply taken in
         self._avg = 0.0  # moving average of job run time, seconds
         self._slots = [
@@ -173,31 +179,45 @@ class Worker:
 
     def _fetch_loop(self) -> None:
         while not self._draining.is_set():
-            try:
-                self._fetch_once()
-            except ConnectError as exc:
-                if self._draining.is_set() or self._stop.is_set():
+            with self._cond:
+                while not self._draining.is_set() and (
+                    self._fetching or self._idle or self._room()[0] < self._room()[1]
+                ):  # an idle slot fetches for itself; this thread keeps busy slots fed
+                    self._has_room.wait(1.0)
+                if self._draining.is_set():
                     return
+                self._fetching = True
+            self._fetch()
+
+    def _fetch(self) -> None:
+        """One lease call, by whoever set ``_fetching``; queues what came and clears it."""
+        try:
+            self._fetch_once()
+        except ConnectError as exc:
+            if not (self._draining.is_set() or self._stop.is_set()):
                 log.warning("slave %s: fetching work: %s", self.name, exc)
                 time.sleep(RETRY_SECONDS)
-            except Exception as exc:  # whatever the master says, this thread goes on
-                log.error("slave %s: fetching work failed, retrying: %r", self.name, exc)
-                time.sleep(RETRY_SECONDS)
+        except Exception as exc:  # whatever the master says, fetching goes on
+            log.error("slave %s: fetching work failed, retrying: %r", self.name, exc)
+            time.sleep(RETRY_SECONDS)
+        finally:
+            with self._cond:
+                self._fetching = False
+                self._cond.notify_all()
+                self._has_room.notify_all()
 
     def _fetch_once(self) -> None:
         with self._cond:
-            while not self._draining.is_set() and self._room()[0] < self._room()[1]:
-                self._has_room.wait(1.0)
             want = self._room()[0]
             self._seq += 1
             seq = self._seq
-        if self._draining.is_set():
+        if self._draining.is_set() or want <= 0:
             return
         try:
             leases, funcs = self.link.call("lease", self.name, want, LONG_POLL, seq)
         except UnknownWorker:
             if not self._draining.is_set():
-                self._register()
+                self._register_again()
             return
         with self._cond:
             self._fetched = seq
@@ -236,7 +256,19 @@ class Worker:
     def _take(self) -> list[Lease] | None:
         with self._cond:
             while not self._queue and not self._draining.is_set():
-                self._cond.wait()
+                if not self._fetching:  # long-poll ourselves: no hand-off when work comes
+                    self._fetching = True
+                    self._cond.release()
+                    try:
+                        self._fetch()
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._idle += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._idle -= 1
             if self._draining.is_set():
                 return None
             first = self._queue.popleft()
@@ -297,6 +329,12 @@ class Worker:
             free, worth = self._room()
             if free >= worth:
                 self._has_room.notify()
+            # nothing else to do or to send: report it ourselves, no hand-off
+            direct = (not void and not abort.requeue and not self._running
+                      and not self._queue and not self._sending
+                      and self._results.empty())  # fmt: skip
+            if direct:
+                self._sending += 1
         if void:
             return
         if abort.requeue:
@@ -306,7 +344,10 @@ class Worker:
         self._done += 1
         if not outcome.ok:
             self._failed += 1
-        self._results.put(outcome)
+        if direct:
+            self._send_report([outcome])
+        else:
+            self._results.put(outcome)
         if self._log_ok():
             if outcome.ok:
                 log.info("job %d succeeded in %.3fs", outcome.job_id, outcome.duration)
@@ -344,12 +385,27 @@ class Worker:
                     break
                 batch.append(item)
             last = time.monotonic()
+            with self._cond:
+                self._sending += 1
             self._send_report(batch)
             if stop:
                 return
 
     def _send_report(self, batch: list[Outcome]) -> None:
-        """Report until the master has them (or, stopping, until it cannot be reached)."""
+        """Report until the master has them (or, stopping, until it cannot be reached).
+
+        The caller counted itself in ``_sending``; this uncounts it.
+        """
+        try:
+            reply = self._report(batch)
+        finally:
+            with self._cond:
+                self._sending -= 1
+                self._reporting.difference_update((o.job_id, o.lease) for o in batch)
+        if reply:
+            self._give_back(reply[2])
+
+    def _report(self, batch: list[Outcome]) -> tuple | None:
         while True:
             try:
                 reply = self.link.call("report", self.name, batch)
@@ -364,10 +420,7 @@ class Worker:
                 log.error("slave %s: reporting %d outcome(s) failed, retrying: %r", self.name,
                           len(batch), exc)  # fmt: skip
                 time.sleep(RETRY_SECONDS)
-        with self._cond:
-            self._reporting.difference_update((o.job_id, o.lease) for o in batch)
-        if reply:
-            self._give_back(reply[2])
+        return reply  # type: ignore[no-any-return]
 
     def _heartbeat_loop(self) -> None:
         while not self._gone.wait(self.heartbeat_seconds):
@@ -387,12 +440,15 @@ class Worker:
         if not reply.known:
             if self._gone.is_set():
                 return
-            log.warning("master did not know slave %s (restarted, or it gave us up); "
-                        "registering again with what we hold", self.name)  # fmt: skip
-            self._register()
+            self._register_again()
             return
         self._apply(reply)
         self._touch_health()
+
+    def _register_again(self) -> None:
+        log.warning("master did not know slave %s (restarted, or it gave us up); "
+                    "registering again with what we hold", self.name)  # fmt: skip
+        self._register()
 
     def _apply(self, reply: Reply) -> None:
         if reply.exit:

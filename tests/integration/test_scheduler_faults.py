@@ -92,6 +92,12 @@ def test_kill9_of_a_slave_reruns_only_what_it_held(fast, marks):
         started = {handles[int(tag[1:])].id for tag in executions(marks)}
         fast.start_slave("survivor", concurrency=2)
         fast.wait_slaves("survivor")
+
+        def victim_reported() -> bool:  # a heartbeat told the master what had started
+            view = {w["name"]: w for w in client.status()["workers"]}["victim"]
+            return set(view["running"]) == started and len(view["waiting"]) == 2
+
+        wait_until(victim_reported, what="the victim's heartbeat")
         victim.signal(signal.SIGKILL)
         assert [h.get(timeout=60) for h in handles] == [""] * 4
         infos = {h.id: client.job(h.id) for h in handles}

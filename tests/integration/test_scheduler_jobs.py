@@ -234,3 +234,13 @@ def test_old_finished_jobs_leave_memory_but_stay_in_the_journal(tmp_path):
             assert client.job(21)["state"] == "succeeded"
     finally:
         small.stop()
+
+
+def test_a_handle_on_a_finished_job_resolves_after_the_collector_went_idle(busy):
+    """``result(id)`` after every pending job came back: the idle collector must wake."""
+    with busy.client() as client:
+        first = client.apply_async(jobs.nap, (0.0,))
+        assert first.get(timeout=30) == "s1"
+        # the collector drained its last pending job and sleeps until there is another
+        for _ in range(20):
+            assert client.result(first.id).get(timeout=10) == "s1"
