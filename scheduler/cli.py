@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from . import __version__, jobsfile, master, slave, verify
+from . import __version__, certs, jobsfile, master, slave, verify
 from .client import AsyncResult, Client
 from .errors import SchedulerError
 from .job import State
@@ -254,6 +254,86 @@ def cmd_slave_health(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- certificates --------------------------------------------------------------------------
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Run a `certs` action; its refusals (no CA, unknown name, a loose key...) exit 1."""
+    try:
+        return int(args.certs_func(args))
+    except SchedulerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    path = certs.init(args.dir)
+    print(f"{path}: cluster CA; keep {certs.CA_KEY_FILE} on the machine that issues")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    path = certs.issue(args.dir, args.name, args.role, days=args.days, addresses=args.address)
+    print(f"{path}: {args.name} ({args.role}), valid {args.days} days")
+    return 0
+
+
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    serials = certs.revoke(args.dir, args.name)
+    if not serials:
+        print(f"{args.name}: already revoked")
+        return 0
+    print(f"{args.name}: {len(serials)} certificate(s) revoked; copy {certs.CRL_FILE} to the "
+          "master (it reads the new list without a restart)")  # fmt: skip
+    return 0
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    print(f"{'NAME':<24} {'ROLE':<7} {'EXPIRES':<17} STATUS")
+    for cert in certs.list_certs(args.dir):
+        status = "revoked" if cert.revoked else "expired" if cert.expired() else "valid"
+        print(f"{cert.name:<24} {cert.role:<7} {cert.not_after:%Y-%m-%d %H:%M}  {status}")
+    return 0
+
+
+def _cert_name(text: str) -> str:
+    try:
+        return certs.check_name(text)
+    except certs.CertsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_certs(sub: Any) -> None:
+    help = "the cluster's certificates for mutual TLS: a CA, one per node, revocations"
+    c = sub.add_parser("certs", help=help, description=help[:1].upper() + help[1:] + ".")
+    c.set_defaults(func=cmd_certs)
+    actions = c.add_subparsers(dest="certs_action", metavar="ACTION", required=True)
+
+    def action(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        a = actions.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
+        a.set_defaults(certs_func=func)
+        a.add_argument("dir", metavar="DIR", help="the certificates directory")
+        return a
+
+    action("init", cmd_certs_init, "make a cluster CA and an empty revocation list in DIR")
+    i = action("issue", cmd_certs_issue, "issue DIR/NAME.pem and DIR/NAME.key (0600)")
+    i.add_argument("name", metavar="NAME", type=_cert_name, help="the node's name (its CN)")
+    i.add_argument("--role", required=True, choices=certs.ROLES, help="what the node may do")
+    i.add_argument("--days", type=_days, default=certs.NODE_DAYS,
+                   help=f"how long it is valid (default {certs.NODE_DAYS})")
+    i.add_argument("--address", action="append", default=[], metavar="A",
+                   help="a DNS name or IP address the node is reached at (repeatable)")
+    r = action("revoke", cmd_certs_revoke, "revoke every certificate issued under NAME")
+    r.add_argument("name", metavar="NAME", type=_cert_name, help="the node's name")
+    action("list", cmd_certs_list, "list the node certificates: name, role, expiry, status")
+
+
 # -- parsing -------------------------------------------------------------------------------
 
 
@@ -313,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     add("ping", cmd_ping, "exit 0 if the master answers with our key")
     add("slave-health", cmd_slave_health, "exit 0 if this host's slave heartbeats")
+    _add_certs(sub)
     return p
 
 
