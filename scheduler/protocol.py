@@ -64,3 +64,20 @@ class Reply(NamedTuple):
     cancelled: tuple[int, ...] = ()
     give_back: int = 0
     exit: bool = False  # `scheduler verify` asked this slave to die as if killed
+
+
+class Reported(NamedTuple):
+    """The master's answer to ``report``: the outcomes are saved.
+
+    ``give_back``: unstarted jobs to hand back for idle slaves. When the report also asked
+    for work (a slot with nothing else to do), ``leases`` and ``funcs`` are that work, as
+    ``lease`` returns it, and ``known`` is False if the master does not know the slave.
+    """
+
+    accepted: int
+    rejected: int
+    give_back: int = 0
+    leases: tuple[Lease, ...] = ()
+    funcs: dict[str, bytes] = {}  # never mutated
+    known: bool = True
+

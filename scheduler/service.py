@@ -325,12 +325,18 @@ class Service:
             ceiling = (self._board.lease_ceiling or 0) + LEASE_BLOCK
             self._reserving = (self._journal.append([], meta={"lease_ceiling": ceiling}), ceiling)
 
-    def report(self, worker: str, outcomes: Iterable[tuple]) -> tuple[int, int, int]:
-        """Apply finished jobs; return (accepted, rejected, jobs to hand back for idle slaves).
+    def report(
+        self, worker: str, outcomes: Iterable[tuple], lease: tuple | None = None
+    ) -> protocol.Reported:
+        """Apply finished jobs; the reply (protocol.Reported) says they are saved.
 
         Clients hear of them at once; the slave's reply waits until they are in the
         journal, and the slave keeps them until then: if the master dies before saving,
         the slave reports them again to the next one, so what a client saw is what stays.
+
+        ``lease``: (n, wait, seq) as ``lease`` takes them: a slot with nothing else to do
+        asks for its next work in the same call (one round trip, and the long-poll starts
+        while the journal writes).
         """
         outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
@@ -343,10 +349,18 @@ class Service:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
             self._metrics.rejected(rejected)
-        self._journal.wait(ticket)
         self._progress.finished(finished, worker)
         self._metrics.finished(finished)
-        return len(finished), rejected, give_back
+        if lease is None:
+            self._journal.wait(ticket)
+            return protocol.Reported(len(finished), rejected, give_back)
+        try:
+            leases, funcs = self.lease(worker, *lease)
+            known = True
+        except UnknownWorker:
+            leases, funcs, known = [], {}, False
+        self._journal.wait(ticket)
+        return protocol.Reported(len(finished), rejected, give_back, tuple(leases), funcs, known)
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
         with self._lock:

@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import AuthError, ConnectError, SchedulerError, UnknownWorker
 from .progress import RateLimit
-from .protocol import VERSION, Holding, Lease, Outcome, Reply
+from .protocol import VERSION, Holding, Lease, Outcome, Reply, Reported
 from .runner import Abort, PythonSlot, run_shell
 from .settings import Settings
 from .transport import Link
@@ -69,6 +69,8 @@ class Worker:
         self._fetching = False  # a lease call is in flight (one at a time)
         self._idle = 0  # slots waiting for work (they fetch it themselves)
         self._sending = 0  # report calls in flight
+        self._direct = 0  # slots reporting their own outcome (they fetch next themselves)
+        self._drained = True  # the last lease got less than asked: no prefetching
         self._fetched = 0  # the last lease reply taken in
         self._avg = 0.0  # moving average of job run time, seconds
         self._slots = [
@@ -181,8 +183,9 @@ class Worker:
         while not self._draining.is_set():
             with self._cond:
                 while not self._draining.is_set() and (
-                    self._fetching or self._idle or self._room()[0] < self._room()[1]
-                ):  # an idle slot fetches for itself; this thread keeps busy slots fed
+                    self._fetching or self._idle or self._direct or self._drained
+                    or self._room()[0] < self._room()[1]
+                ):  # idle slots fetch for themselves; this thread keeps busy slots fed
                     self._has_room.wait(1.0)
                 if self._draining.is_set():
                     return
@@ -219,8 +222,13 @@ class Worker:
             if not self._draining.is_set():
                 self._register_again()
             return
+        self._take_in(leases, funcs, seq, want)
+
+    def _take_in(self, leases: list[Lease], funcs: dict[str, bytes], seq: int, want: int) -> None:
+        """Queue the work a lease reply brought (hand it back if we drain meanwhile)."""
         with self._cond:
             self._fetched = seq
+            self._drained = len(leases) < want
             for digest, body in funcs.items():
                 self._funcs.setdefault(digest, body)
             for lease in leases:
@@ -335,6 +343,13 @@ class Worker:
                       and self._results.empty())  # fmt: skip
             if direct:
                 self._sending += 1
+                self._direct += 1
+            # ... and ask for the next work in the same call
+            fuse = direct and not self._fetching and not self._draining.is_set() and free > 0
+            if fuse:
+                self._fetching = True
+                self._seq += 1
+                ask = (free, LONG_POLL, self._seq)
         if void:
             return
         if abort.requeue:
@@ -344,10 +359,6 @@ class Worker:
         self._done += 1
         if not outcome.ok:
             self._failed += 1
-        if direct:
-            self._send_report([outcome])
-        else:
-            self._results.put(outcome)
         if self._log_ok():
             if outcome.ok:
                 log.info("job %d succeeded in %.3fs", outcome.job_id, outcome.duration)
@@ -355,6 +366,23 @@ class Worker:
                 reason = (outcome.error or "").strip().splitlines()[-1:] or [""]
                 log.info("job %d failed after %.3fs: %s", outcome.job_id, outcome.duration,
                          reason[0])  # fmt: skip
+        if not direct:
+            self._results.put(outcome)
+            return
+        try:
+            reply = self._send_report([outcome], ask if fuse else None)
+            if fuse and reply is not None:
+                if not reply.known:
+                    self._register_again()
+                else:
+                    self._take_in(list(reply.leases), reply.funcs, ask[2], ask[0])
+        finally:
+            with self._cond:
+                self._direct -= 1
+                if fuse:
+                    self._fetching = False
+                    self._cond.notify_all()
+                self._has_room.notify_all()
 
     def _log_start(self, batch: list[Lease]) -> None:
         for lease in batch:
@@ -391,24 +419,28 @@ class Worker:
             if stop:
                 return
 
-    def _send_report(self, batch: list[Outcome]) -> None:
+    def _send_report(
+        self, batch: list[Outcome], ask: tuple[int, float, int] | None = None
+    ) -> Reported | None:
         """Report until the master has them (or, stopping, until it cannot be reached).
 
-        The caller counted itself in ``_sending``; this uncounts it.
+        ``ask``: lease arguments for work in the same call. The caller counted itself in
+        ``_sending``; this uncounts it.
         """
         try:
-            reply = self._report(batch)
+            reply = self._report(batch, ask)
         finally:
             with self._cond:
                 self._sending -= 1
                 self._reporting.difference_update((o.job_id, o.lease) for o in batch)
         if reply:
-            self._give_back(reply[2])
+            self._give_back(reply.give_back)
+        return reply
 
-    def _report(self, batch: list[Outcome]) -> tuple | None:
+    def _report(self, batch: list[Outcome], ask: tuple | None) -> Reported | None:
         while True:
             try:
-                reply = self.link.call("report", self.name, batch)
+                reply = Reported(*self.link.call("report", self.name, batch, ask))
                 break
             except ConnectError as exc:
                 if self._stop.is_set() or self._draining.is_set():
