@@ -111,6 +111,10 @@ class Board:
         self.workers: dict[str, Worker] = {}
         self.counts: Counter[str] = Counter({s: 0 for s in State})
         self.dirty: set[int] = set()  # jobs changed since the journal last saw them
+        # jobs handed out since the last periodic write: saved then if still running (a
+        # short job's finished row says all). A crash before that looks, in the journal,
+        # like a lease handed out just before it: the job is adopted from its slave.
+        self.started: set[int] = set()
         self.hungry: set[str] = set()  # workers that asked for work and found none
         self.total = 0  # jobs ever submitted, in memory or only in the journal
         self.first_lease = first_lease  # leases below were handed out by an earlier master
@@ -305,7 +309,7 @@ class Board:
             self._next_lease += 1
             worker.held[job.id] = job.lease
             worker.batch[job.id] = batch
-            self.dirty.add(job.id)
+            self.started.add(job.id)
             handed.append(job)
         self.counts[State.QUEUED] -= len(handed)
         self.counts[State.RUNNING] += len(handed)
@@ -485,11 +489,17 @@ class Board:
 
     # -- views ---------------------------------------------------------------
 
-    def take_dirty(self) -> list[Job]:
-        """The jobs changed since the last call, for the journal."""
-        jobs = [self.jobs[i] for i in self.dirty if i in self.jobs]
+    def take_dirty(self, started: bool = False) -> list[Job]:
+        """The jobs changed since the last call, for the journal; with ``started`` (the
+        periodic write), also those handed out since and still running."""
+        jobs = self.jobs
+        if started:
+            self.dirty.update(i for i in self.started
+                              if (j := jobs.get(i)) is not None and j.state is State.RUNNING)
+            self.started.clear()
+        out = [jobs[i] for i in self.dirty if i in jobs]
         self.dirty.clear()
-        return jobs
+        return out
 
     def select(
         self, state: State | None = None, limit: int | None = None, before: int | None = None

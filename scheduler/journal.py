@@ -38,6 +38,8 @@ _CHANGING = (
 )
 _COLUMNS = f"{_FIXED}, {_CHANGING}"
 _INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+# a new job, as submitted: the changing columns keep their defaults (fewer to bind)
+_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 10)})"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING.split(', '))} WHERE id = ?"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,8 +98,8 @@ def _row_job(row: tuple) -> Job:
     return Job(
         id=id_, kind=kind, payload=payload, name=name or "",
         labels=json.loads(labels) if labels else None, timeout=timeout,
-        max_attempts=max_attempts, state=State(state), attempts=attempts, worker=worker,
-        lease=lease, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
+        max_attempts=max_attempts, state=State(state), attempts=attempts or 0, worker=worker,
+        lease=lease or 0, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
         result=result, error=error, stdout=stdout, stderr=stderr, journaled=True,
     )  # fmt: skip
 
@@ -106,6 +108,7 @@ def _row_job(row: tuple) -> Job:
 class _Entry:
     seq: int
     new: list[tuple] = field(default_factory=list)
+    fresh: list[tuple] = field(default_factory=list)  # new jobs as submitted
     changed: list[tuple] = field(default_factory=list)
     funcs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
@@ -236,14 +239,20 @@ class Journal:
 
         Call it under the lock that orders the changes: rows are taken now.
         """
-        new = [(*_fixed(j), *_changing(j)) for j in jobs if not j.journaled]
-        changed = [(*_changing(j), j.id) for j in jobs if j.journaled]
+        new, fresh, changed = [], [], []
+        for j in jobs:
+            if j.journaled:
+                changed.append((*_changing(j), j.id))
+            elif j.state is State.QUEUED and not j.attempts:
+                fresh.append((*_fixed(j), "queued"))
+            else:
+                new.append((*_fixed(j), *_changing(j)))
         for job in jobs:
             job.journaled = True  # the row exists, or is queued in front of its updates
         with self._cond:
             self._queued_seq += 1
             self._pending.append(_Entry(
-                self._queued_seq, new, changed, list((funcs or {}).items()),
+                self._queued_seq, new, fresh, changed, list((funcs or {}).items()),
                 list((meta or {}).items()), list(marks or ()), list(roster or ()),
             ))  # fmt: skip
             self._cond.notify_all()
@@ -324,7 +333,7 @@ class Journal:
         """
         self._writing = True
         self._in_flight, self._pending = self._pending, []
-        written = any(e.new or e.changed or e.funcs or e.meta or e.marks
+        written = any(e.new or e.fresh or e.changed or e.funcs or e.meta or e.marks
                       for e in self._in_flight)  # not the master's idle ticks
         self._cond.release()
         try:
@@ -361,6 +370,8 @@ class Journal:
             for e in entries:
                 if e.funcs:
                     db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", e.funcs)
+                if e.fresh:
+                    db.executemany(_INSERT_QUEUED, e.fresh)
                 if e.new:
                     db.executemany(_INSERT, e.new)
                 if e.changed:

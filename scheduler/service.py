@@ -435,7 +435,7 @@ class Service:
             if changed or (held_back and not self._board.holding_back()):
                 self._work.notify_all()
             roster, self._board.roster = self._board.roster, []
-            ticket = self._journal.append(self._board.take_dirty(), roster=roster)
+            ticket = self._journal.append(self._board.take_dirty(started=True), roster=roster)
             self._saved_marks.append((ticket, self._board.finished_total))
             if self._reserving and self._journal.saved(self._reserving[0]):
                 self._board.lease_ceiling, self._reserving = self._reserving[1], None
@@ -479,7 +479,7 @@ class Service:
             self._closing = True
             self._work.notify_all()
             self._done.notify_all()
-            ticket = self._journal.append(self._board.take_dirty())
+            ticket = self._journal.append(self._board.take_dirty(started=True))
             counts, total = dict(self._board.counts), self._board.total
         self._journal.wait(ticket, timeout=10.0)
         self._progress.tick(counts, total, force=True)

@@ -312,7 +312,18 @@ def test_take_dirty_returns_each_changed_job_once(board):
     assert {j.id for j in board.take_dirty()} == {a.id, b.id}
     assert board.take_dirty() == []
     take(board, "w1", 1)
-    assert board.take_dirty() == [a]
+    assert board.take_dirty() == []  # a hand-out waits for the periodic write ...
+    assert board.take_dirty(started=True) == [a]  # ... which saves it if still running
+    assert board.take_dirty(started=True) == []
+
+
+def test_a_job_finished_before_the_periodic_write_is_saved_once_finished(board):
+    a, b = board.submit([shell("a"), shell("b")])
+    board.take_dirty()
+    leased = take(board, "w1", 2)
+    board.complete("w1", [ok(leased[0])])
+    assert board.take_dirty() == [a]  # its finished row; no row for its start
+    assert board.take_dirty(started=True) == [b]
 
 
 def test_work_stealing_gives_prefetched_jobs_to_idle_workers(board):

@@ -288,7 +288,7 @@ class BoardModel(RuleBasedStateMachine):
             roster, self.board.roster = self.board.roster, []
             for name, present in roster:
                 (self.roster.add if present else self.roster.discard)(name)
-        for job in self.board.take_dirty():
+        for job in self.board.take_dirty(started=tick):
             frozen = copy.copy(job)
             self.journal[job.id] = frozen
             if frozen.state.terminal:
