@@ -200,7 +200,7 @@ class Board:
             for i, (kind, payload, name, labels, timeout, attempts) in enumerate(specs, first)
         ]
         self._next_id = first + len(new)
-        ids = range(first, self._next_id)
+        ids = [j.id for j in new]  # one int object per job, shared by every index of it
         self.jobs.update(zip(ids, new, strict=True))
         self.func_refs.update(j.payload[0] for j in new if j.kind == "python")
         if publish:
