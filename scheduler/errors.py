@@ -35,6 +35,10 @@ class JournalError(SchedulerError):
     """The journal cannot be used as it is (another format, unreadable)."""
 
 
+class Forbidden(SchedulerError):
+    """The caller's certificate does not allow this call (see scheduler.tls, roles)."""
+
+
 class ShuttingDown(SchedulerError):
     """The master is stopping and takes no new work."""
 

@@ -18,7 +18,14 @@ from typing import Any
 
 from . import __version__, protocol
 from .board import Board, Holding, Lease, Outcome, Reply
-from .errors import JournalError, SchedulerError, ShuttingDown, SubmitError, UnknownWorker
+from .errors import (
+    Forbidden,
+    JournalError,
+    SchedulerError,
+    ShuttingDown,
+    SubmitError,
+    UnknownWorker,
+)
 from .job import Job, State, validate
 from .journal import LEASE_BLOCK, Journal, safe_text
 from .metrics import NoMetrics
@@ -81,7 +88,11 @@ class Service:
     # -- clients -------------------------------------------------------------
 
     def ping(self) -> dict[str, Any]:
-        return {"version": __version__, "time": self._clock()}
+        return {"version": __version__, "protocol": protocol.VERSION, "time": self._clock()}
+
+    def refuse(self, why: str) -> None:
+        """What the transport calls instead of a call the caller's role may not make."""
+        raise Forbidden(why)
 
     def submit(
         self, specs: list, funcs: dict[str, bytes] | None = None, session: str | None = None

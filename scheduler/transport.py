@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 EXPOSED = (
     "ping", "submit", "collect", "watch", "get", "jobs", "cancel", "status",
     "register", "lease", "report", "release", "heartbeat", "goodbye",
-    "mark", "marks", "chaos",
+    "mark", "marks", "chaos", "refuse",
 )  # fmt: skip
 HANDSHAKE_SECONDS = 5.0  # a peer that has not authenticated by then is dropped
 MAX_UNAUTHENTICATED = 64  # connections in their handshake at once; more are closed at once
