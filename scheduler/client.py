@@ -25,9 +25,11 @@ from typing import Any
 
 import cloudpickle
 
-from . import settings
+from . import __version__, settings
 from .errors import ConnectError, JobFailed, RemoteTraceback, SchedulerError, SubmitError
 from .job import JobSpec, State
+from .protocol import VERSION as PROTOCOL
+from .protocol import Done, Submitted
 from .transport import Link
 
 FLUSH_DELAY = 0.002
@@ -195,7 +197,8 @@ class Client:
         self._authkey = key.reveal()
         self._link = Link(self.address, self._authkey, stopping=lambda: self._closed,
                           patience=RECONNECT_PATIENCE)  # fmt: skip
-        self._link.call("ping", retry=False)  # a wrong address or key fails here, clearly
+        # a wrong address, key or version fails here, in one line
+        _check_protocol(self._link.call("ping", retry=False), self.address)
         self.batch_size = batch_size
         self._session = uuid.uuid4().hex
         self._lock = threading.Condition()
@@ -350,7 +353,8 @@ class Client:
         specs = [spec for spec, _ in batch]
         try:
             # never retried: a lost reply may mean the jobs are in, and twice is worse
-            first, count = self._link.call("submit", specs, funcs, self._session, retry=False)
+            first, count = Submitted(*self._link.call("submit", specs, funcs, self._session,
+                                                      retry=False))  # fmt: skip
         except ConnectError as exc:
             why = f"{exc}; check `scheduler jobs` before submitting again"
             self._resolve([(h, ("refused", None, why, None)) for _, h in batch])
@@ -505,7 +509,7 @@ class Client:
                 continue
             ready = []
             with self._lock:
-                for job_id, *outcome in outcomes:
+                for job_id, *outcome in map(Done._make, outcomes):
                     handle = self._pending.pop(job_id, None)
                     if handle is None:
                         self._early[job_id] = tuple(outcome)
@@ -532,6 +536,16 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_protocol(ping: dict, address: tuple[str, int]) -> None:
+    theirs = ping.get("protocol", 2)  # a master that does not say speaks protocol 2
+    if theirs != PROTOCOL:
+        raise ConnectError(
+            f"the master at {address[0]}:{address[1]} speaks protocol {theirs} (scheduler "
+            f"{ping.get('version', '?')}), this client protocol {PROTOCOL} (scheduler "
+            f"{__version__}); install the master's version here, or upgrade the master"
+        )
 
 
 def _name_of(func: Callable) -> str:

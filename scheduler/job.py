@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from .errors import SubmitError
+from .protocol import JobSpec
+
+__all__ = ["Job", "JobSpec", "State", "validate"]
 
 
 class State(enum.StrEnum):
@@ -23,23 +26,6 @@ class State(enum.StrEnum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 KINDS = ("shell", "python")
-
-
-class JobSpec(NamedTuple):
-    """What a client submits. ``payload`` depends on ``kind``.
-
-    shell:  ``(command, use_shell)`` or ``(command, use_shell, cwd, env)``: command is an argv
-            list, or a string when use_shell; cwd a directory or None; env a dict of
-            variables added to the slave's environment, or None.
-    python: ``(func_digest, args_blob)``; the function bytes travel once per batch, by digest.
-    """
-
-    kind: str
-    payload: tuple
-    name: str = ""
-    labels: dict[str, str] | None = None
-    timeout: float | None = None
-    max_attempts: int | None = None
 
 
 MAX_TIMEOUT = 365 * 86400.0  # a year: beyond it a timeout is a mistake, not a plan

@@ -1,15 +1,61 @@
-"""The messages slaves and the master exchange, named in one place.
+"""The messages between clients, the master and slaves, named in one place.
 
 Calls are ``multiprocessing.managers`` method calls (see transport.EXPOSED); what they
-carry beyond plain ints and strings is defined here. ``VERSION`` goes up whenever a
-message changes shape, and a slave of another version is refused at ``register``.
+carry beyond plain ints and strings is defined here, as named tuples: a field added is a
+change here that mypy checks at both ends, and a field added with a default still reads
+an older message. ``VERSION`` goes up whenever a message changes shape: the master
+refuses a slave of another version at ``register``, and a client refuses a master of
+another version at connect (``ping`` says it), each with one line.
+
+Slaves import this module, never the master's board or job records.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = 2
+VERSION = 3
+
+
+# -- client <-> master ---------------------------------------------------------------
+
+
+class JobSpec(NamedTuple):
+    """A job as a client submits it. ``payload`` depends on ``kind``.
+
+    shell:  ``(command, use_shell)`` or ``(command, use_shell, cwd, env)``: command is an argv
+            list, or a string when use_shell; cwd a directory or None; env a dict of
+            variables added to the slave's environment, or None.
+    python: ``(func_digest, args_blob)``; the function bytes travel once per batch, by digest.
+    """
+
+    kind: str
+    payload: tuple
+    name: str = ""
+    labels: dict[str, str] | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+
+class Submitted(NamedTuple):
+    """The answer to ``submit``: ``number`` jobs are saved, with ids from ``first`` on."""
+
+    first: int
+    number: int
+
+
+class Done(NamedTuple):
+    """A finished job as ``collect`` returns it: ``result`` is the pickled return value
+    (python), the stdout tail (shell), or the pickled exception (a failed python job)."""
+
+    job_id: int
+    state: str
+    result: bytes | str | None
+    error: str | None
+    exit_code: int | None
+
+
+# -- slave <-> master ------------------------------------------------------------------
 
 
 class Lease(NamedTuple):
@@ -51,6 +97,13 @@ class Holding(NamedTuple):
     draining: bool = False
 
 
+class Leased(NamedTuple):
+    """The answer to ``lease``: the work, and the bodies of the functions it calls."""
+
+    leases: list[Lease]
+    funcs: dict[str, bytes]
+
+
 class Reply(NamedTuple):
     """The master's answer to ``register`` and ``heartbeat``.
 
@@ -80,4 +133,12 @@ class Reported(NamedTuple):
     leases: tuple[Lease, ...] = ()
     funcs: dict[str, bytes] = {}  # never mutated
     known: bool = True
+
+
+class Registered(NamedTuple):
+    """The answer to ``register``: the master's timing, and what to drop (a Reply)."""
+
+    lease_seconds: float
+    heartbeat_seconds: float
+    reply: tuple  # a Reply, as a plain tuple
 

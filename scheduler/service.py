@@ -38,9 +38,9 @@ SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
 PAGE = 1000  # most jobs one `jobs` call returns
 
 
-def _outcome(job: Job) -> tuple:
+def _outcome(job: Job) -> protocol.Done:
     result = (job.stdout or "") if job.kind == "shell" else job.result
-    return (job.id, str(job.state), result, job.error, job.exit_code)
+    return protocol.Done(job.id, str(job.state), result, job.error, job.exit_code)
 
 
 def _clean(out: Outcome) -> Outcome:
@@ -76,7 +76,7 @@ class Service:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._done = threading.Condition(self._lock)
-        self._outboxes: dict[str, list[tuple]] = {}  # session -> outcomes not yet collected
+        self._outboxes: dict[str, list[protocol.Done]] = {}  # session -> not yet collected
         self._session_seen: dict[str, float] = {}
         self._closing = False
         self._started = clock()
@@ -96,7 +96,7 @@ class Service:
 
     def submit(
         self, specs: list, funcs: dict[str, bytes] | None = None, session: str | None = None
-    ) -> tuple[int, int]:
+    ) -> protocol.Submitted:
         """Queue jobs; returns (first id, count) once they are in the journal."""
         funcs = funcs or {}
         try:
@@ -135,9 +135,9 @@ class Service:
             self._work.notify_all()
         self._metrics.submitted(len(jobs))
         if not jobs:
-            return (0, 0)
+            return protocol.Submitted(0, 0)
         log.debug("submitted %d jobs (%d..%d)", len(jobs), jobs[0].id, jobs[-1].id)
-        return (jobs[0].id, len(jobs))
+        return protocol.Submitted(jobs[0].id, len(jobs))
 
     def _refuse_if_journal_fails(self) -> None:
         why = self._journal.failing
@@ -168,7 +168,7 @@ class Service:
                 self._done.notify_all()
             return found
 
-    def collect(self, session: str, timeout: float = 1.0) -> list[tuple] | None:
+    def collect(self, session: str, timeout: float = 1.0) -> list[protocol.Done] | None:
         """Outcomes finished for ``session`` since the last call; None if the session is unknown."""
         deadline = self._clock() + min(max(timeout, 0.0), MAX_WAIT)
         with self._lock:
@@ -276,7 +276,7 @@ class Service:
         concurrency: int = 0,
         holding: tuple = (),
         version: int = 1,
-    ) -> dict:
+    ) -> protocol.Registered:
         """A slave joins, or comes back with the jobs it holds (after a master restart)."""
         if version != protocol.VERSION:
             raise SchedulerError(
@@ -299,12 +299,11 @@ class Service:
                  concurrency, f"; kept its {kept} running job(s)" if kept else "")  # fmt: skip
         self._metrics.requeued(lost, "lost_in_transit")
         self._log_drops(worker, reply)
-        return {"lease_seconds": self._board.lease_seconds, "heartbeat_seconds": self._heartbeat,
-                "reply": tuple(reply)}  # fmt: skip
+        return protocol.Registered(self._board.lease_seconds, self._heartbeat, tuple(reply))
 
     def lease(
         self, worker: str, n: int, wait: float = 0.0, seq: int | None = None
-    ) -> tuple[list[Lease], dict[str, bytes]]:
+    ) -> protocol.Leased:
         """Hand out up to ``n`` jobs, waiting up to ``wait`` seconds for the first one."""
         deadline = self._clock() + min(max(wait, 0.0), MAX_WAIT)
         n = max(0, int(n))
@@ -324,7 +323,7 @@ class Service:
             funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
         self._progress.dispatched(jobs, worker)
         leases = [Lease(j.id, j.lease, j.kind, j.payload, j.timeout) for j in jobs]
-        return leases, funcs
+        return protocol.Leased(leases, funcs)
 
     def _reserve_leases(self) -> None:
         """Reserve the next block of lease numbers in the journal, half a block ahead.
@@ -497,7 +496,7 @@ class Service:
 
     # -- internals -----------------------------------------------------------
 
-    def _touch_session(self, session: str) -> list[tuple]:
+    def _touch_session(self, session: str) -> list[protocol.Done]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
 

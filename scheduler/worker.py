@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import AuthError, ConnectError, SchedulerError, UnknownWorker
 from .progress import RateLimit
-from .protocol import VERSION, Holding, Lease, Outcome, Reply, Reported
+from .protocol import VERSION, Holding, Lease, Leased, Outcome, Registered, Reply, Reported
 from .runner import Abort, PythonSlot, run_shell
 from .settings import Settings
 from .transport import Link
@@ -113,12 +113,13 @@ class Worker:
             return Holding(tuple(held), waiting, self._fetched, self._draining.is_set())
 
     def _register(self) -> None:
-        info = self.link.call("register", self.name, socket.gethostname(), os.getpid(),
-                              self.concurrency, tuple(self.holding()), VERSION)  # fmt: skip
-        self.heartbeat_seconds = self.settings.heartbeat_seconds or info["heartbeat_seconds"]
+        info = Registered(*self.link.call("register", self.name, socket.gethostname(),
+                                          os.getpid(), self.concurrency,
+                                          tuple(self.holding()), VERSION))  # fmt: skip
+        self.heartbeat_seconds = self.settings.heartbeat_seconds or info.heartbeat_seconds
         log.info("slave %s connected to master %s:%d with %d processes", self.name,
                  *self.settings.master, self.concurrency)  # fmt: skip
-        self._apply(Reply(*info["reply"]))
+        self._apply(Reply(*info.reply))
         self._touch_health()
 
     def _drain(
@@ -217,7 +218,7 @@ class Worker:
         if self._draining.is_set() or want <= 0:
             return
         try:
-            leases, funcs = self.link.call("lease", self.name, want, LONG_POLL, seq)
+            leases, funcs = Leased(*self.link.call("lease", self.name, want, LONG_POLL, seq))
         except UnknownWorker:
             if not self._draining.is_set():
                 self._register_again()

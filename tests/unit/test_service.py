@@ -8,7 +8,7 @@ import pytest
 
 from scheduler import service as service_module
 from scheduler.board import Board
-from scheduler.errors import SubmitError
+from scheduler.errors import SchedulerError, SubmitError
 from scheduler.job import JobSpec
 from scheduler.journal import Journal
 from scheduler.progress import Progress
@@ -61,3 +61,22 @@ def test_a_submit_the_journal_cannot_save_is_refused_and_leaves_nothing(journal)
     while journal.failing and time.monotonic() < deadline:
         time.sleep(0.05)
     assert svc.submit([shell("true")]) == (2, 1)  # ids may skip; nothing came back
+
+
+def test_a_client_refuses_a_master_of_another_protocol_in_one_line():
+    from scheduler.client import _check_protocol
+    from scheduler.errors import ConnectError
+
+    _check_protocol({"version": "x", "protocol": VERSION}, ("m", 1))  # same: fine
+    for ping in ({"version": "0.1.0"}, {"version": "9.0", "protocol": VERSION + 1}):
+        with pytest.raises(ConnectError) as refused:
+            _check_protocol(ping, ("m", 8888))
+        message = str(refused.value)
+        assert "\n" not in message and "m:8888 speaks protocol" in message
+
+
+def test_a_slave_of_another_protocol_is_refused_at_register(journal):
+    svc = make(journal)
+    with pytest.raises(SchedulerError, match="protocol"):
+        svc.register("old", version=VERSION - 1)
+    assert svc.status()["workers"] == []
