@@ -243,10 +243,13 @@ class Journal:
         meta: dict[str, int] | None = None,
         marks: list[tuple] | None = None,
         roster: list[tuple[str, bool]] | None = None,
+        wake: bool = True,
     ) -> int:
         """Queue the current state of these jobs for writing; return a ticket for wait().
 
-        Call it under the lock that orders the changes: rows are taken now.
+        Call it under the lock that orders the changes: rows are taken now. ``wake=False``
+        when the caller waits for it next: it then writes it itself, with no hand-off,
+        unless a write is under way (the writer thread would race it for no gain).
         """
         new, fresh, changed = [], [], []
         for j in jobs:
@@ -264,7 +267,8 @@ class Journal:
                 self._queued_seq, new, fresh, changed, list((funcs or {}).items()),
                 list((meta or {}).items()), list(marks or ()), list(roster or ()),
             ))  # fmt: skip
-            self._cond.notify_all()
+            if wake:
+                self._cond.notify_all()
             return self._queued_seq
 
     @property

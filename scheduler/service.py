@@ -117,7 +117,7 @@ class Service:
                 self._touch_session(session)
                 for job in jobs:
                     job.session = session
-            ticket = self._journal.append(self._board.take_dirty(), new_funcs)
+            ticket = self._journal.append(self._board.take_dirty(), new_funcs, wake=False)
         try:
             self._journal.wait(ticket, give_up=True)
         except JournalError as exc:
@@ -221,7 +221,7 @@ class Service:
             else:
                 before = self._board.get(job_id).state
                 job = self._board.cancel(job_id)
-                ticket = self._journal.append(self._board.take_dirty())
+                ticket = self._journal.append(self._board.take_dirty(), wake=False)
         if job is None:
             return self.get(job_id)  # finished long ago, or unknown (raises)
         self._journal.wait(ticket)
@@ -291,7 +291,7 @@ class Service:
             # the roster is saved before the slave gets work: after a crash, a restarted
             # master must know every slave that may run a job the journal never saw
             roster, self._board.roster = self._board.roster, []
-            ticket = self._journal.append(self._board.take_dirty(), roster=roster)
+            ticket = self._journal.append(self._board.take_dirty(), roster=roster, wake=False)
             self._work.notify_all()
             kept = len(record.held)
         self._journal.wait(ticket)
@@ -351,7 +351,7 @@ class Service:
         outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
             finished, rejected = self._board.complete(worker, outs)
-            ticket = self._journal.append(self._board.take_dirty())
+            ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
             if finished:
                 self._route(finished)
@@ -361,15 +361,14 @@ class Service:
             self._metrics.rejected(rejected)
         self._progress.finished(finished, worker)
         self._metrics.finished(finished)
+        self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
         if lease is None:
-            self._journal.wait(ticket)
             return protocol.Reported(len(finished), rejected, give_back)
         try:
             leases, funcs = self.lease(worker, *lease)
             known = True
         except UnknownWorker:
             leases, funcs, known = [], {}, False
-        self._journal.wait(ticket)
         return protocol.Reported(len(finished), rejected, give_back, tuple(leases), funcs, known)
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
@@ -413,7 +412,7 @@ class Service:
         """A verify job records that it runs; returns once saved."""
         with self._lock:
             ticket = self._journal.append([], marks=[(str(run), int(item), str(worker),
-                                                      self._clock())])  # fmt: skip
+                                                      self._clock())], wake=False)  # fmt: skip
         self._journal.wait(ticket)
 
     def marks(self, run: str) -> list[tuple[int, str, float]]:
