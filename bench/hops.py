@@ -1,11 +1,13 @@
 """``python -m bench.hops``: where the time of one ``apply_async().get()`` goes.
 
-Each hop of the single-job path is timed on its own, median of many calls, on the same
-machine in one run: a round trip to the master, a journal commit, a submit (round trip
-plus commit), a job's round trip through a slot's child process, and the whole path.
-What the whole path costs beyond the sum of its parts is the hand-offs between threads
-and processes (the master waking a slave's long-poll, the slave's threads, the report,
-the client's collect long-poll).
+Two tables from one run. First, parts timed on their own (median of many calls): a round
+trip to the master, a journal commit, a submit (round trip plus commit), a job's round
+trip through a slot's child process, and the whole path. Second, the whole path traced
+hop by hop: every process of a cluster records when the job crosses each point (see
+bench/tracing/sitecustomize.py; one monotonic clock for all processes on the machine),
+and the table gives the median time of each hop, client -> master -> journal -> slave ->
+job process -> back. Tracing adds a few microseconds a point; its total is shown beside
+the untraced median.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ from .procs import Procs
 from .workloads import noop
 
 CALLS = 400
+TRACING = Path(__file__).parent / "tracing"
+# the single-job path: (hop, the event that ends it); each is the first after the last
+HOPS = (
+    ("client: apply_async(), buffer, send the submit", "C.send>"),
+    ("submit message reaches the master", "M.submit>"),
+    ("master: validate, journal commit", "M.journal<"),
+    ("published; a waiting long-poll takes it", "M.lease<"),
+    ("lease reply reaches the slave's slot", "S.slot>"),
+    ("slot -> job process -> slot", "S.finish>"),
+    ("outcome reaches the master", "M.report>"),
+    ("master: apply, route to the client", "M.route<"),
+    ("the client's long-poll answers", "M.collect<"),
+    ("outcome reaches the client", "C.resolve>"),
+    ("client: resolve, get() returns", "end"),
+)
 
 
 def median_ms(call: Callable[[], object], n: int = CALLS) -> float:
@@ -49,7 +66,7 @@ def journal_commit(tmp: Path) -> float:
 
     def one() -> None:
         board.submit([JobSpec("shell", (["true"], False))])
-        journal.wait(journal.append(board.take_dirty()))
+        journal.wait(journal.append(board.take_dirty(), wake=False))  # as submit() does
 
     try:
         return median_ms(one)
@@ -93,11 +110,70 @@ def cluster_hops(tmp: Path) -> dict[str, float]:
         procs.close()
 
 
+def traced_path(tmp: Path, calls: int = 300) -> tuple[list[tuple[str, float]], float]:
+    """Median microseconds of each hop of HOPS over ``calls`` sequential jobs, and the
+    median of the whole (traced) path."""
+    import importlib
+
+    trace_dir = tmp / "trace"
+    trace_dir.mkdir()
+    tracer = importlib.import_module("bench.tracing.sitecustomize")
+    tracer.patch()  # this process, the client
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+    env.update(SCHEDULER_AUTHKEY=secrets.token_urlsafe(24), SCHEDULER_HTTP="",
+               BENCH_TRACE_DIR=str(trace_dir),
+               PYTHONPATH=os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]))  # fmt: skip
+    procs = Procs(tmp, env)
+    cluster = Cluster(procs, tmp)
+    windows = []
+    try:
+        client = cluster.start_master("master-traced")
+        cluster.start_slaves(1, 1)
+        cluster.warm_up(100)
+        tracer.events.clear()
+        for i in range(calls):
+            started = time.monotonic_ns()
+            client.apply_async(noop, (i,)).get(10)
+            windows.append((started, time.monotonic_ns()))
+    finally:
+        cluster.stop()
+        procs.close()
+    events = list(tracer.events)
+    for f in trace_dir.glob("*.txt"):
+        lines = (line.split() for line in f.read_text().splitlines())
+        events += [(int(t), tag) for t, tag in lines]
+    events.sort()
+    per_hop: list[list[float]] = [[] for _ in HOPS]
+    at = 0
+    for started, ended in windows:
+        while at < len(events) and events[at][0] < started:
+            at += 1
+        last, found, i = started, [], at
+        for _, tag in HOPS:
+            if tag == "end":
+                found.append(ended)
+                break
+            while i < len(events) and events[i][1] != tag and events[i][0] <= ended:
+                i += 1
+            if i >= len(events) or events[i][0] > ended:
+                break
+            found.append(events[i][0])
+        if len(found) == len(HOPS):
+            for k, t in enumerate(found):
+                per_hop[k].append((t - last) / 1000)
+                last = t
+    medians = [(name, statistics.median(v) if v else float("nan"))
+               for (name, _), v in zip(HOPS, per_hop, strict=True)]  # fmt: skip
+    whole = statistics.median((e - s) / 1000 for s, e in windows)
+    return medians, whole
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-hops-") as tmp:
         commit = journal_commit(Path(tmp))
         child = child_round_trip()
         hops = cluster_hops(Path(tmp))
+        traced, traced_whole = traced_path(Path(tmp))
     rpc = hops["ping"]
     rows = [
         ("client -> master -> client, one call (ping)", rpc),
@@ -112,6 +188,13 @@ def main() -> int:
           f"{threading.active_count()} threads here, load {os.getloadavg()[0]:.1f}")  # fmt: skip
     for name, value in rows:
         print(f"  {name:<52} {value:7.3f}")
+    print("\nthe single-job path hop by hop, traced, median of 300 jobs (us); "
+          "1 slave x 1 process, journal on")  # fmt: skip
+    for name, value in traced:
+        print(f"  {name:<52} {value:7.0f}")
+    print(f"  {'sum of the hops':<52} {sum(v for _, v in traced):7.0f}")
+    print(f"  {'whole path, traced (median)':<52} {traced_whole:7.0f}")
+    print(f"  {'whole path, untraced (median, above)':<52} {hops['whole'] * 1000:7.0f}")
     return 0
 
 

@@ -23,8 +23,10 @@ class Cluster:
         self.client: Client | None = None
         self.address = ""
 
-    def start_master(self, name: str = "master") -> Client:
-        env = {"SCHEDULER_BIND": "127.0.0.1:0", "SCHEDULER_STATE_DIR": str(self.workdir / name)}
+    def start_master(self, name: str = "master", state: str | None = None) -> Client:
+        """A master (its journal in ``state``, default ``name``), and a client of it."""
+        env = {"SCHEDULER_BIND": "127.0.0.1:0",
+               "SCHEDULER_STATE_DIR": str(self.workdir / (state or name))}  # fmt: skip
         self.master = self.procs.start(name, ["-m", "scheduler.master"], **env)
         found = self.master.wait_for_line(r"master listening on (\S+):(\d+);", 30)
         self.address = f"{found[1]}:{found[2]}"
@@ -38,7 +40,7 @@ class Cluster:
         return [os.getpid(), *([self.master.pid] if self.master else []), *slaves, *below]
 
     def start_slaves(self, count: int, concurrency: int) -> None:
-        names = [f"bench-s{i + 1}" for i in range(count)]
+        names = [f"bench-s{i + 1}" for i in range(len(self.slaves), len(self.slaves) + count)]
         for name in names:
             argv = ["-m", "scheduler.slave", "--master", self.address,
                     "--concurrency", str(concurrency), "--name", name]  # fmt: skip
@@ -74,6 +76,9 @@ class Cluster:
     def stop(self) -> None:
         """Slaves, client, master, in that order; the master must exit 0 on SIGTERM."""
         self.stop_slaves()
+        self.stop_master()
+
+    def stop_master(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None

@@ -21,11 +21,18 @@ from types import FrameType
 from . import measure
 from .baselines import classic, pool_pids, stdlib_pool
 from .ours import Cluster, fill
-from .procs import ROOT, BenchError, Procs, rss_mb
+from .procs import ROOT, BenchError, Procs, cpu_seconds, rss_mb
 from .report import Row, table, to_json
 
-TARGET_RATE = 10_000
-TARGET_P50_MS = 2.0
+# issue #10's goals
+TARGET_RATE = 25_000  # no-op jobs/s, one tracked, journaled job per item, 2 slaves x 1 process
+TARGET_P50_MS = 0.5
+TARGET_P99_MS = 1.0
+TARGET_MASTER_US = 15.0  # the master process's own CPU per no-op job
+TARGET_SUBMIT_S = 20.0  # for 1,000,000 jobs
+TARGET_RSS_MB = 250.0  # with 1,000,000 queued
+TARGET_RESTART_S = 10.0  # with 1,000,000 queued
+FULL_QUEUE = 1_000_000  # the size the last three goals are for
 TOLERANCE = 0.05
 
 
@@ -47,6 +54,10 @@ QUICK = Sizes(jobs=5_000, warm=500, chunked=50_000, calls=200, queued=100_000)
 class Rows:
     burst: Row
     cpu: Row
+    master_cpu: Row
+    scale1: Row
+    scale2: Row
+    scale4: Row
     map1: Row
     chunked: Row
     p50: Row
@@ -54,26 +65,42 @@ class Rows:
     sleep: Row
     submit: Row
     rss: Row
+    restart: Row
 
     @classmethod
     def empty(cls, s: Sizes) -> Rows:
         ideal = s.sleeps * s.sleep_seconds / 4
         rate = f">= {TARGET_RATE:,}"
+        full = s.queued == FULL_QUEUE  # the queue goals are for a million jobs
         return cls(
             burst=Row("no-op apply_async burst, 1 job/item", "jobs/s", target=rate,
                       bar=lambda v: v >= TARGET_RATE),
             cpu=Row("CPU per no-op job, all processes", "us"),
+            master_cpu=Row("CPU per no-op job, master process only", "us",
+                           target=f"<= {TARGET_MASTER_US:g} us",
+                           bar=lambda v: v <= TARGET_MASTER_US),
+            scale1=Row("no-op burst, 1 slave x 1 process", "jobs/s"),
+            scale2=Row("no-op burst, 2 slaves x 1 process", "jobs/s"),
+            scale4=Row("no-op burst, 4 slaves x 1 process", "jobs/s"),
             map1=Row("no-op map chunksize=1", "jobs/s", target=rate,
                      bar=lambda v: v >= TARGET_RATE),
             chunked=Row("no-op map default chunksize", "items/s"),
             p50=Row("apply_async().get() p50", "ms", target=f"<= {TARGET_P50_MS:g} ms",
                     bar=lambda v: v <= TARGET_P50_MS),
-            p99=Row("apply_async().get() p99", "ms"),
+            p99=Row("apply_async().get() p99", "ms", target=f"<= {TARGET_P99_MS:g} ms",
+                    bar=lambda v: v <= TARGET_P99_MS),
             sleep=Row(f"{s.sleeps} x {s.sleep_seconds * 1000:g} ms sleep, 4 processes", "s",
                       target=f"{ideal:.2f} s +-{TOLERANCE:.0%}",
                       bar=lambda v: abs(v - ideal) <= TOLERANCE * ideal),
-            submit=Row(f"submit {s.queued:,} jobs (journal on)", "s"),
-            rss=Row(f"master RSS, {s.queued:,} queued", "MB"),
+            submit=Row(f"submit {s.queued:,} jobs (journal on)", "s",
+                       target=f"<= {TARGET_SUBMIT_S:g} s" if full else "",
+                       bar=(lambda v: v <= TARGET_SUBMIT_S) if full else None),
+            rss=Row(f"master RSS, {s.queued:,} queued", "MB",
+                    target=f"<= {TARGET_RSS_MB:g} MB" if full else "",
+                    bar=(lambda v: v <= TARGET_RSS_MB) if full else None),
+            restart=Row(f"master restart, {s.queued:,} queued (until it listens)", "s",
+                        target=f"<= {TARGET_RESTART_S:g} s" if full else "",
+                        bar=(lambda v: v <= TARGET_RESTART_S) if full else None),
         )  # fmt: skip
 
     def all(self) -> list[Row]:
@@ -143,13 +170,22 @@ def bench_ours(rows: Rows, s: Sizes, procs: Procs, workdir: Path, phase: Phases)
         cluster.start_slaves(2, concurrency=1)
         cluster.warm_up(s.warm)
     with phase("ours: no-op jobs, 1 job/item", 120):
+        assert cluster.master is not None
+        before = cpu_seconds([cluster.master.pid])
         rows.burst.ours, rows.cpu.ours = measure.burst_cpu(client, s.jobs, cluster.pids())
+        rows.master_cpu.ours = (cpu_seconds([cluster.master.pid]) - before) / s.jobs * 1e6
         rows.map1.ours = measure.mapped(client, s.jobs, 1)
     with phase("ours: chunked map", 60):
         rows.chunked.ours = measure.mapped(client, s.chunked, None)
     with phase("ours: latency", 60):
         samples = measure.latency(client, s.calls)
         rows.p50.ours, rows.p99.ours = latency_ms(samples, 50), latency_ms(samples, 99)
+    with phase("ours: scaling, 1, 2 and 4 slaves x 1 process", 180):
+        cluster.stop_slaves()
+        for count, row in ((1, rows.scale1), (2, rows.scale2), (4, rows.scale4)):
+            cluster.start_slaves(count - len(cluster.slaves), concurrency=1)
+            cluster.warm_up(s.warm)
+            row.ours = measure.burst(client, s.jobs)
     with phase("ours: 2 slaves x 2 processes, sleep jobs", 90):
         cluster.stop_slaves()
         cluster.start_slaves(2, concurrency=2)
@@ -168,6 +204,11 @@ def bench_queue(rows: Rows, s: Sizes, cluster: Cluster, phase: Phases) -> None:
         rows.submit.ours = fill(client, s.queued)
         assert cluster.master is not None
         rows.rss.ours = rss_mb(cluster.master.pid)
+        cluster.stop_master()
+    with phase(f"ours: restart the master with {s.queued:,} queued", 60 + s.queued // 10000):
+        started = time.perf_counter()
+        cluster.start_master("master-queue-again", state="master-queue")
+        rows.restart.ours = time.perf_counter() - started
         cluster.stop()
 
 
@@ -191,7 +232,9 @@ def run_all(rows: Rows, s: Sizes, workdir: Path) -> None:
 
 
 LEGEND = """\
-ours: master + 2 slaves x 1 process (2 x 2, warmed up, for the sleep row), journal on, loopback.
+ours: master + 2 slaves x 1 process (2 x 2, warmed up, for the sleep row; 1, 2, 4 for the
+scaling rows), journal on, loopback. Restart: from SIGTERM'd master to the new one listening,
+its journal loaded.
 classic: bench/classic, 2 slave processes (4 for the sleep row), one job per round trip.
 Pool: multiprocessing.Pool(2) (Pool(4) for the sleep row). us, ms, s, MB: lower is better.
 CPU per job counts every process of the contender, client included."""
