@@ -8,6 +8,11 @@ refuses a slave of another version at ``register``, and a client refuses a maste
 another version at connect (``ping`` says it), each with one line.
 
 Slaves import this module, never the master's board or job records.
+
+The three messages that travel once per job (Lease, Outcome, Done) go over the wire as
+plain tuples of their fields and are named again on arrival (``Lease._make(t)``): pickle
+spends ten times longer on a named tuple than on a plain one, which was about 2.5 us of
+the master's CPU per job.
 """
 
 from __future__ import annotations
@@ -98,9 +103,10 @@ class Holding(NamedTuple):
 
 
 class Leased(NamedTuple):
-    """The answer to ``lease``: the work, and the bodies of the functions it calls."""
+    """The answer to ``lease``: the work (Lease fields as plain tuples), and the bodies of
+    the functions it calls."""
 
-    leases: list[Lease]
+    leases: list[tuple]
     funcs: dict[str, bytes]
 
 
@@ -130,7 +136,7 @@ class Reported(NamedTuple):
     accepted: int
     rejected: int
     give_back: int = 0
-    leases: tuple[Lease, ...] = ()
+    leases: tuple[tuple, ...] = ()  # Lease fields as plain tuples
     funcs: dict[str, bytes] = {}  # never mutated
     known: bool = True
 

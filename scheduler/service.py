@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import __version__, protocol
-from .board import Board, Holding, Lease, Outcome, Reply
+from .board import Board, Holding, Outcome, Reply
 from .errors import (
     Forbidden,
     JournalError,
@@ -38,14 +38,18 @@ SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
 PAGE = 1000  # most jobs one `jobs` call returns
 
 
-def _outcome(job: Job) -> protocol.Done:
+def _outcome(job: Job) -> tuple:
+    """protocol.Done's fields, as a plain tuple (see protocol: per-job messages)."""
     result = (job.stdout or "") if job.kind == "shell" else job.result
-    return protocol.Done(job.id, str(job.state), result, job.error, job.exit_code)
+    return (job.id, str(job.state), result, job.error, job.exit_code)
 
 
 def _clean(out: Outcome) -> Outcome:
     """An outcome whose texts the journal can store (non-UTF-8 output, file names)."""
-    if all(t is None or t.isascii() for t in (out.error, out.stdout, out.stderr)):
+    error, stdout, stderr = out.error, out.stdout, out.stderr
+    if (error is None or error.isascii()) and (stdout is None or stdout.isascii()) and (
+        stderr is None or stderr.isascii()
+    ):
         return out
     return out._replace(error=safe_text(out.error), stdout=safe_text(out.stdout),
                         stderr=safe_text(out.stderr))  # fmt: skip
@@ -76,7 +80,7 @@ class Service:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._done = threading.Condition(self._lock)
-        self._outboxes: dict[str, list[protocol.Done]] = {}  # session -> not yet collected
+        self._outboxes: dict[str, list[tuple]] = {}  # session -> not yet collected
         self._session_seen: dict[str, float] = {}
         self._closing = False
         self._started = clock()
@@ -168,7 +172,7 @@ class Service:
                 self._done.notify_all()
             return found
 
-    def collect(self, session: str, timeout: float = 1.0) -> list[protocol.Done] | None:
+    def collect(self, session: str, timeout: float = 1.0) -> list[tuple] | None:
         """Outcomes finished for ``session`` since the last call; None if the session is unknown."""
         deadline = self._clock() + min(max(timeout, 0.0), MAX_WAIT)
         with self._lock:
@@ -322,7 +326,8 @@ class Service:
             digests = {j.payload[0] for j in jobs if j.kind == "python"}
             funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
         self._progress.dispatched(jobs, worker)
-        leases = [Lease(j.id, j.lease, j.kind, j.payload, j.timeout) for j in jobs]
+        # protocol.Lease's fields, as plain tuples (see protocol: per-job messages)
+        leases = [(j.id, j.lease, j.kind, j.payload, j.timeout) for j in jobs]
         return protocol.Leased(leases, funcs)
 
     def _reserve_leases(self) -> None:
@@ -495,7 +500,7 @@ class Service:
 
     # -- internals -----------------------------------------------------------
 
-    def _touch_session(self, session: str) -> list[protocol.Done]:
+    def _touch_session(self, session: str) -> list[tuple]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
 

@@ -225,8 +225,9 @@ class Worker:
             return
         self._take_in(leases, funcs, seq, want)
 
-    def _take_in(self, leases: list[Lease], funcs: dict[str, bytes], seq: int, want: int) -> None:
+    def _take_in(self, wire: list[tuple], funcs: dict[str, bytes], seq: int, want: int) -> None:
         """Queue the work a lease reply brought (hand it back if we drain meanwhile)."""
+        leases = [Lease._make(t) for t in wire]
         with self._cond:
             self._fetched = seq
             self._drained = len(leases) < want
@@ -441,7 +442,8 @@ class Worker:
     def _report(self, batch: list[Outcome], ask: tuple | None) -> Reported | None:
         while True:
             try:
-                reply = Reported(*self.link.call("report", self.name, batch, ask))
+                wire = [tuple(o) for o in batch]  # see protocol: per-job messages
+                reply = Reported(*self.link.call("report", self.name, wire, ask))
                 break
             except ConnectError as exc:
                 if self._stop.is_set() or self._draining.is_set():

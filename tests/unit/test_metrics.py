@@ -16,7 +16,7 @@ from scheduler.job import State
 from scheduler.journal import Journal
 from scheduler.metrics import REQUEUE_REASONS, Metrics, NoMetrics, Throughput
 from scheduler.progress import Progress
-from scheduler.protocol import VERSION, Holding, Outcome
+from scheduler.protocol import VERSION, Holding, Lease, Outcome
 from scheduler.service import Service
 from scheduler.web import Api
 from tests.unit.test_board import Clock, shell
@@ -50,8 +50,13 @@ def join(service: Service, name: str, host: str = "", concurrency: int = 1) -> N
     service.register(name, host=host, concurrency=concurrency, version=VERSION)
 
 
+def leased(service: Service, worker: str, n: int) -> list[Lease]:
+    """What a slave makes of a lease reply: named leases."""
+    return [Lease._make(t) for t in service.lease(worker, n).leases]
+
+
 def run_jobs(service: Service, clock: Clock, worker: str, n: int) -> list:
-    leases, _ = service.lease(worker, n)
+    leases = leased(service, worker, n)
     clock.now += 1
     return leases
 
@@ -108,7 +113,7 @@ def test_requeues_are_counted_by_reason(world, clock):
     for name in ("w1", "w2", "w3"):
         join(service, name, concurrency=1)
     service.submit([shell("sleep", "1")] * 8)
-    mine = {name: service.lease(name, 2)[0] for name in ("w1", "w2", "w3")}
+    mine = {name: leased(service, name, 2) for name in ("w1", "w2", "w3")}
     # w1 hands back a prefetched job while ready (work stealing), then drains
     service.release("w1", [(mine["w1"][0].job_id, mine["w1"][0].lease)])
     service.heartbeat("w1", Holding(((mine["w1"][1].job_id, mine["w1"][1].lease),),
@@ -131,7 +136,7 @@ def test_gauges_are_read_from_the_board_at_scrape_time(world, clock):
     join(service, "w1", host="h1", concurrency=3)
     join(service, "w2", concurrency=2)
     service.submit([shell("true")] * 10)
-    got = service.lease("w1", 4)[0]
+    got = leased(service, "w1", 4)
     service.heartbeat("w1", Holding(tuple((x.job_id, x.lease) for x in got),
                                     waiting=(got[3].job_id,)))  # fmt: skip
     service.heartbeat("w2", Holding(draining=True))
@@ -200,7 +205,7 @@ def test_status_view_has_counts_workers_throughput_and_failures(world, api, cloc
     service, metrics = world
     join(service, "w1", host="h1", concurrency=1)
     service.submit([shell("false")])
-    (lease,), _ = service.lease("w1", 1)
+    (lease,) = leased(service, "w1", 1)
     service.report("w1", [Outcome(lease.job_id, lease.lease, False, error="bad", exit_code=3)])
     clock.now += 1
     status = json.loads(api.get("/api/status").body)
@@ -215,7 +220,7 @@ def test_job_views_list_without_output_and_show_one_with_its_tails(world, api):
     service, _ = world
     join(service, "w1", concurrency=1)
     service.submit([shell("echo", "hi")] * 3)
-    (lease,), _ = service.lease("w1", 1)
+    (lease,) = leased(service, "w1", 1)
     service.report("w1", [Outcome(lease.job_id, lease.lease, True, stdout="hi\n" * 5,
                                   stderr="warn\n")])  # fmt: skip
     listed = json.loads(api.get("/api/jobs?limit=2").body)
