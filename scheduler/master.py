@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from . import entry, metrics, settings, transport
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("scheduler.master")
 TICK = 0.1
+CUT_SECONDS = 2.0  # how often open connections are checked against the revocation list
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,10 +63,20 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     log.info("master listening on %s:%d; journal %s (%d jobs, %d running on slaves that "
              "have %.0fs to come back)", host, port, journal.path, stored.total, running,
              cfg.lease_seconds + RECONNECT_SECONDS)  # fmt: skip
+    if server.tls is not None:
+        crl = server.tls.config.crl
+        log.info("TLS on: every connection is mutual TLS 1.3 with a certificate of the CA %s; "
+                 "revocation list %s", server.tls.config.ca,
+                 f"{crl} (re-read when it changes)" if crl else "none")  # fmt: skip
     web = _serve_http(cfg.http, service, journal, counted)
+    next_cut = time.monotonic() + CUT_SECONDS
     while not stop.wait(TICK):
         service.tick()
-        server.refusals.flush()  # type: ignore[attr-defined]
+        server.flush()
+        if time.monotonic() >= next_cut:
+            next_cut = time.monotonic() + CUT_SECONDS
+            _cut_revoked(server)
+    server.flush(force=True)
     log.info("master stopping: refusing new work, flushing the journal")
     if web is not None:
         web.close()
@@ -72,6 +84,17 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     journal.close()
     log.info("master stopped")
     return 0
+
+
+def _cut_revoked(server: transport._Server) -> None:
+    """Cut the connections of peers whose certificates were revoked since they connected
+    (an unreadable revocation list keeps the last good one, and says so once)."""
+    cut = server.cut_revoked()
+    if cut:
+        counts = Counter(cut)
+        log.warning("cut %d connection(s) of revoked certificate(s): %s", len(cut),
+                    ", ".join(f"{role} {name!r} ({n})"
+                              for (name, role), n in sorted(counts.items())))  # fmt: skip
 
 
 def _metrics(cfg: settings.Settings) -> metrics.NoMetrics:

@@ -114,8 +114,21 @@ _VARS = {
     "SCHEDULER_HTTP": ("http", "optaddress"),
 }
 VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
+# Mutual TLS (scheduler.tls reads them where connections are made, scheduler.transport):
+# the first three together turn it on, for every process of the cluster.
+TLS_CA, TLS_CERT, TLS_KEY, TLS_CRL = (
+    "SCHEDULER_TLS_CA", "SCHEDULER_TLS_CERT", "SCHEDULER_TLS_KEY", "SCHEDULER_TLS_CRL",
+)  # fmt: skip
+TLS_VARIABLES = {
+    TLS_CA: "the cluster CA's certificate (ca.pem from 'scheduler certs init'); with the "
+            "next two it turns mutual TLS on",
+    TLS_CERT: "this node's certificate (NAME.pem from 'scheduler certs issue'): its name and role",
+    TLS_KEY: "this node's private key (NAME.key), mode 0600",
+    TLS_CRL: "master: the revocation list, re-read when it changes (default: crl.pem beside "
+             "the CA, if there)",
+}  # fmt: skip
 # also read, but not settings of a process: what a slave tells its jobs
-KNOWN = (*VARIABLES, "SCHEDULER_ARRAY_INDEX")
+KNOWN = (*VARIABLES, *TLS_VARIABLES, "SCHEDULER_ARRAY_INDEX")
 
 
 _EXPECTED = {

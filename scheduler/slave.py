@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 import threading
 
 from . import entry, settings
+from .tls import TLSRefused
 from .worker import Worker
+
+log = logging.getLogger("scheduler.slave")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,7 +39,22 @@ def main(argv: list[str] | None = None) -> int:
             master=master, concurrency=args.concurrency, worker_name=args.name,
             grace_seconds=args.grace_seconds,
         )  # fmt: skip
-        return Worker(cfg, stop).run()
+        worker = Worker(cfg, stop)
+        refused: list[TLSRefused] = []
+
+        def stop_refused(exc: TLSRefused) -> None:
+            """Our certificate was revoked (or expired) while we ran: no call will ever pass
+            again. Stop now, jobs and all (the master gives them to others), and exit 3."""
+            if refused:
+                return
+            refused.append(exc)
+            log.error("slave %s stops: %s", worker.name, exc)
+            worker.settings = dataclasses.replace(worker.settings, grace_seconds=0.0)
+            stop.set()
+
+        worker.link.on_refused = stop_refused
+        code = worker.run()
+        return 3 if refused else code  # 3: as for a key the master refuses at start
 
     return entry.serve(body, args.verbose)
 

@@ -30,6 +30,7 @@ import re
 import socket
 import ssl
 import stat
+import struct
 import threading
 import weakref
 from collections.abc import Mapping
@@ -39,21 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AuthError, ConfigError
+from .settings import TLS_CA, TLS_CERT, TLS_CRL, TLS_KEY
 
 log = logging.getLogger(__name__)
 
-ENV_CA, ENV_CERT, ENV_KEY, ENV_CRL = (
-    "SCHEDULER_TLS_CA", "SCHEDULER_TLS_CERT", "SCHEDULER_TLS_KEY", "SCHEDULER_TLS_CRL",
-)  # fmt: skip
+ENV_CA, ENV_CERT, ENV_KEY, ENV_CRL = TLS_CA, TLS_CERT, TLS_KEY, TLS_CRL
 CA_FILE = "ca.pem"  # the layout of a `scheduler certs` directory (see scheduler.certs)
 CRL_FILE = "crl.pem"
 ROLES = ("master", "worker", "client")
 HANDSHAKE_SECONDS = 5.0  # TLS handshake (and, on the client, the authkey one) must end by then
 
 __all__ = [
-    "TLSConfig", "TLSConnection", "TLSListener", "TLSRefused", "TLSServer", "check_key_file",
-    "client_context", "connect", "peer_identity", "refusal_reason", "register",
-    "server_context",
+    "PLAIN_NOTICE", "TLSConfig", "TLSConnection", "TLSListener", "TLSRefused", "TLSServer",
+    "check_key_file", "client_context", "connect", "is_plain_notice", "peer_identity",
+    "refusal_reason", "register", "server_context", "tell_plain_peer",
 ]  # fmt: skip
 
 
@@ -190,6 +190,7 @@ class TLSConnection(connection.Connection):
         self._eof = False
         self.identity: tuple[str, str] | None = None  # (name, role) once shaken hands
         self.serial: int | None = None
+        self.cut_off = False  # by TLSServer.cut_revoked: its peer's certificate was revoked
 
     def handshake(self) -> None:
         """Do the TLS handshake now, if not done; raises ssl.SSLError or TimeoutError."""
@@ -213,6 +214,7 @@ class TLSConnection(connection.Connection):
 
     def cut(self) -> None:
         """Shut the socket down under whoever uses it; their next read sees end of file."""
+        self.cut_off = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -270,6 +272,24 @@ class TLSConnection(connection.Connection):
         self._eof = not chunk
         self._inbox += chunk
         return True
+
+
+# A plain manager client speaks only once the server's challenge has come, and a TLS server
+# waits for the client to speak first: without this, a peer not set up for TLS would wait
+# forever. A master that takes only TLS sends it, unencrypted and framed as a manager message,
+# to a peer that said nothing within the handshake time; it can never pass for a challenge.
+PLAIN_NOTICE = b"#TLS-REQUIRED# this master takes only mutual TLS connections"
+
+
+def tell_plain_peer(conn: TLSConnection) -> None:
+    """Send PLAIN_NOTICE on the raw socket under ``conn`` (best effort; it is being dropped)."""
+    with contextlib.suppress(OSError):
+        os.write(conn.fileno(), struct.pack("!i", len(PLAIN_NOTICE)) + PLAIN_NOTICE)
+
+
+def is_plain_notice(exc: BaseException) -> bool:
+    """Whether a plain client's failed key handshake read PLAIN_NOTICE instead of a challenge."""
+    return PLAIN_NOTICE.split(b" ", 1)[0].decode() in str(exc)
 
 
 def peer_identity(conn: connection.Connection) -> tuple[str, str] | None:
@@ -370,13 +390,13 @@ class TLSServer:
 
     def cut_revoked(self) -> list[tuple[str, str]]:
         """Reload the CRL if it changed and cut every open connection whose peer's certificate
-        it lists; returns their (name, role)."""
+        it lists (once each); returns their (name, role), one per connection cut now."""
         self.context()
         with self._lock:
-            doomed = [c for c in self._live if c.serial in self._revoked]
+            doomed = [c for c in self._live if c.serial in self._revoked and not c.cut_off]
         for conn in doomed:
-            log.warning("cutting the connection of %s (%s): its certificate was revoked",
-                        *(conn.identity or ("?", "?")))  # fmt: skip
+            log.debug("cutting the connection of %s (%s): its certificate was revoked",
+                      *(conn.identity or ("?", "?")))  # fmt: skip
             conn.cut()
         return [c.identity for c in doomed if c.identity is not None]
 

@@ -2,6 +2,11 @@
 
 The master publishes one object, the scheduler service, instead of two bare queues.
 This module is the one boundary where socket and manager errors become ours.
+
+With ``SCHEDULER_TLS_CA``/``_CERT``/``_KEY`` set (read here, where connections are made, so
+every process of the cluster follows its environment), every manager connection is mutual
+TLS 1.3 (``scheduler.tls``) with the authkey handshake inside it, and the master answers each
+call according to the role in the caller's certificate (``refusal``: the role table).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing import AuthenticationError, connection, managers
 from typing import Any
 
-from .errors import AuthError, ConnectError
+from . import tls
+from .errors import AuthError, ConnectError, Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,8 @@ EXPOSED = (
     "mark", "marks", "chaos", "refuse",
 )  # fmt: skip
 HANDSHAKE_SECONDS = 5.0  # a peer that has not authenticated by then is dropped
+# the TLS handshake ends first: a silent peer is then told, in plain text, that TLS is needed
+TLS_HANDSHAKE_SECONDS = HANDSHAKE_SECONDS - 1.0
 MAX_UNAUTHENTICATED = 64  # connections in their handshake at once; more are closed at once
 REFUSAL_LOG_SECONDS = 60.0  # refused connections are logged at most this often, counted
 SchedulerProxy = managers.MakeProxyType("SchedulerProxy", EXPOSED)  # type: ignore[attr-defined]
@@ -52,6 +60,118 @@ def _client(address: tuple[str, int], authkey: bytes | None = None) -> connectio
 SERIALIZER = "scheduler"
 managers.listener_client[SERIALIZER] = (connection.Listener, _client)  # type: ignore[attr-defined]
 
+_tls_lock = threading.Lock()
+_tls_serializers: dict[tls.TLSConfig, tuple[str, tls.TLSServer]] = {}
+
+
+def serializer(environ: Mapping[str, str] | None = None) -> tuple[str, tls.TLSServer | None]:
+    """The manager serializer for connections made under ``environ`` (default: this process's):
+    ours over TLS with the files SCHEDULER_TLS_* name, else the plain one. Each set of files
+    is registered once per process; ConfigError if they are incomplete or unusable."""
+    config = tls.TLSConfig.from_environ(environ)
+    if config is None:
+        return SERIALIZER, None
+    with _tls_lock:
+        if config not in _tls_serializers:
+            name = f"{SERIALIZER}-tls-{len(_tls_serializers) + 1}"
+            server = tls.register(config, name, handshake_seconds=TLS_HANDSHAKE_SECONDS)
+            _tls_serializers[config] = (name, server)
+        return _tls_serializers[config]
+
+
+# -- roles: who may call what, by the role in the caller's verified certificate -------------
+
+# Calls a worker certificate may make, with where the worker's name is among the arguments
+# (None: no name); it must be the certificate's own name (CN).
+WORKER_CALLS: dict[str, int | None] = {
+    "register": 0, "lease": 0, "report": 0, "release": 0, "heartbeat": 0, "goodbye": 0,
+    "mark": 2, "ping": None,
+}  # fmt: skip
+# Calls a client certificate may make: submit, wait, read, cancel; `scheduler verify`'s read
+# (marks) and its faults (chaos: a client can run any code on every slave anyway).
+CLIENT_CALLS = frozenset({
+    "submit", "collect", "watch", "get", "jobs", "cancel", "status", "ping", "marks", "chaos",
+})  # fmt: skip
+# Open to every certificate: the stdlib server's own requests that every proxy makes (connect,
+# open the service, count references, serve a connection), and `refuse`, which only says no.
+# The stdlib's others (shutdown, debug_info, number_of_objects) are the master's alone.
+EVERY_ROLE = frozenset({
+    "create", "incref", "decref", "accept_connection", "dummy", "get_methods", "refuse",
+})  # fmt: skip
+
+
+def _holder(name: str, role: str) -> str:
+    if role in tls.ROLES:
+        return f"{role} {name!r}"
+    if role:
+        return f"a certificate of role {role!r} ({name!r})"
+    return f"a role-less certificate ({name!r})"
+
+
+def _needed(method: str) -> str:
+    roles = [r for r, calls in (("worker", WORKER_CALLS), ("client", CLIENT_CALLS))
+             if method in calls]  # fmt: skip
+    return f"a {' or '.join(roles)} certificate" if roles else "the master's certificate"
+
+
+def refusal(
+    identity: tuple[str, str], method: str, args: tuple = (), kwds: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why the holder of ``identity`` (name, role) may not call ``method`` with these
+    arguments, in one line for the caller; None if it may. The master's role may call all."""
+    name, role = identity
+    if role == "master" or method in EVERY_ROLE:
+        return None
+    if role == "client" and method in CLIENT_CALLS:
+        return None
+    if role == "worker" and method in WORKER_CALLS:
+        at = WORKER_CALLS[method]
+        if at is None:
+            return None
+        claimed = args[at] if len(args) > at else (kwds or {}).get("worker")
+        if type(claimed) is str and claimed == name:
+            return None
+        return (f"{method} for worker {claimed!r} needs that worker's certificate; "
+                f"this connection holds worker {name!r}")  # fmt: skip
+    return f"{method} needs {_needed(method)}; this connection holds {_holder(name, role)}"
+
+
+class _Guarded:
+    """The connection ``Server.serve_client`` reads calls from, for a TLS peer: a call its
+    certificate's role may not make is read as a call of the service's ``refuse``, which
+    answers it with errors.Forbidden (the caller's own exception, not a traceback)."""
+
+    def __init__(
+        self,
+        conn: connection.Connection,
+        identity: tuple[str, str],
+        forbidden: Callable[[connection.Connection, tuple[str, str], str], None],
+    ) -> None:
+        self._conn = conn
+        self._identity = identity
+        self._forbidden = forbidden
+        self.send = conn.send
+        self.close = conn.close
+
+    def recv(self) -> Any:
+        request = self._conn.recv()
+        try:
+            ident, method, args, kwds = request
+        except (TypeError, ValueError):
+            return request  # not a call: the stdlib answers with a traceback and calls nothing
+        try:
+            args, kwds = tuple(args), dict(kwds)
+            why = refusal(self._identity, method, args, kwds)
+        except Exception:
+            why = f"a malformed call; this connection holds {_holder(*self._identity)}"
+        if why is None:
+            return ident, method, args, kwds
+        self._forbidden(self._conn, self._identity, str(method))
+        return ident, "refuse", (why,), {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
 
 def _peer(conn: connection.Connection) -> str:
     try:
@@ -63,14 +183,21 @@ def _peer(conn: connection.Connection) -> str:
 
 
 class Refusals:
-    """Counts refused connections and logs them at most once a REFUSAL_LOG_SECONDS.
+    """Counts refused connections (or calls) and logs them at most once a REFUSAL_LOG_SECONDS.
 
     A connection closed before it sent a byte (a port probe, a health check) is no
     attack and is only logged at debug level.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        what: str = "connection(s)",
+        hint: str = "slaves and clients need the master's SCHEDULER_AUTHKEY",
+    ) -> None:
         self._clock = clock
+        self._what = what
+        self._hint = hint
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._peers: set[str] = set()
@@ -83,17 +210,17 @@ class Refusals:
                 self._peers.add(peer.rsplit(":", 1)[0])
         self.flush()
 
-    def flush(self) -> None:
-        """Log what was counted, if the last line is old enough."""
+    def flush(self, force: bool = False) -> None:
+        """Log what was counted, if the last line is old enough (or ``force``: stopping)."""
         with self._lock:
-            if not self._counts or self._clock() - self._last < REFUSAL_LOG_SECONDS:
+            recent = self._clock() - self._last < REFUSAL_LOG_SECONDS
+            if not self._counts or (recent and not force):
                 return
             counts, peers, self._counts, self._peers = self._counts, self._peers, {}, set()
             self._last = self._clock()
         what = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-        log.warning("refused %d connection(s) (%s) from %s; slaves and clients need the "
-                    "master's SCHEDULER_AUTHKEY", sum(counts.values()), what,
-                    ", ".join(sorted(peers)))  # fmt: skip
+        log.warning("refused %d %s (%s) from %s; %s", sum(counts.values()), self._what, what,
+                    ", ".join(sorted(peers)), self._hint)  # fmt: skip
 
 
 class _Deadline:
@@ -123,9 +250,38 @@ class _Server(managers.Server):
     once: a new connection beyond that cuts the oldest one, so a flood of silent peers
     cannot lock out a real client (whose handshake takes a millisecond). Refused
     connections are counted and logged at most once a minute (``refusals``).
+
+    Over TLS (``tls`` set), after the handshakes, every request is checked against the role
+    in the peer's certificate (``refusal``); calls refused are counted too (``forbidden``).
     """
 
-    refusals = Refusals()
+    def __init__(
+        self,
+        registry: dict,
+        address: tuple[str, int],
+        authkey: bytes,
+        serializer: str,
+        tls_server: tls.TLSServer | None = None,
+    ) -> None:
+        super().__init__(registry, address, authkey, serializer)
+        self.tls = tls_server
+        hint = "slaves and clients need the master's SCHEDULER_AUTHKEY"
+        if tls_server is not None:
+            hint += " and a valid certificate of its CA (SCHEDULER_TLS_*)"
+        self.refusals = Refusals(hint=hint)
+        self.forbidden = Refusals(
+            what="call(s)", hint="a certificate's role allows only its own calls (README: TLS)"
+        )
+
+    def cut_revoked(self) -> list[tuple[str, str]]:
+        """Cut the open connections of revoked certificates; their (name, role), one per
+        connection (none without TLS)."""
+        return [] if self.tls is None else self.tls.cut_revoked()
+
+    def flush(self, force: bool = False) -> None:
+        """Log the refused connections and calls counted since the last line."""
+        self.refusals.flush(force)
+        self.forbidden.flush(force)
 
     def accepter(self) -> None:
         self._handshaking: OrderedDict[int, _Deadline] = OrderedDict()
@@ -159,6 +315,7 @@ class _Server(managers.Server):
         try:
             connection.deliver_challenge(c, self.authkey)  # type: ignore[attr-defined]
             connection.answer_challenge(c, self.authkey)  # type: ignore[attr-defined]
+            identity = tls.peer_identity(c)  # None without TLS: every call allowed
         except (AuthenticationError, AssertionError, OSError, EOFError, ValueError) as exc:
             self._refused(c, exc, deadline.why)
             return
@@ -171,7 +328,15 @@ class _Server(managers.Server):
             _, funcname, args, kwds = c.recv()
             if funcname not in self.public:
                 raise ValueError(f"{funcname!r} unrecognized")
-            msg: tuple[str, Any] = ("#RETURN", getattr(self, funcname)(c, *args, **kwds))
+            why = None if identity is None else refusal(identity, funcname)
+            msg: tuple[str, Any]
+            if why is not None:
+                self._forbid(c, identity, funcname)  # type: ignore[arg-type]
+                msg = ("#ERROR", Forbidden(why))
+            else:
+                if identity is not None and funcname == "accept_connection":
+                    c = _Guarded(c, identity, self._forbid)  # type: ignore[assignment]
+                msg = ("#RETURN", getattr(self, funcname)(c, *args, **kwds))
         except Exception as exc:
             # a proxy made before a master restart releasing its reference is routine
             level = logging.DEBUG if funcname == "decref" else logging.WARNING
@@ -182,8 +347,17 @@ class _Server(managers.Server):
         except OSError:
             pass
 
+    def _forbid(self, c: connection.Connection, identity: tuple[str, str], method: str) -> None:
+        self.forbidden.note(f"{method} by {_holder(*identity)}", _peer(c))
+
     def _refused(self, c: connection.Connection, exc: BaseException, cut: str | None) -> None:
         peer = _peer(c)
+        reason = None if cut is not None else tls.refusal_reason(exc)
+        if reason is not None:
+            self.refusals.note(reason, peer)
+            if isinstance(exc, TimeoutError) and isinstance(c, tls.TLSConnection):
+                tls.tell_plain_peer(c)  # most likely a peer without TLS, waiting for us
+            return
         if isinstance(exc, AuthenticationError):
             self.refusals.note("wrong authkey", peer)
         elif cut is not None:
@@ -206,14 +380,21 @@ class ClientManager(managers.BaseManager):
 ClientManager.register("scheduler", proxytype=SchedulerProxy)
 
 
-def serve(service: object, address: tuple[str, int], authkey: bytes) -> managers.Server:
-    """Create (not start) the manager server publishing ``service``."""
+def serve(
+    service: object,
+    address: tuple[str, int],
+    authkey: bytes,
+    environ: Mapping[str, str] | None = None,
+) -> _Server:
+    """Create (not start) the manager server publishing ``service``; over TLS if ``environ``
+    (default: this process's) sets SCHEDULER_TLS_* (then ``server.tls`` is not None)."""
     MasterManager.register(
         "scheduler", callable=lambda: service, exposed=EXPOSED, proxytype=SchedulerProxy
     )
+    name, tls_server = serializer(environ)
     try:
         # BaseManager.get_server() ignores _Server; build ours from the same registry
-        return _Server(MasterManager._registry, address, authkey, SERIALIZER)  # type: ignore[attr-defined]
+        return _Server(MasterManager._registry, address, authkey, name, tls_server)  # type: ignore[attr-defined]
     except OSError as exc:
         host, port = address
         raise ConnectError(
@@ -222,10 +403,18 @@ def serve(service: object, address: tuple[str, int], authkey: bytes) -> managers
         ) from exc
 
 
-def connect(address: tuple[str, int], authkey: bytes) -> Any:
-    """Connect to the master and return a proxy of its service."""
+def connect(
+    address: tuple[str, int], authkey: bytes, environ: Mapping[str, str] | None = None
+) -> Any:
+    """Connect to the master and return a proxy of its service; over TLS if ``environ``
+    (default: this process's) sets SCHEDULER_TLS_*. A refused certificate, or a master and
+    us disagreeing on TLS, is tls.TLSRefused (an AuthError: retrying will not help).
+
+    One certificate per process and master: the stdlib shares each thread's connection among
+    all proxies of one address, whatever serializer made them.
+    """
     host, port = address
-    manager = ClientManager(address=address, authkey=authkey, serializer=SERIALIZER)
+    manager = ClientManager(address=address, authkey=authkey, serializer=serializer(environ)[0])
     try:
         manager.connect()
         proxy = manager.scheduler()  # type: ignore[attr-defined]
@@ -238,7 +427,18 @@ def connect(address: tuple[str, int], authkey: bytes) -> Any:
             finalizer.cancel()
         forget_connection(proxy)  # a cached one may be from before a master restart
         return proxy
-    except AuthenticationError as exc:
+    except (AuthenticationError, AssertionError) as exc:
+        if tls.is_plain_notice(exc):
+            raise tls.TLSRefused(
+                f"the master at {host}:{port} takes only TLS connections; set "
+                "SCHEDULER_TLS_CA, SCHEDULER_TLS_CERT and SCHEDULER_TLS_KEY (files from "
+                "'scheduler certs')"
+            ) from None
+        if isinstance(exc, AssertionError):  # the stdlib's check of the challenge's shape
+            raise ConnectError(
+                f"what answers at {host}:{port} is not a scheduler master (no key challenge); "
+                "is SCHEDULER_MASTER right?"
+            ) from exc
         raise AuthError(
             f"master at {host}:{port} refused the authkey; "
             "use the same SCHEDULER_AUTHKEY as the master"
@@ -281,6 +481,10 @@ class Link:
     The stdlib caches one connection per (master address, thread) for all proxies;
     after the master restarts that connection is dead and the old proxy's object id
     is unknown to the new server, so a failed call drops both and starts afresh.
+
+    A master that accepted us once and then refuses our certificate (revoked, expired) will
+    not change its mind: from then on every call fails at once with that reason, without
+    connecting, and ``on_refused`` (if set) hears of it once.
     """
 
     def __init__(
@@ -289,22 +493,31 @@ class Link:
         authkey: bytes,
         stopping: Callable[[], bool] = lambda: False,
         patience: float | None = None,
+        on_refused: Callable[[tls.TLSRefused], None] | None = None,
     ) -> None:
         self._address = address
         self._authkey = authkey
         self._stopping = stopping
         self._patience = patience
+        self.on_refused = on_refused
         self._lock = threading.Lock()
         self._proxy: Any = None
         self._generation = 0
+        self._refused: tls.TLSRefused | None = None
+        self._refused_lock = threading.Lock()
 
     def call(self, method: str, *args: Any, retry: bool = True) -> Any:
         """Call a service method; with ``retry``, wait out a master restart and call again."""
         started, delay, attempt = time.monotonic(), 0.5, 0
         while True:
+            if self._refused is not None:
+                raise self._refusal()
             proxy, generation = self._current(retry)
             try:
                 return getattr(proxy, method)(*args)
+            except tls.TLSRefused as exc:  # this thread's own connection, opened by the stdlib
+                self._drop(proxy, generation)
+                raise self._refuse(exc) from exc
             except (*_CONNECTION_ERRORS, managers.RemoteError) as exc:
                 if isinstance(exc, managers.RemoteError) and not _stale(exc):
                     raise
@@ -339,6 +552,10 @@ class Link:
         while True:
             try:
                 return connect(self._address, self._authkey)
+            except tls.TLSRefused as exc:
+                if not self._generation:  # never accepted: a setup problem, said by the caller
+                    raise
+                raise self._refuse(exc) from exc
             except AuthError:
                 raise
             except ConnectError as exc:
@@ -348,6 +565,23 @@ class Link:
                 log.warning("%s; retrying in %.1fs (attempt %d)", exc, delay, attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
+
+    def _refuse(self, exc: tls.TLSRefused) -> Exception:
+        """The master accepted us before and refuses our certificate now (revoked, expired):
+        remember it, tell ``on_refused`` once; what the call that found out raises."""
+        with self._refused_lock:
+            first, self._refused = self._refused is None, self._refused or exc
+        if self.on_refused is None:
+            return exc
+        if first:
+            self.on_refused(exc)
+        return self._refusal()
+
+    def _refusal(self) -> ConnectError:
+        """What a call fails with once the master refused our certificate."""
+        if self.on_refused is not None:  # which said why, once
+            return ConnectError("the master refused our certificate (said above); not retrying")
+        return ConnectError(f"{self._refused}; not retrying")
 
     def _drop(self, proxy: Any, generation: int) -> None:
         forget_connection(proxy)

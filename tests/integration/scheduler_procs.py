@@ -98,14 +98,22 @@ class Cluster:
         return self.master
 
     def start_slave(
-        self, name: str, concurrency: int = 1, prefix: tuple[str, ...] = (), **env: str
+        self,
+        name: str,
+        concurrency: int = 1,
+        prefix: tuple[str, ...] = (),
+        key: str | None = None,
+        **env: str,
     ) -> Proc:
-        log = self.tmp / f"slave-{name}-{self._count}.log"
-        env.setdefault("SCHEDULER_HEALTH_FILE", str(self.tmp / f"{name}.health"))
+        """A slave called ``name``; ``key`` (default: the name) names its log and its entry
+        in ``slaves``, for a second process under a name already taken."""
+        key = key or name
+        log = self.tmp / f"slave-{key}-{self._count}.log"
+        env.setdefault("SCHEDULER_HEALTH_FILE", str(self.tmp / f"{key}.health"))
         argv = [*prefix, sys.executable, "-m", "scheduler.slave", "--master", self.address,
                 "--concurrency", str(concurrency)]  # fmt: skip
         proc = Proc(argv, self.env(SCHEDULER_WORKER_NAME=name, **env), log)
-        self.slaves[name] = proc
+        self.slaves[key] = proc
         return proc
 
     def wait_slaves(self, *names: str, client: Client | None = None) -> None:

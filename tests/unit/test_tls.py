@@ -334,3 +334,14 @@ def test_config_from_environ(pki: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         tls.TLSConfig.from_environ({**env, "SCHEDULER_TLS_CRL": str(tmp_path / "none.pem")})
     assert os.stat(pki / "master.key").st_mode & 0o777 == 0o600
+
+
+def test_tls_variables_are_known_settings() -> None:
+    from scheduler import settings
+
+    env = {tls.ENV_CA: "a", tls.ENV_CERT: "b", tls.ENV_KEY: "c", tls.ENV_CRL: "d"}
+    assert settings.unknown_variables(env) == []
+    assert set(settings.TLS_VARIABLES) == set(env)
+    assert settings.unknown_variables({"SCHEDULER_TLS_CERTS": "x"}) == [
+        "SCHEDULER_TLS_CERTS is not a setting and is ignored; did you mean SCHEDULER_TLS_CERT?"
+    ]
