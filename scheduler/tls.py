@@ -49,6 +49,7 @@ CA_FILE = "ca.pem"  # the layout of a `scheduler certs` directory (see scheduler
 CRL_FILE = "crl.pem"
 ROLES = ("master", "worker", "client")
 HANDSHAKE_SECONDS = 5.0  # TLS handshake (and, on the client, the authkey one) must end by then
+RECORD = 16 * 1024  # the largest plaintext one TLS record holds
 
 __all__ = [
     "PLAIN_NOTICE", "TLSConfig", "TLSConnection", "TLSListener", "TLSRefused", "TLSServer",
@@ -186,7 +187,8 @@ class TLSConnection(connection.Connection):
         self._seconds = handshake_seconds
         self._ready = False
         self._failed = False
-        self._inbox = bytearray()  # read ahead by poll()
+        self._inbox = bytearray()  # read ahead by poll() and _recv_bytes()
+        self._chunk = memoryview(bytearray(RECORD))  # one TLS record's plaintext at most
         self._eof = False
         self.identity: tuple[str, str] | None = None  # (name, role) once shaken hands
         self.serial: int | None = None
@@ -256,6 +258,22 @@ class TLSConnection(connection.Connection):
                 raise OSError("got end of file during message")
             got += n
         return io.BytesIO(data)
+
+    def _recv_bytes(self, maxsize: int | None = None) -> io.BytesIO:
+        # A small message (the usual call or reply) arrives as one TLS record, header and
+        # body together: take it with one read of the SSL object, not the stdlib's two.
+        if maxsize is None and not self._inbox and not self._eof:
+            if not self._ready:
+                self.handshake()
+            n = self._read(self._chunk)
+            if n == 0:
+                self._eof = True
+            elif n >= 4:
+                size = struct.unpack_from("!i", self._chunk)[0]
+                if 0 <= size == n - 4:
+                    return io.BytesIO(self._chunk[4:n])
+            self._inbox += self._chunk[:n]
+        return super()._recv_bytes(maxsize)  # type: ignore[misc,no-any-return]
 
     def _poll(self, timeout: float | None) -> bool:
         if not self._ready:
