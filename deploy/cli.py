@@ -26,11 +26,12 @@ from typing import Annotated, Any
 import typer
 
 from . import build as builder
-from . import chaos, cluster, config, jobs, keyfile, render, shipping, ssh, watch
+from . import chaos, cluster, config, identity, jobs, keyfile, render, shipping, ssh, watch
 from .context import Context, session
 from .engine import Engines
 from .errors import DeployError
 from .imagekit import OFFLINE_BASE, project_version
+from .parallel import Failures
 
 app = typer.Typer(
     help="Bring up, scale, watch and tear down a scheduler cluster on listed hosts.",
@@ -195,13 +196,15 @@ def main(
 
 @command(app)
 def init() -> None:
-    """Create the cluster's authkey (0600, beside the inventory) unless it exists."""
+    """Create the cluster's authkey (0600) and, with TLS, its CA (certs_dir, 0700), beside the
+    inventory, unless they exist; an existing CA is never overwritten."""
     with _errors():
         cfg = _config()
         existed = cfg.authkey_file.exists() or bool(os.environ.get(keyfile.ENV_VAR))
         keyfile.resolve(cfg.authkey_file, os.environ, create=True)
         where = keyfile.ENV_VAR if os.environ.get(keyfile.ENV_VAR) else cfg.authkey_file
         _out(f"authkey {'already set' if existed else 'created'}: {where}")
+        _out(identity.init(cfg))
 
 
 @contextlib.contextmanager
@@ -312,9 +315,29 @@ def down(
         _finish(ctx, cluster.down(ctx, volumes, dry_run), dry_run, "down")
 
 
+@command(app)
+def revoke(
+    worker: Annotated[str, typer.Argument(help="the worker, e.g. worker-3 or CLUSTER-worker-3")],
+) -> None:  # fmt: skip
+    """Revoke a worker's certificate: the master gets the new revocation list (and cuts the
+    worker within seconds), then the worker's container and its TLS files are removed at
+    once, without draining. A later 'up' starts a replacement with a new certificate."""
+    with _session() as ctx:
+        seen = cluster.observe(ctx)
+        done = identity.revoke(ctx, worker, seen.containers, set(seen.reachable))
+        newly = f"{len(done.serials)} certificate(s)" if done.serials else "already revoked"
+        _out(f"revoked {done.name}: {newly}; revocation list sent to the master on "
+             f"{', '.join(done.crl_on) or 'no host (no master running)'}; removed "
+             f"{', '.join(done.removed) or 'no container (none found)'}")  # fmt: skip
+        failures = Failures()
+        failures.add(seen.failures)
+        failures.add(done.failures)
+        failures.check("revoke", len(ctx.config.hosts))
+
+
 def _finish(ctx: Context, result: cluster.Result, dry_run: bool, name: str) -> None:
     if dry_run:
-        _out(render.plan(result.actions, result.shipments))
+        _out(render.plan(result.actions, result.shipments, result.certificates))
     elif result.status is not None or name != "down":
         _out(render.status_text(watch.status(ctx), time.time()))
     elif not result.actions:

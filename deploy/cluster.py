@@ -8,6 +8,7 @@ what it did and which hosts failed, per host.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import io
 import logging
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import build, engine, keyfile, link, shipping
+from . import build, engine, identity, keyfile, link, shipping, tlsplan
 from .config import Host
 from .context import Context, Echo
 from .errors import DeployError, MasterError
@@ -27,6 +28,7 @@ from .parallel import Failures, across, each, echo_errors
 from .planner import (
     Action,
     Create,
+    Mounts,
     Remove,
     RemoveVolume,
     Start,
@@ -36,7 +38,8 @@ from .planner import (
     state_volume,
 )
 from .shipplan import Ship
-from .specs import MASTER, WORKER, Images
+from .specs import MASTER, WORKER, Images, master_name, tls_volume
+from .tlsplan import Issue
 
 log = logging.getLogger(__name__)
 HOST_CONCURRENCY = 4  # containers made or removed at once on one host
@@ -60,6 +63,7 @@ class Result:
     shipments: tuple[Ship, ...] = ()
     sent: tuple[shipping.Sent, ...] = ()
     failures: Failures = field(default_factory=Failures)
+    certificates: tuple[Issue, ...] = ()  # issued (or, in a dry run, to issue)
 
 
 def observe(ctx: Context, hosts: Sequence[Host] | None = None) -> Observation:
@@ -81,11 +85,17 @@ class Executor(Protocol):
 class EngineExecutor:
     """Carries actions out on the hosts' engines."""
 
-    def __init__(self, engines: engine.Engines, echo: Echo) -> None:
+    def __init__(self, engines: engine.Engines, echo: Echo, ctx: Context | None = None) -> None:
         self.engines = engines
         self.echo = echo
+        self.ctx = ctx  # for a container's TLS files
 
     def create(self, host: Host, action: Create) -> None:
+        if action.spec.tls is not None:
+            if self.ctx is None:
+                raise DeployError(action.spec.name, "has TLS files but no CA to take them from",
+                                  "this is a bug of deployctl")  # fmt: skip
+            identity.stage(self.ctx, host, action.spec)
         engine.create(self.engines, host, action.spec)
         self.echo(f"{host.name}: started {action.spec.name}")
 
@@ -96,6 +106,8 @@ class EngineExecutor:
     def remove(self, host: Host, action: Remove) -> None:
         self.echo(f"{host.name}: stopping {action.container.name} ({action.reason})")
         engine.remove(self.engines, host, action.container, action.timeout)
+        # its TLS files (a private key) go with it; a replacement gets its own
+        engine.remove_volume(self.engines, host, tls_volume(action.container.name))
         self.echo(f"{host.name}: removed {action.container.name}")
 
     def remove_volume(self, host: Host, action: RemoveVolume) -> None:
@@ -182,12 +194,24 @@ def up(
     """Build as needed, start master and workers (shipping them their images), wait until the
     workers registered. A dry run plans with the images last built here."""
     key = ctx.key(create=True) if not dry_run else _key_or_placeholder(ctx)
+    tls = ctx.config.master.tls
+    if tls:
+        identity.ensure_ca(ctx, dry_run)
+        if not dry_run:
+            identity.client_files(ctx, tlsplan.RENEW_WITHIN)  # deployctl's own, rotated too
     seen = observe(ctx)
     images = images_for(ctx, build_first and not dry_run)
     busy = _busy(ctx, key, seen)
     count = ctx.config.workers.count if workers is None else workers
-    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable))
-    return _carry_out(ctx, key, seen, actions, dry_run, executor)
+
+    def make(mounts: Mounts | None) -> list[Action]:
+        return plan_up(ctx.config, images, key, seen.containers, count, busy,
+                       set(seen.reachable), tls=mounts)  # fmt: skip
+
+    if not tls:
+        return _carry_out(ctx, key, seen, make(None), dry_run, executor)
+    actions, issued = identity.plan(ctx, make, seen.containers, dry_run, tlsplan.RENEW_WITHIN)
+    return _carry_out(ctx, key, seen, actions, dry_run, executor, issued)
 
 
 def images_for(ctx: Context, build_first: bool) -> Images:
@@ -224,9 +248,16 @@ def scale(ctx: Context, count: int, dry_run: bool, executor: Executor | None = N
     seen = observe(ctx)
     images = shipping.running_images(ctx, seen.containers)
     busy = _busy(ctx, key, seen)
-    actions = plan_up(ctx.config, images, key, seen.containers, count, busy, set(seen.reachable),
-                      with_master=False)  # fmt: skip
-    return _carry_out(ctx, key, seen, actions, dry_run, executor)
+
+    def make(mounts: Mounts | None) -> list[Action]:
+        return plan_up(ctx.config, images, key, seen.containers, count, busy,
+                       set(seen.reachable), with_master=False, tls=mounts)  # fmt: skip
+
+    if not ctx.config.master.tls:
+        return _carry_out(ctx, key, seen, make(None), dry_run, executor)
+    # new workers get certificates; the others keep theirs (rotation is up's)
+    actions, issued = identity.plan(ctx, make, seen.containers, dry_run, dt.timedelta(0))
+    return _carry_out(ctx, key, seen, actions, dry_run, executor, issued)
 
 
 def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None = None) -> Result:
@@ -234,18 +265,29 @@ def down(ctx: Context, volumes: bool, dry_run: bool, executor: Executor | None =
     seen = observe(ctx)
     vols = [state_volume(ctx.config)] if volumes else []
     vols = [(h, v) for h, v in vols if h in seen.reachable]
-    actions = plan_down(ctx.config, seen.containers, vols)
     failures = Failures()
     failures.add(seen.failures)
+    vols += _tls_volumes(ctx, seen, failures)
+    actions = plan_down(ctx.config, seen.containers, vols)
     if not dry_run:
-        failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo),
+        failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo, ctx),
                          failures, master_first=False))  # fmt: skip
     return Result(tuple(actions), None, failures=failures)
 
 
+def _tls_volumes(ctx: Context, seen: Observation, failures: Failures) -> list[tuple[str, str]]:
+    """Every TLS volume of the cluster on the reachable hosts (a container's key each), those
+    of the containers removed and any left over: down leaves no key behind."""
+    hosts = [h for h in ctx.config.hosts if h.name in seen.reachable]
+    out = across(hosts, lambda h: engine.tls_volumes(ctx.engines, h, ctx.config.cluster),
+                 ctx.config.parallel, echo_errors(ctx.echo))  # fmt: skip
+    failures.add(out)
+    return [(h, v) for h, names in sorted(out.results.items()) for v in names]
+
+
 def _carry_out(
     ctx: Context, key: Secret, seen: Observation, actions: list[Action], dry_run: bool,
-    executor: Executor | None,
+    executor: Executor | None, issued: Sequence[Issue] = (),
 ) -> Result:  # fmt: skip
     """Ship the images new containers need, run the plan, then verify: the workers reach the
     master, the master answers and the workers registered."""
@@ -254,10 +296,12 @@ def _carry_out(
     shipments, looked = shipping.plan(ctx, images_needed(actions), skip=failures.errors)
     failures.add(looked)
     if dry_run:
-        return Result(tuple(actions), None, tuple(shipments), failures=failures)
+        return Result(tuple(actions), None, tuple(shipments), failures=failures,
+                      certificates=tuple(issued))  # fmt: skip
     sent, shipped = shipping.send(ctx, shipments)
     failures.add(shipped)
-    failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo), failures))
+    failures.add(run(ctx, actions, executor or EngineExecutor(ctx.engines, ctx.echo, ctx),
+                     failures))  # fmt: skip
     status = None
     if ctx.config.master.host not in failures:
         if any(_is_master(a) for a in actions):
@@ -269,7 +313,8 @@ def _carry_out(
             status = ctx.master.wait_ready(key, expected, ctx.config.master.ready_timeout)
         except MasterError as exc:
             raise MasterError(exc.subject, exc.detail + _master_log_tail(ctx), exc.hint) from exc
-    return Result(tuple(actions), status, tuple(shipments), tuple(sent), failures)
+    return Result(tuple(actions), status, tuple(shipments), tuple(sent), failures,
+                  tuple(issued))  # fmt: skip
 
 
 def _check_reach(ctx: Context, actions: Sequence[Action], failures: Failures) -> None:
@@ -314,7 +359,7 @@ def _expected_workers(seen: Observation, actions: Sequence[Action], failed: Fail
 
 def _master_log_tail(ctx: Context, lines: int = 6) -> str:
     """The master container's last log lines, to say why it does not answer."""
-    name = f"{ctx.config.cluster}-master"
+    name = master_name(ctx.config.cluster)
     try:
         tail = [t for _, t in engine.logs(ctx.engines, ctx.config.master_host, name, False,
                                           lines, None)]  # fmt: skip

@@ -25,6 +25,8 @@ LOCAL = "localhost"
 RESERVED_ENV = frozenset({
     "SCHEDULER_AUTHKEY", "SCHEDULER_MASTER", "SCHEDULER_BIND", "SCHEDULER_STATE_DIR",
     "SCHEDULER_WORKER_NAME", "SCHEDULER_CONCURRENCY", "SCHEDULER_GRACE_SECONDS",
+    "SCHEDULER_TLS_CA", "SCHEDULER_TLS_CERT", "SCHEDULER_TLS_KEY", "SCHEDULER_TLS_CRL",
+    "SCHEDULER_AUTHKEY_FILE",
 })  # fmt: skip
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -74,6 +76,7 @@ class MasterSettings:
     advertise: str  # address:port the workers dial
     tunnel: str  # auto | always | never
     ready_timeout: float
+    tls: bool  # mutual TLS, a certificate per container from the cluster's CA (certs_dir)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Config:
     authkey_file: Path
     parallel: int
     source: str
+    certs_dir: Path  # the cluster's CA and every certificate deployctl issued (0700)
 
     def host(self, name: str) -> Host:
         for host in self.hosts:
@@ -278,12 +282,13 @@ def from_mapping(
     r = _Reader(base_dir)
     r.unknown(data, "", {"cluster", "master", "workers", "images", "ssh", "env", "hosts"})
     r.problems = [p.lstrip(".") for p in r.problems]
-    cluster_t = r.table(data, "cluster", {"name", "authkey_file", "parallel"})
+    cluster_t = r.table(data, "cluster", {"name", "authkey_file", "certs_dir", "parallel"})
     name = r.get(cluster_t, "cluster", "name", str, "scheduler")
     if not _NAME.match(name):
         r.problems.append(f"cluster.name: expected lowercase letters, digits, '-', '_' or '.' "
                           f"(at most 40), got {name!r}")  # fmt: skip
     authkey_file = r.get(cluster_t, "cluster", "authkey_file", str, f"{name}.authkey")
+    certs_dir = r.get(cluster_t, "cluster", "certs_dir", str, f"{name}.certs")
     parallel = r.number(cluster_t, "cluster", "parallel", 8, 1, 64)
     ssh_t = r.table(data, "ssh", _SSH_KEYS | {"config_file"})
     home = environ.get("HOME", "/root")
@@ -312,7 +317,7 @@ def from_mapping(
     return Config(
         cluster=name, hosts=tuple(hosts), master=master, workers=workers, images=images,
         env=env, authkey_file=_expand(authkey_file, environ, base_dir), parallel=parallel,
-        source=source,
+        source=source, certs_dir=_expand(certs_dir, environ, base_dir),
     )  # fmt: skip
 
 
@@ -408,7 +413,8 @@ def _ssh_target(
 
 
 def _master(r: _Reader, data: Mapping[str, Any], hosts: list[Host]) -> MasterSettings:
-    table = r.table(data, "master", {"host", "port", "advertise", "tunnel", "ready_timeout"})
+    table = r.table(data, "master",
+                    {"host", "port", "advertise", "tunnel", "ready_timeout", "tls"})  # fmt: skip
     default = hosts[0].name if hosts else ""
     name = r.get(table, "master", "host", str, default)
     host = next((h for h in hosts if h.name == name), None)
@@ -433,6 +439,8 @@ def _master(r: _Reader, data: Mapping[str, Any], hosts: list[Host]) -> MasterSet
         advertise=f"{advertise}:{port}",
         tunnel=r.choice(table, "master", "tunnel", ("auto", "always", "never")),
         ready_timeout=r.number(table, "master", "ready_timeout", 60.0, 1, 3600, float),
+        # the key alone is enough where nothing leaves this machine; across hosts, TLS
+        tls=r.get(table, "master", "tls", bool, any(not h.local for h in hosts)),
     )
 
 

@@ -7,11 +7,14 @@ reach remote hosts through the SSH pool) and closes them at the end of a command
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from . import keyfile
+from . import keyfile, pki, tlsplan
 from .config import Config
 from .engine import Engines
 from .keyfile import Secret
@@ -19,6 +22,22 @@ from .link import MasterLink
 from .ssh import SSHPool
 
 Echo = Callable[[str], None]
+
+
+def client_tls(config: Config, echo: Echo, renew_within: dt.timedelta = dt.timedelta(0)
+               ) -> tuple[Path, Path, Path] | None:  # fmt: skip
+    """deployctl's own certificate (role client) for talking to the master: (CA, certificate,
+    key) files, issued first when missing, revoked, expired or expiring within
+    ``renew_within``; None when the cluster runs without TLS."""
+    if not config.master.tls:
+        return None
+    pki.require_ca(config.certs_dir)
+    wanted = tlsplan.wanted_client(config)
+    issues = tlsplan.to_issue([wanted], pki.held(config.certs_dir), pki.now(), renew_within)
+    if issues:
+        pki.issue(config.certs_dir, issues)
+        echo(f"issued {issues[0].describe()}")
+    return pki.client_paths(config.certs_dir, wanted.name)
 
 
 @dataclass
@@ -43,7 +62,8 @@ def session(config: Config, environ: Mapping[str, str], echo: Echo,
     """A Context whose connections are opened on first use and closed at the end."""
     pool = SSHPool(accept_new)
     engines = Engines(dial=pool.docker_socket)
-    ctx = Context(config, environ, echo, pool, engines, MasterLink(config, pool.tunnel))
+    link = MasterLink(config, pool.tunnel, tls=functools.partial(client_tls, config, echo))
+    ctx = Context(config, environ, echo, pool, engines, link)
     try:
         yield ctx
     finally:

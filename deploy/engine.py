@@ -27,7 +27,16 @@ from .errors import DeployError, HostError
 from .imagekit import ImageError, follow_build
 from .keyfile import Secret
 from .observed import ContainerRow, Holdings, Observed, stamp_seconds
-from .specs import L_CLUSTER, L_INDEX, L_ROLE, L_SPEC, L_VERSION, ContainerSpec, create_args
+from .specs import (
+    L_CLUSTER,
+    L_INDEX,
+    L_ROLE,
+    L_SPEC,
+    L_TLS,
+    L_VERSION,
+    ContainerSpec,
+    create_args,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 API_TIMEOUT = 120
@@ -232,6 +241,54 @@ def _ensure_volume(client: docker.DockerClient, name: str, labels: dict[str, str
         client.volumes.get(name)
     except docker.errors.NotFound:
         client.volumes.create(name=name, labels=labels)
+
+
+STAGE_ROLE = "tls-stage"  # a helper that is never started; a leftover is removed by `up`
+STAGE_DIR = "/stage"
+
+
+def stage(engines: Engines, host: Host, image: str, volume: str, labels: Mapping[str, str],
+          archive: bytes) -> None:  # fmt: skip
+    """Unpack ``archive`` (TLS files, owners and modes in its headers) into the named volume.
+
+    Through a helper container that mounts the volume read-write and is never started: the
+    engine writes the files as root with the archive's owners, through the same connection
+    as every other call (over SSH for a remote host), and nothing of them reaches a
+    container's configuration. The containers themselves mount the volume read-only.
+    """
+    client = engines.client(host)
+    name = f"{volume}-stage"
+    cluster = labels[L_CLUSTER]
+    with engines.guard(host, f"write the TLS files of {volume}"):
+        _ensure_volume(client, volume, dict(labels))
+        with contextlib.suppress(docker.errors.NotFound):
+            there = client.api.inspect_container(name)  # an interrupted run's helper
+            if (there["Config"].get("Labels") or {}).get(L_CLUSTER) != cluster:
+                raise HostError(host.name, _where(host), f"container name {name} is taken by "
+                                "a container that is not this cluster's",
+                                f"remove it yourself if it is not needed ('docker rm -f "
+                                f"{name}' on {host.name})")  # fmt: skip
+            client.api.remove_container(there["Id"], force=True)
+        config = client.api.create_host_config(
+            binds={volume: {"bind": STAGE_DIR, "mode": "rw"}}, network_mode="none")
+        cid = client.api.create_container(
+            image=image, name=name, command=["true"], network_disabled=True,
+            labels={L_CLUSTER: cluster, L_ROLE: STAGE_ROLE}, host_config=config,
+        )["Id"]  # fmt: skip
+        try:
+            if not client.api.put_archive(cid, STAGE_DIR, archive):
+                raise HostError(host.name, _where(host), f"the engine did not write the TLS "
+                                f"files of {volume}", "see the engine's log")  # fmt: skip
+        finally:
+            client.api.remove_container(cid, force=True)
+
+
+def tls_volumes(engines: Engines, host: Host, cluster: str) -> list[str]:
+    """The cluster's TLS volumes on the host (each a container's certificate and key)."""
+    with engines.guard(host, "list volumes"):
+        found = engines.client(host).api.volumes(filters={"label": f"{L_CLUSTER}={cluster}"})
+    return sorted(v["Name"] for v in found.get("Volumes") or ()
+                  if L_TLS in (v.get("Labels") or {}))  # fmt: skip
 
 
 def start(engines: Engines, host: Host, container: Observed) -> None:

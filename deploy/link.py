@@ -10,13 +10,16 @@ handshake in the master's log: the only connections made are real, authenticated
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from scheduler import AuthError, Client, ConnectError, SchedulerError, top
 from scheduler import verify as chaos
+from scheduler.tls import TLSRefused
 
 from .config import Config, Host
 from .errors import MasterError
@@ -27,6 +30,9 @@ LOOPBACK = "127.0.0.1"  # the master binds 0.0.0.0 or 127.0.0.1: its host reache
 LOOK = "see 'deployctl status' and 'deployctl logs master'"
 Connect = Callable[..., Client]  # called as Client(master=..., authkey=...)
 Tunnel = Callable[[Host, str, int], tuple[str, int]]  # (host, address there, port) -> local
+# deployctl's own (CA, certificate, key) files, or None without TLS; called once per open
+ClientTLS = Callable[[], tuple[Path, Path, Path] | None]
+TLS_VARS = ("SCHEDULER_TLS_CA", "SCHEDULER_TLS_CERT", "SCHEDULER_TLS_KEY")
 
 
 class MasterLink:
@@ -37,10 +43,14 @@ class MasterLink:
     """
 
     def __init__(self, config: Config, tunnel: Tunnel, connect: Connect = Client,
-                 direct_timeout: float = DIRECT_TIMEOUT) -> None:  # fmt: skip
+                 direct_timeout: float = DIRECT_TIMEOUT, tls: ClientTLS | None = None,
+                 environ: MutableMapping[str, str] = os.environ) -> None:  # fmt: skip
         self.config = config
         self._tunnel = tunnel
-        self._connect = connect
+        self._raw_connect = connect
+        self._tls = tls
+        self._tls_env: dict[str, str] | None = None  # SCHEDULER_TLS_* paths, once known
+        self._environ = environ
         self._direct_timeout = direct_timeout
         self._client: Client | None = None
         self._route: str | None = None  # the endpoint that worked
@@ -49,8 +59,20 @@ class MasterLink:
     def subject(self) -> str:
         return f"master on {self.config.master.host} ({self.config.master.advertise})"
 
+    def _connect(self, **kwargs: Any) -> Client:
+        """A client of the master; with TLS, showing deployctl's certificate (by its paths:
+        the scheduler reads the files, no key passes through here). The scheduler's
+        transport takes its certificate from ``SCHEDULER_TLS_*`` in the environment of the
+        process that connects, so they are set in this one's (deployctl talks to one master)."""
+        if self._tls_env:
+            self._environ.update(self._tls_env)
+        return self._raw_connect(**kwargs)
+
     def open(self, key: Secret) -> Client:
         if self._client is None:
+            if self._tls_env is None:
+                files = self._tls() if self._tls is not None else None
+                self._tls_env = dict(zip(TLS_VARS, map(str, files), strict=True)) if files else {}
             self._client = self._open(key)
         return self._client
 
@@ -128,6 +150,13 @@ class MasterLink:
             try:
                 client = self.open(key)
                 return wait_registered(client, names, max(0.0, deadline - clock()), clock, sleep)
+            except TLSRefused as exc:
+                self.reset()
+                raise MasterError(
+                    f"master on {self.config.master.host}", f"TLS: {_clean(str(exc), key)}",
+                    "master.tls and the running master disagree, or deployctl's certificate "
+                    f"is not of its CA: 'deployctl up' replaces it ({self.config.certs_dir})",
+                ) from exc  # fmt: skip
             except AuthError as exc:
                 self.reset()
                 raise MasterError(

@@ -6,7 +6,7 @@ Workers are spread by capacity; scale-down removes idle workers first and drains
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import Config
@@ -20,7 +20,9 @@ from .specs import (
     ContainerSpec,
     ImageRef,
     Images,
+    TLSMount,
     drain_timeout,
+    master_name,
     master_spec,
     volume_name,
     worker_name,
@@ -66,6 +68,8 @@ class RemoveVolume:
 
 
 Action = Create | Start | Remove | RemoveVolume
+# With TLS: the TLS volume (and certificate) of the container NAME of ROLE; None: no TLS.
+Mounts = Callable[[str, str], TLSMount]
 
 
 def images_needed(actions: Sequence[Action]) -> dict[str, tuple[ImageRef, ...]]:
@@ -112,16 +116,19 @@ def plan_up(
     busy: Mapping[str, int],
     reachable: set[str] | None = None,
     with_master: bool = True,
+    tls: Mounts | None = None,
 ) -> list[Action]:
     """Actions that turn ``observed`` into master + ``count`` workers.
 
     ``busy`` maps worker names to their running job count (from the master's status).
     Hosts outside ``reachable`` are left alone: their share of workers is simply missing.
+    With ``tls``, each container gets its TLS volume; a container whose certificate changed
+    is outdated like one whose image changed.
     """
     reachable = {h.name for h in config.hosts} if reachable is None else reachable
     actions: list[Action] = []
     if with_master:
-        actions += _master_actions(config, images, key, observed, reachable)
+        actions += _master_actions(config, images, key, observed, reachable, tls)
     targets = place([(h.name, h.capacity) for h in config.hosts], count)
     workers = [o for o in observed if o.role == WORKER]
     actions += [Remove(o, MASTER_STOP_TIMEOUT, f"unknown role {o.role!r}")
@@ -141,14 +148,16 @@ def plan_up(
                 seen.add(o.index)
                 unique.append(o)
         actions += _host_workers(config, images, key, host.name, unique, targets.get(host.name, 0),
-                                 busy, fresh)  # fmt: skip
+                                 busy, fresh, tls)  # fmt: skip
     return actions
 
 
 def _master_actions(
-    config: Config, images: Images, key: Secret, observed: Sequence[Observed], reachable: set[str]
-) -> list[Action]:
-    want = master_spec(config, images, key)
+    config: Config, images: Images, key: Secret, observed: Sequence[Observed], reachable: set[str],
+    tls: Mounts | None,
+) -> list[Action]:  # fmt: skip
+    mount = tls(master_name(config.cluster), MASTER) if tls else None
+    want = master_spec(config, images, key, mount)
     masters = [o for o in observed if o.role == MASTER]
     keep = next((o for o in masters if o.host == want.host and o.digest == want.digest), None)
     actions: list[Action] = []
@@ -167,10 +176,11 @@ def _master_actions(
 
 def _host_workers(
     config: Config, images: Images, key: Secret, host: str, mine: list[Observed], target: int,
-    busy: Mapping[str, int], fresh: Iterator[int],
+    busy: Mapping[str, int], fresh: Iterator[int], tls: Mounts | None,
 ) -> list[Action]:  # fmt: skip
     def spec(index: int) -> ContainerSpec:
-        return worker_spec(config, images, key, host, index)
+        name = worker_name(config.cluster, index)
+        return worker_spec(config, images, key, host, index, tls(name, WORKER) if tls else None)
 
     def load(o: Observed) -> int:
         return busy.get(o.name, 0)

@@ -9,7 +9,8 @@ from typing import Any
 from .observed import ContainerRow, Status, stamp_seconds
 from .planner import Action, Create, Remove, RemoveVolume, Start
 from .shipplan import Ship
-from .specs import UNBUILT
+from .specs import TLS_DIR, UNBUILT
+from .tlsplan import UNISSUED, Issue
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -25,6 +26,9 @@ def describe(action: Action) -> str:
         spec = action.spec
         env = " ".join(f"{k}={v}" for k, v in sorted(spec.masked_env().items()))
         vols = "".join(f" volume {v}:{p}" for v, p in spec.volumes)
+        if spec.tls is not None:
+            serial = "to be issued" if spec.tls.serial == UNISSUED else spec.tls.serial[:16]
+            vols += f" tls {spec.tls.volume}:{TLS_DIR}:ro (certificate {serial})"
         return (f"{spec.host}: create {spec.name} ({spec.role}, image {spec.image.ref}, "
                 f"stop timeout {spec.stop_timeout}s{vols}) env {env}")  # fmt: skip
     if isinstance(action, Start):
@@ -37,11 +41,14 @@ def describe(action: Action) -> str:
     return f"{action.host}: remove volume {action.name}"
 
 
-def plan(actions: Sequence[Action], shipments: Sequence[Ship] = ()) -> str:
-    """The images each host would receive, then the container actions."""
-    if not actions and not shipments:
+def plan(actions: Sequence[Action], shipments: Sequence[Ship] = (),
+         certificates: Sequence[Issue] = ()) -> str:  # fmt: skip
+    """The certificates that would be issued, the images each host would receive, then the
+    container actions."""
+    if not actions and not shipments and not certificates:
         return "nothing to do: the cluster already matches the inventory"
-    return "\n".join([*(shipment(s) for s in shipments), *(describe(a) for a in actions)])
+    return "\n".join([*(f"issue {c.describe()}" for c in certificates),
+                      *(shipment(s) for s in shipments), *(describe(a) for a in actions)])
 
 
 def shipment(ship: Ship) -> str:

@@ -41,20 +41,33 @@ LABEL = f"deployctl.cluster={CLUSTER}"
 DEPLOYCTL = Path(sys.executable).with_name("deployctl")
 
 
+@contextlib.contextmanager
+def host_engine(testbed: Testbed, name: str) -> Iterator[docker.DockerClient]:
+    """A client of the bed host's engine, on its own socket (not over SSH)."""
+    host = next(h for h in testbed.hosts if h.name == name)
+    client = docker.DockerClient(base_url=host.docker_url, timeout=120)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def remove_cluster(client: docker.DockerClient, label: str) -> None:
+    """Remove a cluster's containers and volumes (journal, TLS files) by its label."""
+    for c in client.containers.list(all=True, filters={"label": label}):
+        c.remove(force=True)
+    for v in client.volumes.list(filters={"label": label}):
+        v.remove(force=True)
+
+
 @dataclass
 class Bed:
     testbed: Testbed
     home: Path
     workdir: Path
 
-    @contextlib.contextmanager
-    def engine(self, name: str) -> Iterator[docker.DockerClient]:
-        host = next(h for h in self.testbed.hosts if h.name == name)
-        client = docker.DockerClient(base_url=host.docker_url, timeout=120)
-        try:
-            yield client
-        finally:
-            client.close()
+    def engine(self, name: str) -> contextlib.AbstractContextManager[docker.DockerClient]:
+        return host_engine(self.testbed, name)
 
     def containers(self) -> dict[str, list[tuple[str, str]]]:
         """host -> [(name, id)] of this cluster's containers, read from each engine directly."""
@@ -101,10 +114,7 @@ OUR_IMAGES = ("scheduler-master:", "scheduler-slave:", "scheduler-base:", "wtest
 def _wipe(bed: Bed, images: bool) -> None:
     for host in bed.testbed.hosts:
         with bed.engine(host.name) as client:
-            for c in client.containers.list(all=True, filters={"label": LABEL}):
-                c.remove(force=True)
-            for v in client.volumes.list(filters={"label": LABEL}):
-                v.remove(force=True)
+            remove_cluster(client, LABEL)
             if images:  # make the engines empty of our images, so `up` has to ship them
                 for image in client.images.list():
                     if any(t.startswith(OUR_IMAGES) for t in image.tags):
@@ -274,7 +284,9 @@ def test_top_once_prints_one_frame_of_the_cluster(bed: Bed, up) -> None:
 def test_dry_run_shows_the_plan_without_the_key(bed: Bed, up) -> None:
     plan = bed.run("scale", "workers", "7", "--dry-run").stdout
     assert plan.count("create itest-worker-") == 2
-    assert "SCHEDULER_AUTHKEY=********" in plan
+    # several hosts: TLS by default, and the authkey is a file in each container's TLS volume
+    assert "SCHEDULER_AUTHKEY_FILE=/etc/scheduler/tls/authkey" in plan
+    assert "SCHEDULER_AUTHKEY=" not in plan
     key = (bed.workdir / f"{CLUSTER}.authkey").read_text().strip()
     assert oct((bed.workdir / f"{CLUSTER}.authkey").stat().st_mode)[-3:] == "600"
     for args in (["up", "--dry-run"], ["down", "--dry-run"], ["status"], ["logs", "--tail", "5"]):
