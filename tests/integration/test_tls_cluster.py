@@ -20,7 +20,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from scheduler import certs, transport
+from scheduler import certs, transport, verify
 from scheduler.errors import Forbidden
 
 from . import jobs
@@ -101,14 +101,19 @@ def test_jobs_run_end_to_end_under_tls(tls_cluster: Cluster, pki: Path) -> None:
         assert shell.get(timeout=30) == "over tls\n"
         with pytest.raises(ValueError, match="kaput"):  # the job's own exception, as without TLS
             client.apply_async(jobs.boom, ("kaput",)).get(timeout=30)
+        # a verify job marks itself from the slave, with the slave's certificate and name
+        probe = client.apply_async(verify.probe, ("run-1", 7, 0.0))
+        assert probe.get(timeout=30) == 7
+        [(item, marker, _)] = client._link.call("marks", "run-1")
+        assert (item, marker) == (7, client.job(probe.id)["worker"])
         status = client.status()
     assert where <= {"w1", "w2"}
     assert {w["name"] for w in status["workers"]} == {"w1", "w2"}
-    assert status["counts"]["succeeded"] == 20 + 4 + 1 and status["counts"]["failed"] == 1
+    assert status["counts"]["succeeded"] == 20 + 4 + 1 + 1 and status["counts"]["failed"] == 1
 
     listed = cli(tls_cluster, "jobs", "--json", "--all", **tls_env(pki, "c1"))
     assert listed.returncode == 0, listed.stderr
-    assert len(json.loads(listed.stdout)) == 26
+    assert len(json.loads(listed.stdout)) == 27
     assert any(job["worker"] in ("w1", "w2") for job in json.loads(listed.stdout))
 
     log = tls_cluster.master.log()
