@@ -17,6 +17,10 @@ The rules it enforces:
   thinks a slave holds, handed out in a reply the slave says it took in, but that the
   slave does not claim, was lost in transit and goes back to the queue.
 * An outcome is applied only from the slave that holds the job's lease, once.
+* At most ``queue_window`` queued jobs are kept in memory as records; the others wait
+  *cold*, in the journal only, as id ranges in submission order, and are read back in
+  chunks (``cold_span``/``refill``) as the queue in memory drains. A million queued jobs
+  cost the master a few ranges, not a million records.
 * After a master restart, running jobs stay running: their slaves get ``lease_seconds``
   (and a reconnect allowance) to come back and claim them. And no job is handed out
   until the slaves the journal knew have registered again (or, for one that does not,
@@ -37,6 +41,7 @@ from .errors import UnknownJob, UnknownWorker
 from .job import Job, JobSpec, State
 from .protocol import Holding, Lease, Outcome, Reply
 
+QUEUE_WINDOW = 100_000  # queued job records kept in memory; the rest wait in the journal
 STEAL_SECONDS = 0.2  # less queued work than this is not worth a round trip to move
 RECONNECT_SECONDS = 5.0  # after a master restart, how long slaves get to come back
 
@@ -53,6 +58,7 @@ class Journaled(NamedTuple):
     max_id: int
     max_lease: int
     slaves: tuple[str, ...] = ()  # registered when the journal was last written
+    cold: tuple[int, int] | None = None  # queued jobs left in the journal (first, last id)
 
 
 @dataclass(slots=True)
@@ -103,6 +109,7 @@ class Board:
         max_attempts: int = 3,
         first_lease: int = 1,
         lease_ceiling: int | None = None,
+        queue_window: int = QUEUE_WINDOW,
     ) -> None:
         self.clock = clock
         self.lease_seconds = lease_seconds
@@ -124,6 +131,10 @@ class Board:
         self._finished: deque[int] = deque()  # finished job ids, oldest first
         self._evicted_total = 0  # how many of finished_total left memory
         self._queue: deque[int] = deque()
+        self.queue_window = queue_window
+        # cold queued jobs: [first id, last id, session, counted in func_refs] in order
+        self.cold: deque[list] = deque()
+        self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
         self.awaited: set[str] = set()  # slaves to come back before anything is handed out
         self.hold_until = 0.0
         self.roster: list[tuple[str, bool]] = []  # (slave, registered) for the journal
@@ -170,11 +181,97 @@ class Board:
             elif job.state is State.RUNNING:  # no slave on record: nobody can claim it
                 self._requeue(job, counted=False)
             elif job.state is State.QUEUED:
-                self._queue.append(job.id)
+                if self.cold or len(self._queue) >= self.queue_window:
+                    del self.jobs[job.id]
+                    if job.kind == "python":
+                        self.func_refs[job.payload[0]] -= 1
+                    self._chill(job.id, None, counted=False)
+                else:
+                    self._queue.append(job.id)
             elif job.state.terminal:
                 self._finished.append(job.id)
                 self.finished_total += 1
+        if stored.cold is not None:
+            self._chill(stored.cold[0], None, counted=False, last=stored.cold[1])
         return running
+
+    # -- the cold queue --------------------------------------------------------
+
+    def _chill(self, first: int, session: object, counted: bool, last: int | None = None) -> None:
+        last = first if last is None else last
+        tail = self.cold[-1] if self.cold else None
+        if tail is not None and tail[1] + 1 == first and tail[2] == session and tail[3] == counted:
+            tail[1] = last
+        else:
+            self.cold.append([first, last, session, counted])
+
+    def cold_span(self) -> tuple[int, int] | None:
+        """The ids of the next cold range to read back, if the queue in memory runs low."""
+        if not self.cold or len(self._queue) >= self.queue_window // 2:
+            return None
+        first, last = self.cold[0][:2]
+        return first, last
+
+    def refill(self, first: int, last: int, rows: list[Job]) -> int:
+        """Take back the cold jobs ``first``..``last`` (read from the journal: ``rows``,
+        its queued jobs in that span, in id order, maybe fewer than the span holds). Up to
+        the last row, or the whole span when ``rows`` are all it holds, leaves the cold
+        queue. Returns how many jobs were queued in memory."""
+        if not self.cold or self.cold[0][0] != first:
+            return 0  # the cold queue changed meanwhile; the next tick reads again
+        head = self.cold[0]
+        upto = min(head[1], last)
+        room = self.queue_window - len(self._queue)
+        queued = 0
+        for row in rows:
+            if row.id > upto:
+                break
+            if queued >= room:
+                upto = row.id - 1
+                break
+            job = self.jobs.get(row.id)
+            if row.id in self._warmed:  # loaded early: it is that record that counts
+                self._warmed.discard(row.id)
+                if job is None or job.state is not State.QUEUED:
+                    continue
+            elif job is not None:  # in memory already (restored running, ...)
+                continue
+            else:
+                job = row
+                job.session = head[2]  # type: ignore[assignment]
+                self.jobs[job.id] = job
+                if not head[3] and job.kind == "python":
+                    self.func_refs[job.payload[0]] += 1
+            self._queue.append(job.id)
+            queued += 1
+        else:
+            upto = min(head[1], last)
+        for i in [i for i in self._warmed if first <= i <= upto]:  # not queued any more
+            self._warmed.discard(i)
+        if upto >= head[1]:
+            self.cold.popleft()
+        else:
+            head[0] = upto + 1
+        return queued
+
+    def is_cold(self, job_id: int) -> bool:
+        return any(first <= job_id <= last for first, last, *_ in self.cold)
+
+    def warm(self, job: Job) -> Job:
+        """Keep a cold job's record in memory (to watch or cancel it); it keeps its place."""
+        span = next((c for c in self.cold if c[0] <= job.id <= c[1]), None)
+        if span is None:
+            raise UnknownJob(f"job {job.id} is not waiting in the journal")
+        if job.id in self.jobs:
+            return self.jobs[job.id]
+        if job.state.terminal:  # finished (and evicted) since: it stays in the journal
+            return job
+        job.session = span[2]
+        self.jobs[job.id] = job
+        if not span[3] and job.kind == "python" and not job.state.terminal:
+            self.func_refs[job.payload[0]] += 1
+        self._warmed.add(job.id)
+        return job
 
     # -- clients -------------------------------------------------------------
 
@@ -211,8 +308,18 @@ class Board:
         return new
 
     def publish(self, jobs: Iterable[Job]) -> None:
-        """Let slaves have jobs submitted with ``publish=False`` (now in the journal)."""
-        self._queue.extend(j.id for j in jobs if j.state is State.QUEUED)
+        """Let slaves have jobs submitted with ``publish=False`` (now in the journal).
+
+        Beyond ``queue_window`` queued in memory, saved jobs go cold (see above)."""
+        queue, window = self._queue, self.queue_window
+        for job in jobs:
+            if job.state is not State.QUEUED:
+                continue
+            if job.journaled and (self.cold or len(queue) >= window):
+                del self.jobs[job.id]
+                self._chill(job.id, job.session, counted=True)
+            else:
+                queue.append(job.id)
 
     def unsubmit(self, jobs: Iterable[Job]) -> None:
         """Take back unpublished jobs that could not be saved: as if never submitted."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .board import Journaled
+from .board import QUEUE_WINDOW, Journaled
 from .errors import JournalError
 from .job import Job, State
 
@@ -166,15 +166,30 @@ class Journal:
             )
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def load(self, keep_finished: int) -> tuple[list[Job], dict[str, bytes], Journaled]:
-        """Unfinished jobs, the ``keep_finished`` latest finished ones, totals of all, and
-        the bodies of the functions that unfinished jobs call.
+    def load(
+        self, keep_finished: int, queue_window: int | None = QUEUE_WINDOW
+    ) -> tuple[list[Job], dict[str, bytes], Journaled]:
+        """Running jobs, the first ``queue_window`` queued ones (None: all), the
+        ``keep_finished`` latest finished ones, totals of all, and the bodies of the
+        functions that the loaded unfinished jobs call.
 
-        ``Journaled.max_lease`` is the highest lease that may have been handed out.
+        ``Journaled.max_lease`` is the highest lease that may have been handed out;
+        ``Journaled.cold`` the ids (first, last) of the queued jobs left in the journal.
         """
         shared: dict[str, str] = {}
-        unfinished = [_row_job(r, shared) for r in self._db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'running')"
+        limit = -1 if queue_window is None else queue_window  # -1: no LIMIT in SQLite
+        queued = [_row_job(r, shared) for r in self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?", (limit,)
+        )]  # fmt: skip
+        cold = None
+        if queue_window is not None and len(queued) == queue_window:
+            after = queued[-1].id if queued else 0
+            first, last = self._db.execute(
+                "SELECT min(id), max(id) FROM jobs WHERE state = 'queued' AND id > ?", (after,)
+            ).fetchone()
+            cold = (first, last) if first is not None else None
+        unfinished = queued + [_row_job(r, shared) for r in self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'running'"
         )]  # fmt: skip
         finished = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ('queued', 'running') "
@@ -195,7 +210,19 @@ class Journal:
         reserved = self._db.execute("SELECT value FROM meta WHERE key = 'lease_ceiling'")
         max_lease = max([max_lease, *(v for (v,) in reserved)])
         slaves = tuple(n for (n,) in self._db.execute("SELECT name FROM slaves"))
-        return jobs, funcs, Journaled(sum(counts.values()), counts, max_id, max_lease, slaves)
+        stored = Journaled(sum(counts.values()), counts, max_id, max_lease, slaves, cold)
+        return jobs, funcs, stored
+
+    def queued_between(self, first: int, last: int, limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs with ids ``first``..``last``, in id order (the cold
+        queue read back, see Board.refill)."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id BETWEEN ? AND ? AND state = 'queued' "
+                "ORDER BY id LIMIT ?", (first, last, limit),
+            ).fetchall()  # fmt: skip
+        shared: dict[str, str] = {}
+        return [_row_job(r, shared) for r in rows]
 
     def fetch(self, job_id: int) -> Job | None:
         """A job that is no longer kept in memory (finished long ago)."""

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 30.0  # longest a long-poll may block, so dead peers' threads come back
 SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
 PAGE = 1000  # most jobs one `jobs` call returns
+REFILL = 20_000  # cold queued jobs read back from the journal at a time (see Board.refill)
 
 
 def _outcome(job: Job) -> tuple:
@@ -160,6 +161,8 @@ class Service:
                 job = self._board.jobs.get(job_id) or self._journal.fetch(job_id)
                 if job is None:
                     continue
+                if job_id not in self._board.jobs and self._board.is_cold(job_id):
+                    job = self._board.warm(job)  # waiting in the journal: keep its record
                 found += 1
                 if job.state.terminal:
                     box.append(_outcome(job))
@@ -211,7 +214,7 @@ class Service:
         page = PAGE if limit is None else max(0, min(int(limit), PAGE))
         with self._lock:
             found = {j.id: j.info() for j in self._board.select(wanted, page, before)}
-        if wanted is None or wanted.terminal:
+        if wanted is None or wanted.terminal or (wanted is State.QUEUED and self._board.cold):
             older = self._journal.select(state, 2 * page, before)
             with self._lock:
                 found.update((j.id, j.info()) for j in older
@@ -220,6 +223,10 @@ class Service:
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         with self._lock:
+            if job_id not in self._board.jobs and self._board.is_cold(job_id):
+                cold = self._journal.fetch(job_id)
+                if cold is not None:
+                    self._board.warm(cold)
             if job_id not in self._board.jobs:
                 job = None
             else:
@@ -287,9 +294,11 @@ class Service:
                 f"slave {worker} speaks protocol {version}, this master {protocol.VERSION}; "
                 "run the same scheduler version on master and slaves"
             )
+        holding = Holding(*holding)
         with self._lock:
+            self._warm_claims(j for j, _ in holding.held)
             held = self._held(worker)
-            record, reply = self._board.register(worker, Holding(*holding))
+            record, reply = self._board.register(worker, holding)
             lost = self._requeued(held)
             record.host, record.pid, record.concurrency = host, pid, concurrency
             # the roster is saved before the slave gets work: after a crash, a restarted
@@ -355,6 +364,7 @@ class Service:
         """
         outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
+            self._warm_claims(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
             ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
@@ -390,9 +400,11 @@ class Service:
 
     def heartbeat(self, worker: str, holding: tuple = ()) -> tuple:
         """Keep the slave's leases; reconcile its claims; see protocol.Reply."""
+        holding = Holding(*holding)
         with self._lock:
+            self._warm_claims(j for j, _ in holding.held)
             held = self._held(worker)
-            reply = self._board.heartbeat(worker, Holding(*holding))
+            reply = self._board.heartbeat(worker, holding)
             lost = self._requeued(held)
             if reply.known:
                 reply = reply._replace(
@@ -469,6 +481,7 @@ class Service:
                 self._route(gone)
             self._progress.finished(gone)
             self._metrics.finished(gone, ran=False)
+        self._refill()
         self._progress.tick(counts, total)
 
     def _evict(self) -> None:
@@ -503,6 +516,30 @@ class Service:
     def _touch_session(self, session: str) -> list[tuple]:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
+
+    def _warm_claims(self, job_ids: Iterable[int]) -> None:
+        """A slave claims, or reports, a job waiting cold in the journal (handed out just
+        before a crash, see Board.owns): its record must be in memory to be adopted."""
+        if not self._board.cold:
+            return
+        for job_id in job_ids:
+            if job_id not in self._board.jobs and self._board.is_cold(job_id):
+                job = self._journal.fetch(job_id)
+                if job is not None:
+                    self._board.warm(job)
+
+    def _refill(self) -> None:
+        """Read the next cold queued jobs back from the journal, outside the lock."""
+        with self._lock:
+            span = self._board.cold_span()
+        if span is None:
+            return
+        first, last = span
+        rows = self._journal.queued_between(first, last, REFILL)
+        complete_to = rows[-1].id if len(rows) == REFILL else last
+        with self._lock:
+            if self._board.refill(first, complete_to, rows):
+                self._work.notify_all()
 
     def _held(self, worker: str) -> list[int]:
         record = self._board.workers.get(worker)

@@ -357,3 +357,29 @@ def test_verify_kills_a_slave_and_crashes_the_master_and_accounts_for_every_job(
         assert cluster.master.log().count("master listening on") == 2
     finally:
         cluster.stop()
+
+
+# -- a queue longer than the master keeps in memory ---------------------------------
+
+
+def test_a_queue_beyond_the_memory_window_survives_a_kill9_and_runs_each_job_once(tmp_path):
+    """150,000 queued jobs (the master keeps 100,000 records; the rest wait in the
+    journal), the master killed and restarted before any ran: every one runs, once,
+    and returns its own result."""
+    n = 150_000
+    cluster = Cluster(tmp_path)
+    cluster.start_master()
+    try:
+        with cluster.client() as client:
+            handles = [client.apply_async(jobs.square, (i,)) for i in range(n)]
+            client.flush()
+            status = client.status()
+            assert status["counts"]["queued"] == n and status["in_memory"] <= 100_000
+            cluster.restart_master()  # kill -9, and again on the same journal
+            cluster.start_slave("s1", concurrency=2)
+            cluster.start_slave("s2", concurrency=2)
+            assert [h.get(timeout=240) for h in handles] == [i * i for i in range(n)]
+            attempts = Counter(j["attempts"] for j in client.iter_jobs())
+        assert attempts == {1: n}
+    finally:
+        cluster.stop()

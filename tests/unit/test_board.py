@@ -409,3 +409,85 @@ def test_a_slave_restarted_under_the_same_name_gives_back_what_the_old_one_ran(b
     assert reply.drop == ()
     assert a.state is b.state is c.state is State.QUEUED
     assert (a.attempts, b.attempts, c.attempts) == (1, 1, 0)  # a and b ran and died there
+
+
+# -- the cold queue: beyond queue_window, queued jobs wait in the journal only --------
+
+
+def cold_board(window: int = 3) -> Board:
+    return Board(clock=lambda: 1000.0, lease_seconds=10.0, queue_window=window)
+
+
+def saved(board: Board, jobs: list) -> dict:
+    """What the journal would hold: a copy of each job as saved now."""
+    board.take_dirty()
+    for job in jobs:
+        job.journaled = True
+    return {j.id: copy.copy(j) for j in jobs}
+
+
+def read_back(board: Board, journal: dict, limit: int = 100) -> int:
+    """What the service's tick does: read the next cold span back, if it is time."""
+    span = board.cold_span()
+    if span is None:
+        return 0
+    first, last = span
+    rows = [copy.copy(j) for i, j in sorted(journal.items())
+            if first <= i <= last and j.state is State.QUEUED][:limit]  # fmt: skip
+    return board.refill(first, rows[-1].id if len(rows) == limit else last, rows)
+
+
+def test_beyond_the_window_queued_jobs_wait_cold_and_come_back_in_order():
+    board = cold_board()
+    jobs = board.submit([shell(str(i)) for i in range(10)], publish=False)
+    journal = saved(board, jobs)
+    board.publish(jobs)
+    assert sorted(board.jobs) == [1, 2, 3] and board.counts[State.QUEUED] == 10
+    assert board.is_cold(4) and board.is_cold(10) and not board.is_cold(3)
+    later = board.submit([shell("late")], publish=False)  # behind the cold ones, FIFO
+    journal.update(saved(board, later))
+    board.publish(later)
+    assert 11 not in board.jobs
+    order = []
+    while len(order) < 11:
+        got = take(board, "w1", 1)
+        if not got:
+            assert read_back(board, journal) > 0
+            continue
+        order.append(got[0].id)
+        board.complete("w1", [ok(got[0])])
+    assert order == list(range(1, 12)) and not board.cold
+    assert board.counts[State.SUCCEEDED] == 11 and board.counts[State.QUEUED] == 0
+
+
+def test_a_cold_job_watched_or_cancelled_keeps_its_place_and_its_state():
+    board = cold_board(window=2)
+    jobs = board.submit([shell(str(i)) for i in range(6)], publish=False)
+    journal = saved(board, jobs)
+    board.publish(jobs)
+    watched = board.warm(copy.copy(journal[4]))  # a client watches job 4
+    cancelled = board.cancel(board.warm(copy.copy(journal[5])).id)
+    journal[5] = copy.copy(cancelled)  # the cancel is saved
+    assert watched.state is State.QUEUED and cancelled.state is State.CANCELLED
+    handed = []
+    while True:
+        got = take(board, "w1", 10)
+        handed += [j.id for j in got]
+        for job in got:
+            board.complete("w1", [ok(job)])
+        if not got and not read_back(board, journal):
+            break
+    assert handed == [1, 2, 3, 4, 6]  # 4 in its place, as its watched record; 5 never
+    assert board.jobs[4] is watched and watched.state is State.SUCCEEDED
+    assert not board.cold and not board._warmed
+
+
+def test_a_restored_master_keeps_the_window_and_leaves_the_rest_cold():
+    board = cold_board()
+    jobs = board.submit([shell(str(i)) for i in range(8)])
+    take(board, "w1", 1)  # job 1 runs
+    restored = cold_board()
+    restored.restore([copy.copy(j) for j in jobs])
+    assert sorted(i for i, j in restored.jobs.items() if j.state is State.QUEUED) == [2, 3, 4]
+    assert 1 in restored.jobs and restored.is_cold(5) and restored.is_cold(8)
+    assert restored.counts[State.QUEUED] == 7

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, Phase, note, settings
@@ -64,6 +64,8 @@ from scheduler.job import Job, JobSpec, State
 LEASE = 10.0  # lease_seconds
 BLOCK = 4  # leases reserved per journal write: tiny, so reservations happen often
 KEEP_LOADED = 2  # finished jobs a restarted master loads (keep_finished)
+WINDOW = 3  # queued job records kept in memory; the others wait cold, in the journal
+REFILL = 2  # cold jobs read back at a time
 NAMES = ("s0", "s1", "s2")
 SETTLE_ROUNDS = 60  # rounds of "everybody works a bit" in which all jobs must finish
 
@@ -256,7 +258,10 @@ class BoardModel(RuleBasedStateMachine):
         """What scheduler/master.py does: load the journal, reserve leases, restore."""
         rows = list(self.journal.values())
         finished = sorted((j for j in rows if j.state.terminal), key=lambda j: -j.id)
-        loaded = [j for j in rows if not j.state.terminal] + finished[:KEEP_LOADED]
+        queued = sorted((j for j in rows if j.state is State.QUEUED), key=lambda j: j.id)
+        cold = (queued[WINDOW].id, queued[-1].id) if len(queued) > WINDOW else None
+        loaded = [j for j in rows if j.state is State.RUNNING] + queued[:WINDOW]
+        loaded += finished[:KEEP_LOADED]
         max_lease = max([self.journal_ceiling, *(j.lease for j in rows)])
         stored = Journaled(
             len(rows),
@@ -264,6 +269,7 @@ class BoardModel(RuleBasedStateMachine):
             max((j.id for j in rows), default=0),
             max_lease,
             slaves=tuple(sorted(self.roster)),
+            cold=cold,
         )
         self.journal_ceiling = max_lease + BLOCK
         board = Board(
@@ -272,10 +278,12 @@ class BoardModel(RuleBasedStateMachine):
             max_attempts=3,
             first_lease=max_lease + 1,
             lease_ceiling=self.journal_ceiling,
+            queue_window=WINDOW,
         )
         board.restore([copy.copy(j) for j in loaded], stored)
         in_memory = {j.id for j in loaded}
-        self.offboard = {j.id: j.state for j in rows if j.id not in in_memory}
+        self.offboard = {j.id: j.state for j in rows if j.id not in in_memory
+                         and j.state.terminal}  # fmt: skip
         self.saved_finished = board.finished_total
         self.terminal_here, self.applied_here = {}, {}
         self.epoch += 1
@@ -314,8 +322,32 @@ class BoardModel(RuleBasedStateMachine):
         if s.heard is not None:
             s.heard = self.now
 
+    def _warm_claims(self, job_ids: Iterable[int]) -> None:
+        """What the service does before register, heartbeat and report: a claimed or
+        reported cold job's record is read from the journal, so that it can be adopted."""
+        for job_id in job_ids:
+            if job_id not in self.board.jobs and self.board.is_cold(job_id):
+                self.board.warm(copy.copy(self.journal[job_id]))
+
+    def _refill(self) -> None:
+        """The service's tick: cold queued jobs read back as the queue in memory drains."""
+        span = self.board.cold_span()
+        if span is None:
+            return
+        first, last = span
+        rows = sorted((j for j in self.journal.values()
+                       if first <= j.id <= last and j.state is State.QUEUED),
+                      key=lambda j: j.id)[:REFILL]  # fmt: skip
+        complete_to = rows[-1].id if len(rows) == REFILL else last
+        self.board.refill(first, complete_to, [copy.copy(j) for j in rows])
+
+    def _cold(self) -> set[int]:
+        """Accepted jobs waiting cold: neither in memory nor evicted."""
+        return self.accepted - set(self.board.jobs) - set(self.offboard)
+
     def _register(self, s: Slave) -> None:
         holding = s.holding()
+        self._warm_claims(j for j, _ in holding.held)
         worker, reply = self.board.register(s.name, holding)
         worker.concurrency = 2  # what the service records from the call
         # the service saves the roster (and what changed) before it replies
@@ -328,6 +360,7 @@ class BoardModel(RuleBasedStateMachine):
         """A heartbeat with what the slave holds (or held, when it was sent)."""
         s.beat_in_flight = None
         holding = s.holding() if holding is None else holding
+        self._warm_claims(j for j, _ in holding.held)
         reply = self.board.heartbeat(s.name, holding)
         assert reply.known == (s.heard is not None), (
             f"{s.name}: heartbeat known={reply.known}, but the model says the master "
@@ -454,6 +487,7 @@ class BoardModel(RuleBasedStateMachine):
         )  # fmt: skip
 
     def _deliver_report(self, s: Slave, outs: list[Outcome], *, save: bool, ack: bool) -> None:
+        self._warm_claims(o.job_id for o in outs)  # the service reads cold ones back first
         expected: dict[Key, bool] = {}
         now_terminal: set[int] = set()
         for out in outs:
@@ -702,6 +736,7 @@ class BoardModel(RuleBasedStateMachine):
         self._expire()
         if save:
             self._save(tick=True)
+            self._refill()
 
     def evict(self, keep: int) -> None:
         before = set(self.board.jobs)
@@ -740,10 +775,11 @@ class BoardModel(RuleBasedStateMachine):
     # -- quiescence ------------------------------------------------------------------
 
     def _unfinished(self) -> list[int]:
-        jobs = self.board.jobs
+        jobs, cold = self.board.jobs, self._cold()
         return sorted(
-            j for j in self.accepted if j not in self.offboard and not jobs[j].state.terminal
-        )
+            j for j in self.accepted
+            if j in cold or (j not in self.offboard and not jobs[j].state.terminal)
+        )  # fmt: skip
 
     def _settle(self) -> None:
         """Heal everything, let the live slaves work; every job must finish."""
@@ -782,6 +818,7 @@ class BoardModel(RuleBasedStateMachine):
             self._advance(LEASE / 3)
             self._expire()
             self._save(tick=True)
+            self._refill()
         left = self._unfinished()
         assert not left, "jobs never finished: " + "; ".join(self._where(j) for j in left)
 
@@ -797,8 +834,17 @@ class BoardModel(RuleBasedStateMachine):
         board, jobs = self.board, self.board.jobs
         # every accepted job is in one place, in one state; counts and total agree
         assert not set(jobs) & set(self.offboard)
-        assert set(jobs) | set(self.offboard) == self.accepted
+        cold = self._cold()
+        for job_id in cold:  # waiting cold: queued in the journal, in a cold range
+            saved = self.journal.get(job_id)
+            assert saved is not None and saved.state is State.QUEUED, self._where(job_id)
+            assert board.is_cold(job_id), f"job {job_id} neither in memory nor cold"
+        queued_here = sum(1 for j in jobs.values() if j.state is State.QUEUED)
+        assert queued_here <= WINDOW + len(board._warmed) + 2 * len(self.slaves) * 8, (
+            f"{queued_here} queued records in memory"
+        )  # the window, plus jobs handed back or requeued, which go first
         real = Counter(j.state for j in jobs.values()) + Counter(self.offboard.values())
+        real[State.QUEUED] += len(cold)
         assert {s: board.counts[s] for s in State} == {s: real[s] for s in State}, (
             dict(board.counts),
             dict(real),
@@ -817,7 +863,7 @@ class BoardModel(RuleBasedStateMachine):
         # what a client saw stays (its slave reports again to the next master), unless
         # that slave died or went silent before it could, or the job was cancelled since
         for job_id, state in self.client_saw.items():
-            now = jobs[job_id].state if job_id in jobs else self.offboard[job_id]
+            now = jobs[job_id].state if job_id in jobs else self.offboard.get(job_id, State.QUEUED)
             assert (
                 not now.terminal or now in (state, State.CANCELLED) or (job_id in self.tainted)
             ), f"clients saw {state}, now {self._where(job_id)}"
@@ -839,7 +885,7 @@ class BoardModel(RuleBasedStateMachine):
                 if (s.name, (job_id, lease)) in self.stale:
                     continue
                 job = jobs.get(job_id)
-                state = job.state if job is not None else self.offboard[job_id]
+                state = job.state if job is not None else self.offboard.get(job_id, State.QUEUED)
                 mine = (
                     state is State.RUNNING
                     and job is not None

@@ -9,7 +9,7 @@ import pytest
 from scheduler import service as service_module
 from scheduler.board import Board
 from scheduler.errors import SchedulerError, SubmitError
-from scheduler.job import JobSpec
+from scheduler.job import JobSpec, State
 from scheduler.journal import Journal
 from scheduler.progress import Progress
 from scheduler.protocol import VERSION, Lease
@@ -80,3 +80,30 @@ def test_a_slave_of_another_protocol_is_refused_at_register(journal):
     with pytest.raises(SchedulerError, match="protocol"):
         svc.register("old", version=VERSION - 1)
     assert svc.status()["workers"] == []
+
+
+def test_queued_jobs_beyond_the_window_wait_in_the_journal_and_stay_reachable(journal):
+    svc = Service(Board(queue_window=5), journal, {}, Progress(time.time))
+    first, n = svc.submit([shell("true", str(i)) for i in range(12)])
+    assert (first, n) == (1, 12)
+    status = svc.status()
+    assert status["in_memory"] == 5 and status["counts"]["queued"] == 12
+    # a cold job can be read, listed, watched and cancelled
+    assert svc.get(9)["state"] == "queued"
+    assert [j["id"] for j in svc.jobs("queued", limit=3)] == [12, 11, 10]
+    assert svc.cancel(11)["state"] == "cancelled"
+    assert svc.watch("s1", [12]) == 1
+    # a restarted master loads the window; the rest stays cold
+    jobs, _, stored = journal.load(10, queue_window=5)
+    assert sorted(j.id for j in jobs if j.state is State.QUEUED) == [1, 2, 3, 4, 5]
+    assert stored.cold == (6, 12)
+    # a slave gets every job but the cancelled one, in order, as the tick reads them back
+    svc.register("w", version=VERSION)
+    handed: list[int] = []
+    for _ in range(10):
+        got = [Lease._make(t) for t in svc.lease("w", 100).leases]
+        handed += [x.job_id for x in got]
+        svc.report("w", [(x.job_id, x.lease, True) for x in got])
+        svc.tick()
+    assert handed == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
+    assert svc.collect("s1", 0) == [(12, "succeeded", "", None, None)]
