@@ -263,7 +263,10 @@ class Worker:
 
     # -- running -------------------------------------------------------------
 
-    def _take(self) -> list[Lease] | None:
+    def _take(self, slot: PythonSlot) -> tuple[list[Lease], Abort, dict[str, bytes]] | None:
+        """The next batch for ``slot``: taken off the queue and entered as running in one
+        step, so that no heartbeat ever sees the slave without it (the master would take
+        it for lost in transit and hand it out again)."""
         with self._cond:
             while not self._queue and not self._draining.is_set():
                 if not self._fetching:  # long-poll ourselves: no hand-off when work comes
@@ -295,17 +298,17 @@ class Worker:
                 ):
                     batch.append(self._queue.popleft())
             self._busy_slots += 1
-            return batch
+            abort = Abort()
+            for lease in batch:
+                self._running[lease.job_id, lease.lease] = (lease, abort, slot)
+            # the bodies this batch calls (others may leave self._funcs meanwhile)
+            funcs = {x.payload[0]: self._funcs[x.payload[0]] for x in batch
+                     if x.kind == "python" and x.payload[0] in self._funcs}  # fmt: skip
+            return batch, abort, funcs
 
     def _slot_loop(self, slot: PythonSlot) -> None:
-        while (batch := self._take()) is not None:
-            abort = Abort()
-            with self._cond:
-                for lease in batch:
-                    self._running[lease.job_id, lease.lease] = (lease, abort, slot)
-                # the bodies this batch calls (others may leave self._funcs meanwhile)
-                funcs = {x.payload[0]: self._funcs[x.payload[0]] for x in batch
-                         if x.kind == "python" and x.payload[0] in self._funcs}  # fmt: skip
+        while (taken := self._take(slot)) is not None:
+            batch, abort, funcs = taken
             self._log_start(batch)
             if batch[0].kind == "shell":
                 self._finish(run_shell(batch[0], self.settings.output_limit, abort), abort)
@@ -451,6 +454,7 @@ class Worker:
                                 len(batch), exc)  # fmt: skip
                     reply = None
                     break
+                time.sleep(RETRY_SECONDS)  # a refusal comes back at once: no busy loop
             except Exception as exc:
                 log.error("slave %s: reporting %d outcome(s) failed, retrying: %r", self.name,
                           len(batch), exc)  # fmt: skip
