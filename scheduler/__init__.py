@@ -10,6 +10,7 @@ from .errors import (  # noqa: E402
     AuthError,
     ConfigError,
     ConnectError,
+    Forbidden,
     JobFailed,
     SchedulerError,
     ShuttingDown,
@@ -19,6 +20,6 @@ from .errors import (  # noqa: E402
 from .job import State  # noqa: E402
 
 __all__ = [
-    "AsyncResult", "AuthError", "Client", "ConfigError", "ConnectError", "JobFailed",
+    "AsyncResult", "AuthError", "Client", "ConfigError", "ConnectError", "Forbidden", "JobFailed",
     "SchedulerError", "ShuttingDown", "State", "SubmitError", "UnknownJob", "__version__",
 ]  # fmt: skip

@@ -195,8 +195,9 @@ class Client:
         else:
             key = settings.authkey_from_environ(env)
         self._authkey = key.reveal()
+        self._environ = environ  # TLS settings too (SCHEDULER_TLS_*)
         self._link = Link(self.address, self._authkey, stopping=lambda: self._closed,
-                          patience=RECONNECT_PATIENCE)  # fmt: skip
+                          patience=RECONNECT_PATIENCE, environ=environ)  # fmt: skip
         # a wrong address, key or version fails here, in one line
         _check_protocol(self._link.call("ping", retry=False), self.address)
         self.batch_size = batch_size
@@ -484,7 +485,7 @@ class Client:
 
     def _collect_loop(self) -> None:
         link = Link(self.address, self._authkey, stopping=lambda: self._closed,
-                    patience=RECONNECT_PATIENCE)  # fmt: skip
+                    patience=RECONNECT_PATIENCE, environ=self._environ)  # fmt: skip
         while True:
             with self._lock:
                 while not self._pending and not self._buffer and not self._closed:

@@ -494,9 +494,11 @@ class Link:
         stopping: Callable[[], bool] = lambda: False,
         patience: float | None = None,
         on_refused: Callable[[tls.TLSRefused], None] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._address = address
         self._authkey = authkey
+        self._environ = environ  # where SCHEDULER_TLS_* come from (default: os.environ)
         self._stopping = stopping
         self._patience = patience
         self.on_refused = on_refused
@@ -551,7 +553,7 @@ class Link:
         started, delay, attempt = time.monotonic(), 0.5, 0
         while True:
             try:
-                return connect(self._address, self._authkey)
+                return connect(self._address, self._authkey, self._environ)
             except tls.TLSRefused as exc:
                 if not self._generation:  # never accepted: a setup problem, said by the caller
                     raise
