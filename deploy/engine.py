@@ -176,8 +176,14 @@ def _reason(exc: BaseException) -> str:
 def observe(engines: Engines, host: Host, cluster: str) -> list[Observed]:
     """Containers of ``cluster`` on ``host``, read back by label (one request, no inspects)."""
     client = engines.client(host)
-    with engines.guard(host, "list containers"):
-        found = client.api.containers(all=True, filters={"label": f"{L_CLUSTER}={cluster}"})
+    query = {"all": True, "filters": {"label": f"{L_CLUSTER}={cluster}"}}
+    try:  # a read: once more on a fresh connection if this one broke or stalled
+        found = client.api.containers(**query)
+    except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+        log.warning("%s: listing containers failed (%s); trying once more", host.name,
+                    _reason(exc))  # fmt: skip
+        with engines.guard(host, "list containers"):
+            found = client.api.containers(**query)
     return [_observed(host.name, c) for c in found]
 
 
