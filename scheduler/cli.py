@@ -18,7 +18,8 @@ from . import __version__, certs, jobsfile, master, slave, verify
 from .client import AsyncResult, Client
 from .errors import SchedulerError
 from .job import State
-from .settings import load
+from .journal import backup
+from .settings import load, parse_duration
 
 STATES = [str(s) for s in State]
 SHOWN_FAILURES = 5  # `submit --wait` tells this many failures in full, then counts
@@ -254,6 +255,39 @@ def cmd_slave_health(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the journal ----------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    older = None if args.older_than is None else parse_duration(args.older_than, "--older-than")
+    if args.keep is not None and not args.keep.isdigit():
+        raise SchedulerError(f"--keep: expected a whole number >= 0, got {args.keep!r}")
+    keep = None if args.keep is None else int(args.keep)
+    with _client(args) as client:
+        try:  # the client has no method of its own for it (verify calls its link the same way)
+            done = client._link.call("prune", older, keep, retry=False)
+        except AttributeError:  # not in the master's EXPOSED list
+            host, port = client.address
+            raise SchedulerError(f"the master at {host}:{port} cannot prune (an older "
+                                 "version); upgrade it") from None  # fmt: skip
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    why = done["rules"] or "no rule given, and the master's retention is off"
+    print(f"{done['jobs']} job(s) left the journal ({why}); {done['funcs']} function body(ies), "
+          f"{done['marks']} verify mark(s); {done['freed_bytes'] / 1e6:.1f} MB free for reuse, "
+          f"journal {done['journal_bytes'] / 1e6:.1f} MB")  # fmt: skip
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir or load(authkey="x" * 16).state_dir  # a file copy needs no key
+    source, jobs, size = backup(state_dir, args.file, force=args.force)
+    print(f"{args.file}: a consistent copy of {source} ({jobs} jobs, {size / 1e6:.1f} MB); "
+          "a master starts from it as journal.sqlite3 in its SCHEDULER_STATE_DIR")  # fmt: skip
+    return 0
+
+
 # -- certificates --------------------------------------------------------------------------
 
 
@@ -391,6 +425,21 @@ def parser() -> argparse.ArgumentParser:
     t = add("top", cmd_top, "a live view of counts, rate and slaves (Ctrl-C to leave)")
     t.add_argument("--once", action="store_true", help="draw once and exit")
     t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    pr = add("prune", cmd_prune, "remove finished jobs from the master's journal now")
+    pr.add_argument("--older-than", metavar="DURATION",
+                    help="jobs that ended longer ago than this (7d, 12h, 30m, seconds; 0: all)")
+    pr.add_argument("--keep", metavar="N", help="all but the newest N finished jobs")
+    pr.add_argument("--json", action="store_true", help="print the counts as JSON")
+    pr.epilog = ("Without --older-than or --keep, the master's SCHEDULER_RETAIN and "
+                 "SCHEDULER_RETAIN_COUNT. Queued and running jobs are never removed. " + EPILOG)
+    b = sub.add_parser("backup", help="copy the journal consistently while the master runs",
+                       description="Copy the master's journal with SQLite's online backup, "
+                       "on the master's machine; the master may be running.")  # fmt: skip
+    b.set_defaults(func=cmd_backup)
+    b.add_argument("file", metavar="FILE", help="where to write the copy")
+    b.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    b.add_argument("--state-dir", help="the master's journal directory (SCHEDULER_STATE_DIR, "
+                   "default ./scheduler-state)")  # fmt: skip
     add("ping", cmd_ping, "exit 0 if the master answers with our key")
     add("slave-health", cmd_slave_health, "exit 0 if this host's slave heartbeats")
     _add_certs(sub)

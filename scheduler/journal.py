@@ -12,6 +12,7 @@ succeeds; meanwhile ``failing`` says why, and a caller that cannot wait (a submi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .board import QUEUE_WINDOW, Journaled
 from .errors import JournalError
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 LEASE_BLOCK = 1 << 24  # leases reserved per journal write (about 11 minutes at 25k jobs/s)
 RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing write
+PRUNE_CHUNK = 1_000  # rows one pruning transaction deletes: the writer waits at most that long
+_FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
 _FIXED = "id, kind, func, args, name, labels, timeout, max_attempts, submitted"
 _CHANGING = (
     "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr"
@@ -40,6 +44,10 @@ _COLUMNS = f"{_FIXED}, {_CHANGING}"
 _INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
 _INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 10)})"
+# a job changed without error text or output (most python jobs): fewer columns to bind;
+# the row's error/stdout/stderr are NULL then, as a job's never go back to None once set
+_DONE = ("state", "attempts", "worker", "lease", "started", "ended", "exit_code", "result")
+_UPDATE_DONE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _DONE)} WHERE id = ?"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING.split(', '))} WHERE id = ?"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -112,12 +120,25 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
     )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one pruning pass removed from the journal."""
+
+    jobs: int = 0
+    funcs: int = 0  # function bodies no job calls any more
+    marks: int = 0  # `scheduler verify` marks older than the age limit
+    freed: int = 0  # bytes of the file left free for reuse by the deletions (about)
+    size: int = 0  # the journal file's size afterwards
+    held: float = 0.0  # longest one deletion kept the writer out (seconds)
+
+
 @dataclass(slots=True)
 class _Entry:
     seq: int
     new: list[tuple] = field(default_factory=list)
     fresh: list[tuple] = field(default_factory=list)  # new jobs as submitted
     changed: list[tuple] = field(default_factory=list)
+    done: list[tuple] = field(default_factory=list)  # changed, with no error or output
     funcs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
@@ -148,6 +169,7 @@ class Journal:
         self._writing = False  # a transaction is under way (one writer at a time)
         self._closing = False
         self.on_commit: Callable[[float], None] | None = None  # seconds a transaction took
+        self._prune_lock = threading.Lock()  # one pruning pass at a time
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
 
@@ -278,10 +300,14 @@ class Journal:
         when the caller waits for it next: it then writes it itself, with no hand-off,
         unless a write is under way (the writer thread would race it for no gain).
         """
-        new, fresh, changed = [], [], []
+        new, fresh, changed, done = [], [], [], []
         for j in jobs:
             if j.journaled:
-                changed.append((*_changing(j), j.id))
+                if j.error is None and j.stdout is None and j.stderr is None:
+                    done.append((str(j.state), j.attempts, safe_text(j.worker), j.lease,
+                                 j.started, j.ended, j.exit_code, j.result, j.id))  # fmt: skip
+                else:
+                    changed.append((*_changing(j), j.id))
             elif j.state is State.QUEUED and not j.attempts:
                 fresh.append((*_fixed(j), "queued"))
             else:
@@ -291,7 +317,7 @@ class Journal:
         with self._cond:
             self._queued_seq += 1
             self._pending.append(_Entry(
-                self._queued_seq, new, fresh, changed, list((funcs or {}).items()),
+                self._queued_seq, new, fresh, changed, done, list((funcs or {}).items()),
                 list((meta or {}).items()), list(marks or ()), list(roster or ()),
             ))  # fmt: skip
             if wake:
@@ -373,7 +399,7 @@ class Journal:
         """
         self._writing = True
         self._in_flight, self._pending = self._pending, []
-        written = any(e.new or e.fresh or e.changed or e.funcs or e.meta or e.marks
+        written = any(e.new or e.fresh or e.changed or e.done or e.funcs or e.meta or e.marks
                       for e in self._in_flight)  # not the master's idle ticks
         self._cond.release()
         try:
@@ -416,6 +442,8 @@ class Journal:
                     db.executemany(_INSERT, e.new)
                 if e.changed:
                     db.executemany(_UPDATE, e.changed)
+                if e.done:
+                    db.executemany(_UPDATE_DONE, e.done)
                 if e.meta:
                     db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", e.meta)
                 if e.marks:
@@ -429,3 +457,238 @@ class Journal:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    # -- retention ---------------------------------------------------------------
+
+    def prune(
+        self,
+        now: float,
+        older_than: float | None,
+        keep: int | None,
+        *,
+        held_funcs: Callable[[list[str]], set[str]] = lambda digests: set(),
+        stop: Callable[[], bool] = lambda: False,
+        chunk: int = PRUNE_CHUNK,
+    ) -> Pruned:
+        """Delete finished jobs that ended more than ``older_than`` seconds before ``now``
+        or are beyond the newest ``keep`` finished ones (None: no such rule); then function
+        bodies no job calls, unless the master holds them (``held_funcs``: those of the
+        digests given that it holds), and verify marks older than ``older_than``.
+
+        Never deleted: a queued or running job, and the newest job (its id is where a
+        restarted master numbers on from). Candidates are read on a connection of this
+        pass's own, beside the writer; each ``chunk`` of them is deleted in a transaction
+        of its own between the writer's entries (``_delete``). ``stop`` is asked
+        between chunks. A finished job's row is never written again (the board never
+        changes a finished job), so deleting one the master still shows is harmless.
+        """
+        with self._cond:
+            queued = self._queued_seq
+        # what the caller counted as finished is in the rows read: its writes come first
+        self.wait(queued, give_up=True)
+        with self._prune_lock, contextlib.closing(self._connect_reader()) as db:
+            page_size, free_before = _free_pages(db)
+            holds: list[float] = []
+            jobs = self._prune_jobs(db, now, older_than, keep, stop, chunk, holds)
+            funcs = self._prune_funcs(db, held_funcs, chunk, holds) if jobs else 0
+            marks = 0
+            if older_than is not None and not stop():
+                marks = self._prune_marks(db, now - older_than, stop, chunk, holds)
+            _, free_after = _free_pages(db)
+        size = sum(p.stat().st_size for p in (self.path, _wal(self.path)) if p.exists())
+        freed = max(0, free_after - free_before) * page_size
+        return Pruned(jobs, funcs, marks, freed, size, max(holds, default=0.0))
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        uri = f"file:{quote(str(self.path))}?mode=ro"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+    def _prune_jobs(
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        older_than: float | None,
+        keep: int | None,
+        stop: Callable[[], bool],
+        chunk: int,
+        holds: list[float],
+    ) -> int:
+        (newest,) = db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()
+        upto, rules, args = newest - 1, [], []
+        if keep is not None:
+            cut = db.execute(f"SELECT id FROM jobs WHERE {_FINISHED} ORDER BY id DESC "
+                             "LIMIT 1 OFFSET ?", (keep,)).fetchone()  # fmt: skip
+            if cut is not None:
+                rules.append("id <= ?")
+                args.append(cut[0])
+                if older_than is None:  # the scan can stop there
+                    upto = min(upto, cut[0])
+        if older_than is not None:
+            rules.append("coalesce(ended, submitted, 0) < ?")
+            args.append(now - older_than)
+        if not rules:
+            return 0
+        select = (f"SELECT id FROM jobs WHERE id > ? AND id <= ? AND {_FINISHED} "
+                  f"AND ({' OR '.join(rules)}) ORDER BY id LIMIT ?")  # fmt: skip
+        deleted, after = 0, 0
+        while not stop():
+            ids = [(i,) for (i,) in db.execute(select, (after, upto, *args, chunk))]
+            if ids:
+                sql = f"DELETE FROM jobs WHERE id = ? AND {_FINISHED}"
+                deleted += self._delete(sql, ids, holds)
+                after = ids[-1][0]
+            if len(ids) < chunk:
+                break
+        return deleted
+
+    def _prune_funcs(
+        self,
+        db: sqlite3.Connection,
+        held_funcs: Callable[[list[str]], set[str]],
+        chunk: int,
+        holds: list[float],
+    ) -> int:
+        """Bodies no job row calls: read in one snapshot; in each deletion, rows written
+        since that snapshot (all of higher ids: ids grow with the order of writing) are
+        checked again, so a body a new job brought along stays."""
+        db.execute("BEGIN")
+        try:
+            (newest,) = db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()
+            called = {d for (d,) in db.execute(
+                "SELECT DISTINCT func FROM jobs WHERE func IS NOT NULL")}  # fmt: skip
+            stored = [d for (d,) in db.execute("SELECT digest FROM funcs")]
+        finally:
+            db.execute("COMMIT")
+        unused = [d for d in stored if d not in called]
+        if unused:
+            held = held_funcs(unused)
+            unused = [d for d in unused if d not in held]
+        deleted = 0
+        for i in range(0, len(unused), chunk):
+            rows = [(d, newest, d) for d in unused[i : i + chunk]]
+            deleted += self._delete("DELETE FROM funcs WHERE digest = ? AND NOT EXISTS "
+                                    "(SELECT 1 FROM jobs WHERE id > ? AND func = ?)", rows, holds)
+        return deleted
+
+    def _prune_marks(
+        self,
+        db: sqlite3.Connection,
+        before: float,
+        stop: Callable[[], bool],
+        chunk: int,
+        holds: list[float],
+    ) -> int:
+        deleted = 0
+        while not stop():
+            rows = [(r, before) for (r,) in db.execute(
+                "SELECT rowid FROM marks WHERE at < ? LIMIT ?", (before, chunk))]  # fmt: skip
+            if rows:
+                sql = "DELETE FROM marks WHERE rowid = ? AND at < ?"
+                deleted += self._delete(sql, rows, holds)
+            if len(rows) < chunk:
+                break
+        return deleted
+
+    def _delete(self, sql: str, rows: list[tuple], holds: list[float]) -> int:
+        """Run ``sql`` over ``rows`` in a transaction of its own on the writer's connection,
+        as the next writer: once every entry queued before this call is committed (written
+        here if nobody is writing, as a waiter does), ahead of entries queued later, which
+        wait for it as for any write. Returns the rows deleted; appends how long it took."""
+        with self._cond:
+            ticket = self._queued_seq
+            while True:
+                if self._closing:
+                    raise JournalError(f"journal {self.path} is closing")
+                if self._error is not None:
+                    raise JournalError(f"the journal cannot write ({self._error})")
+                if not self._writing and not (self._pending and self._pending[0].seq <= ticket):
+                    break
+                if not self._writing:
+                    self._write_locked()
+                else:
+                    self._cond.wait(1.0)
+            self._writing = True
+        started = time.perf_counter()
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            try:
+                deleted = db.executemany(sql, rows).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            holds.append(time.perf_counter() - started)
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+        return deleted
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _free_pages(db: sqlite3.Connection) -> tuple[int, int]:
+    """(page size, pages on the free list): space SQLite reuses before growing the file."""
+    (size,) = db.execute("PRAGMA page_size").fetchone()
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    return size, free
+
+
+def backup(state_dir: str | os.PathLike[str], dest: str | os.PathLike[str],
+           force: bool = False) -> tuple[Path, int, int]:  # fmt: skip
+    """Copy the journal in ``state_dir`` to ``dest``, consistent even while a master writes
+    it: SQLite's online backup in one step, one read transaction beside the writer (WAL).
+
+    The copy is made under a temporary name beside ``dest``, checked, and renamed: ``dest``
+    is never half a copy. An existing ``dest`` is replaced only with ``force``. Returns
+    (the journal copied, jobs in the copy, its size in bytes).
+    """
+    source = Path(state_dir) / "journal.sqlite3"
+    target = Path(dest)
+    if not source.is_file():
+        raise JournalError(f"no journal at {source}; give the master's state directory "
+                           "(--state-dir or SCHEDULER_STATE_DIR)")  # fmt: skip
+    if target.exists() and not force:
+        raise JournalError(f"{target} exists; give --force to replace it")
+    if target.exists() and target.resolve() == source.resolve():
+        raise JournalError(f"{target} is the journal itself; back it up to another file")
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        # an empty file is an empty database: created 0600 (jobs' commands and output)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        jobs = _copy(source, partial)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    return source, jobs, target.stat().st_size
+
+
+def _copy(source: Path, dest: Path) -> int:
+    try:
+        src = sqlite3.connect(f"file:{quote(str(source))}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open the journal {source}: {exc}") from None
+    try:
+        tables = src.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
+        if tables.fetchone()[0] != 1:
+            raise JournalError(f"{source} is not a scheduler journal (no jobs table)")
+        copy = sqlite3.connect(dest)
+        try:
+            src.backup(copy)  # all pages in one step: a snapshot, never restarted by writes
+            (check,) = copy.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise JournalError(f"the copy of {source} fails SQLite's check: {check}")
+            (jobs,) = copy.execute("SELECT count(*) FROM jobs").fetchone()
+        finally:
+            copy.close()
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot copy the journal {source}: {exc}") from None
+    finally:
+        src.close()
+    return int(jobs)

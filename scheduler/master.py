@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
 
 def run(cfg: settings.Settings, stop: threading.Event) -> int:
     journal = Journal(cfg.state_dir)
-    jobs, funcs, stored = journal.load(cfg.keep_finished)
+    # memory holds no more finished jobs than the journal keeps (what `jobs` shows stays there)
+    keep = min(cfg.keep_finished, cfg.retain_count or cfg.keep_finished)
+    jobs, funcs, stored = journal.load(keep)
     # lease numbers above any an earlier master may have used, reserved before use
     ceiling = stored.max_lease + LEASE_BLOCK
     journal.wait(journal.append([], meta={"lease_ceiling": ceiling}))
@@ -50,7 +52,7 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     running = board.restore(jobs, stored)
     progress = Progress(time.time, cfg.progress_seconds)
     counted = _metrics(cfg)
-    service = Service(board, journal, funcs, progress, keep_finished=cfg.keep_finished,
+    service = Service(board, journal, funcs, progress, keep_finished=keep,
                       heartbeat_seconds=cfg.heartbeat_seconds, metrics=counted,
                       crash=lambda: _crash_and_restart(str(host), int(port)))  # fmt: skip
     try:
@@ -69,6 +71,7 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
                  "revocation list %s", server.tls.config.ca,
                  f"{crl} (re-read when it changes)" if crl else "none")  # fmt: skip
     web = _serve_http(cfg.http, service, journal, counted)
+    _start_retention(cfg, service)
     next_cut = time.monotonic() + CUT_SECONDS
     while not stop.wait(TICK):
         service.tick()
@@ -84,6 +87,17 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     journal.close()
     log.info("master stopped")
     return 0
+
+
+def _start_retention(cfg: settings.Settings, service: Service) -> None:
+    service.start_retention(cfg.retain, cfg.retain_count)
+    if cfg.retain is None and cfg.retain_count is None:
+        log.info("retention off: finished jobs stay in the journal (SCHEDULER_RETAIN=off, "
+                 "no SCHEDULER_RETAIN_COUNT)")  # fmt: skip
+        return
+    rules = [] if cfg.retain is None else [f"after {settings.format_duration(cfg.retain)}"]
+    rules += [] if cfg.retain_count is None else [f"beyond the newest {cfg.retain_count}"]
+    log.info("retention: finished jobs leave the journal %s", " or ".join(rules))
 
 
 def _cut_revoked(server: transport._Server) -> None:

@@ -27,9 +27,10 @@ from .errors import (
     UnknownWorker,
 )
 from .job import Job, State, validate
-from .journal import LEASE_BLOCK, Journal, safe_text
+from .journal import LEASE_BLOCK, Journal, Pruned, safe_text
 from .metrics import NoMetrics
 from .progress import Progress
+from .settings import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ MAX_WAIT = 30.0  # longest a long-poll may block, so dead peers' threads come ba
 SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
 PAGE = 1000  # most jobs one `jobs` call returns
 REFILL = 20_000  # cold queued jobs read back from the journal at a time (see Board.refill)
+RETAIN_EVERY = 300.0  # most seconds between background pruning passes (less for a short RETAIN)
+RETAIN_AFTER = 1_000  # with RETAIN_COUNT: a pass once max(this, half of it) more jobs finished
+RETAIN_GAP = 1.0  # ... but at most one a second
 
 
 def _outcome(job: Job) -> tuple:
@@ -88,6 +92,13 @@ class Service:
         self._saved_marks: list[tuple[int, int]] = []  # (ticket, board.finished_total)
         self._doomed: set[str] = set()  # slaves `verify` asked to die
         self._reserving: tuple[int, int] | None = None  # (journal ticket, lease ceiling)
+        self._retain: tuple[float | None, int | None] = (None, None)  # (age, count) rules
+        self._pruning = threading.Lock()  # one pass at a time, background or asked for
+        self._prune_due = threading.Event()
+        self._retainer: threading.Thread | None = None
+        self._next_prune = 0.0  # clock time of the next background pass
+        self._last_prune = 0.0  # clock time the last one was started
+        self._pruned_at = 0  # board.finished_total when the last one started
         progress.baseline(board.counts)
 
     # -- clients -------------------------------------------------------------
@@ -467,6 +478,7 @@ class Service:
                 self._board.lease_ceiling, self._reserving = self._reserving[1], None
             self._evict()
             counts, total = dict(self._board.counts), self._board.total
+            finished = self._board.finished_total
             stale = self._clock() - SESSION_IDLE
             for session in [s for s, t in self._session_seen.items() if t < stale]:
                 del self._session_seen[session], self._outboxes[session]
@@ -483,6 +495,7 @@ class Service:
             self._metrics.finished(gone, ran=False)
         self._refill()
         self._progress.tick(counts, total)
+        self._retention_due(finished)
 
     def _evict(self) -> None:
         """Drop finished jobs beyond the window from memory once the journal has them."""
@@ -501,15 +514,103 @@ class Service:
             refs.pop(digest, None)
 
     def close(self) -> None:
-        """Refuse new work, wake every long-poll, write the last changes."""
+        """Refuse new work, wake every long-poll, stop pruning, write the last changes."""
         with self._lock:
             self._closing = True
             self._work.notify_all()
             self._done.notify_all()
             ticket = self._journal.append(self._board.take_dirty(started=True))
             counts, total = dict(self._board.counts), self._board.total
+        self._prune_due.set()
+        if self._retainer is not None:
+            self._retainer.join(timeout=10.0)  # a pass stops at its next chunk
         self._journal.wait(ticket, timeout=10.0)
         self._progress.tick(counts, total, force=True)
+
+    # -- retention -------------------------------------------------------------
+
+    def prune(self, older_than: float | None = None, keep: int | None = None) -> dict[str, Any]:
+        """Delete finished jobs from the journal now: those that ended more than
+        ``older_than`` seconds ago, and those beyond the newest ``keep`` finished ones
+        (both None: the master's SCHEDULER_RETAIN and SCHEDULER_RETAIN_COUNT); then the
+        function bodies and verify marks they leave unused (see Journal.prune)."""
+        if older_than is not None and not (
+            type(older_than) in (int, float) and 0 <= older_than < float("inf")
+        ):
+            raise SchedulerError(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        if keep is not None and not (type(keep) is int and keep >= 0):
+            raise SchedulerError(f"keep must be a whole number >= 0, got {keep!r}")
+        if older_than is None and keep is None:
+            older_than, keep = self._retain
+        pruned = self._prune(older_than, keep)
+        return {
+            "jobs": pruned.jobs, "funcs": pruned.funcs, "marks": pruned.marks,
+            "freed_bytes": pruned.freed, "journal_bytes": pruned.size,
+            "older_than": older_than, "keep": keep, "rules": _rules(older_than, keep),
+        }  # fmt: skip
+
+    def start_retention(self, older_than: float | None, keep: int | None) -> None:
+        """Prune in a thread of its own with these rules (SCHEDULER_RETAIN, _COUNT): every
+        RETAIN_EVERY seconds (a tenth of ``older_than`` if less, at least RETAIN_GAP), and
+        once ``max(RETAIN_AFTER, keep // 2)`` jobs finished since the last pass."""
+        self._retain = (older_than, keep)
+        if (older_than is None and keep is None) or self._retainer is not None:
+            return
+        self._next_prune = self._clock()  # a first pass at once: the journal may be old
+        self._retainer = threading.Thread(target=self._retain_loop, name="retention",
+                                          daemon=True)  # fmt: skip
+        self._retainer.start()
+
+    def _retention_due(self, finished: int) -> None:
+        """From ``tick``: wake the retention thread if a pass is due (never prunes here)."""
+        if self._retainer is None or self._prune_due.is_set() or self._pruning.locked():
+            return
+        older_than, keep = self._retain
+        now = self._clock()
+        many = keep is not None and finished - self._pruned_at >= max(RETAIN_AFTER, keep // 2)
+        if now >= self._next_prune or (many and now >= self._last_prune + RETAIN_GAP):
+            every = RETAIN_EVERY if older_than is None else min(RETAIN_EVERY, older_than / 10)
+            self._next_prune = now + max(RETAIN_GAP, every)
+            self._last_prune, self._pruned_at = now, finished
+            self._prune_due.set()
+
+    def _retain_loop(self) -> None:
+        while True:
+            self._prune_due.wait()
+            self._prune_due.clear()
+            if self._closing:
+                return
+            try:
+                self._prune(*self._retain)
+            except JournalError as exc:
+                if not self._closing:
+                    log.warning("retention: pass stopped, next one later: %s", exc)
+            except Exception:  # a bug must not end retention for the master's lifetime
+                log.exception("retention: pass failed; next one later")
+
+    def _prune(self, older_than: float | None, keep: int | None) -> Pruned:
+        """One pass; never under the service lock (the disk is touched)."""
+        with self._pruning:
+            started = time.monotonic()
+            pruned = self._journal.prune(self._clock(), older_than, keep,
+                                         held_funcs=self._held_funcs,
+                                         stop=lambda: self._closing)  # fmt: skip
+            took = time.monotonic() - started
+        if pruned.jobs or pruned.funcs or pruned.marks:
+            log.info(
+                "retention: %d job(s) left the journal (%s), %d function body(ies), "
+                "%d verify mark(s); %.1f MB of it free for reuse, journal %.1f MB; "
+                "%.1fs, each deletion held the writer at most %.0f ms",
+                pruned.jobs, _rules(older_than, keep), pruned.funcs, pruned.marks,
+                pruned.freed / 1e6, pruned.size / 1e6, took, pruned.held * 1e3,
+            )  # fmt: skip
+        return pruned
+
+    def _held_funcs(self, digests: list[str]) -> set[str]:
+        """Of these bodies, those the master holds: a job calling one may be accepted
+        without it, so the journal must keep it (it re-saves any it does not hold)."""
+        with self._lock:
+            return {d for d in digests if d in self._funcs}
 
     # -- internals -----------------------------------------------------------
 
@@ -570,6 +671,12 @@ class Service:
                     woke = True
         if woke:
             self._done.notify_all()
+
+
+def _rules(older_than: float | None, keep: int | None) -> str:
+    rules = [] if older_than is None else [f"ended over {format_duration(older_than)} ago"]
+    rules += [] if keep is None else [f"beyond the newest {keep} finished"]
+    return " or ".join(rules)
 
 
 __all__ = ["Service", "SchedulerError"]

@@ -22,6 +22,8 @@ MIN_AUTHKEY = 16
 DEFAULT_PORT = 8888
 DEFAULT_LEASE_SECONDS = 6.0  # silence after which a slave counts as dead and its jobs move
 DEFAULT_GRACE_SECONDS = 60.0  # how long a draining slave lets running jobs finish
+DEFAULT_RETAIN = 7 * 86400.0  # finished jobs leave the master's journal after a week
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 SecretValue = TypeVar("SecretValue", str, bytes)
@@ -93,6 +95,8 @@ class Settings:
     keep_finished: int = 100_000
     result_limit: int = 16 * 1024 * 1024
     http: tuple[str, int] | None = ("127.0.0.1", DEFAULT_PORT + 1)  # metrics and dashboard
+    retain: float | None = DEFAULT_RETAIN  # seconds finished jobs stay in the journal (None: ever)
+    retain_count: int | None = None  # finished jobs the journal keeps at most (None: no limit)
 
 
 # variable -> (field, parser)
@@ -112,6 +116,8 @@ _VARS = {
     "SCHEDULER_KEEP_FINISHED": ("keep_finished", "posint"),
     "SCHEDULER_RESULT_LIMIT": ("result_limit", "posint"),
     "SCHEDULER_HTTP": ("http", "optaddress"),
+    "SCHEDULER_RETAIN": ("retain", "retain"),
+    "SCHEDULER_RETAIN_COUNT": ("retain_count", "posint"),
 }
 VARIABLES = ("SCHEDULER_AUTHKEY", "SCHEDULER_AUTHKEY_FILE", *_VARS)
 # Mutual TLS (scheduler.tls reads them where connections are made, scheduler.transport):
@@ -139,7 +145,36 @@ _EXPECTED = {
 }
 
 
+def parse_duration(text: str, what: str, hint: str = "") -> float:
+    """Seconds from ``90``, ``1.5``, ``30s``, ``30m``, ``12h``, ``7d`` or ``2w``; a
+    ConfigError naming ``what`` (and ending with ``hint``) otherwise."""
+    raw = text.strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS else (raw, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+        if not math.isfinite(seconds) or seconds < 0 or number.strip() != number:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{what}: expected a duration (seconds, or a number with s, m, h, d or w: "
+            f"7d, 12h, 30m){hint}, got {text!r}"
+        ) from None
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``604800`` -> ``7d``; ``90`` -> ``90s``: the largest unit that divides it."""
+    for unit in "dhm":
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _convert(name: str, kind: str, raw: str) -> object:
+    if kind == "retain":  # 0 or off: no age limit
+        if raw.strip().lower() == "off":
+            return None
+        return parse_duration(raw, name, " or 0/off for no age limit") or None
     if kind == "address":
         return parse_address(raw, name)
     if kind == "optaddress":

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 EXPOSED = (
     "ping", "submit", "collect", "watch", "get", "jobs", "cancel", "status",
     "register", "lease", "report", "release", "heartbeat", "goodbye",
-    "mark", "marks", "chaos", "refuse",
+    "mark", "marks", "chaos", "refuse", "prune",
 )  # fmt: skip
 HANDSHAKE_SECONDS = 5.0  # a peer that has not authenticated by then is dropped
 # the TLS handshake ends first: a silent peer is then told, in plain text, that TLS is needed
@@ -88,9 +88,11 @@ WORKER_CALLS: dict[str, int | None] = {
     "mark": 2, "ping": None,
 }  # fmt: skip
 # Calls a client certificate may make: submit, wait, read, cancel; `scheduler verify`'s read
-# (marks) and its faults (chaos: a client can run any code on every slave anyway).
+# (marks) and its faults (chaos: a client can run any code on every slave anyway); `scheduler
+# prune` (it removes only finished jobs' records, as retention does on its own).
 CLIENT_CALLS = frozenset({
     "submit", "collect", "watch", "get", "jobs", "cancel", "status", "ping", "marks", "chaos",
+    "prune",
 })  # fmt: skip
 # Open to every certificate: the stdlib server's own requests that every proxy makes (connect,
 # open the service, count references, serve a connection), and `refuse`, which only says no.

@@ -32,7 +32,7 @@ def test_every_exposed_call_has_a_decided_role() -> None:
     assert set(EXPOSED) == decided
     assert set(WORKER_CALLS) == {*SLAVE_CALLS, "mark", "ping"}
     assert CLIENT_CALLS == {"submit", "collect", "watch", "get", "jobs", "cancel", "status",
-                            "ping", "marks", "chaos"}  # fmt: skip
+                            "ping", "marks", "chaos", "prune"}  # fmt: skip
 
 
 def test_a_worker_makes_slave_calls_under_its_own_name_only() -> None:
