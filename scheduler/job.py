@@ -33,6 +33,19 @@ MAX_TIMEOUT = 365 * 86400.0  # a year: beyond it a timeout is a mistake, not a p
 
 def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None) -> JobSpec:
     """Check a spec from the wire; raise SubmitError with a message a user can act on."""
+    if (  # the common case, a plain Python call (apply_async, map), checked in one go
+        type(spec) is JobSpec
+        and spec[0] == "python"
+        and spec[3] is None
+        and spec[4] is None
+        and spec[5] is None
+        and type(spec[2]) is str
+        and type(payload := spec[1]) is tuple
+        and len(payload) == 2
+        and type(payload[1]) is bytes
+        and (payload[0] in known or (sent is not None and payload[0] in sent))
+    ):
+        return spec
     if not isinstance(spec, tuple) or len(spec) != len(JobSpec._fields):
         raise SubmitError(
             f"malformed job spec {type(spec).__name__}; submit through scheduler.Client"
