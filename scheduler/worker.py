@@ -208,7 +208,8 @@ class Worker:
             with self._cond:
                 self._fetching = False
                 self._cond.notify_all()
-                self._has_room.notify_all()
+                if not self._drained:  # the fetcher has nothing to do while drained
+                    self._has_room.notify_all()
 
     def _fetch_once(self) -> None:
         with self._cond:
@@ -340,7 +341,7 @@ class Worker:
                 outcome.duration if not self._avg else 0.8 * self._avg + 0.2 * outcome.duration
             )
             free, worth = self._room()
-            if free >= worth:
+            if free >= worth and not self._drained:
                 self._has_room.notify()
             # nothing else to do or to send: report it ourselves, no hand-off
             direct = (not void and not abort.requeue and not self._running
@@ -387,7 +388,8 @@ class Worker:
                 if fuse:
                     self._fetching = False
                     self._cond.notify_all()
-                self._has_room.notify_all()
+                if not self._drained:
+                    self._has_room.notify_all()
 
     def _log_start(self, batch: list[Lease]) -> None:
         for lease in batch:
