@@ -48,6 +48,7 @@ bench: deps
 	$(PY) -m bench.faults
 	$(PY) -m bench.observe
 	$(PY) -m bench.tls $(if $(QUICK),--quick)
+	$(PY) -m bench.retention
 	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----
