@@ -428,7 +428,7 @@ def parser() -> argparse.ArgumentParser:
     pr = add("prune", cmd_prune, "remove finished jobs from the master's journal now")
     pr.add_argument("--older-than", metavar="DURATION",
                     help="jobs that ended longer ago than this (7d, 12h, 30m, seconds; 0: all)")
-    pr.add_argument("--keep", metavar="N", help="all but the newest N finished jobs")
+    pr.add_argument("--keep", metavar="N", help="keep only the newest N finished jobs")
     pr.add_argument("--json", action="store_true", help="print the counts as JSON")
     pr.epilog = ("Without --older-than or --keep, the master's SCHEDULER_RETAIN and "
                  "SCHEDULER_RETAIN_COUNT. Queued and running jobs are never removed. " + EPILOG)
