@@ -79,6 +79,11 @@ class Worker:
     last_seq: int = -1  # the last lease call, to answer a retried one with the same jobs
     last_handed: list[int] = field(default_factory=list)
 
+    def let_go(self, job_id: int) -> None:
+        """The job is no longer this worker's (finished, handed back, moved, lost)."""
+        self.held.pop(job_id, None)
+        self.batch.pop(job_id, None)
+
     def view(self) -> dict:
         return {
             "name": self.name,
@@ -345,7 +350,7 @@ class Board:
         """
         job = self.get(job_id)
         if job.state is State.RUNNING and job.worker in self.workers:
-            self.workers[job.worker].held.pop(job.id, None)
+            self.workers[job.worker].let_go(job.id)
         if not job.state.terminal:
             self._finish(job, State.CANCELLED, error="cancelled by request")
         return job
@@ -456,7 +461,7 @@ class Board:
                 rejected += 1
                 continue
             if worker is not None:
-                worker.held.pop(job.id, None)
+                worker.let_go(job.id)
                 worker.avg_seconds = 0.8 * worker.avg_seconds + 0.2 * out.duration
             job.worker, job.lease = name, out.lease
             job.exit_code, job.stdout, job.stderr = out.exit_code, out.stdout, out.stderr
@@ -488,7 +493,7 @@ class Board:
             if job.worker != name:
                 continue
             if worker is not None:
-                worker.held.pop(job_id, None)
+                worker.let_go(job_id)
             self._requeue(job, counted=False)
             back.append(job)
         return back
@@ -527,7 +532,7 @@ class Board:
             if j not in claims and worker.batch.get(j, 0) <= holding.fetched
         ]  # fmt: skip
         for job_id in lost:  # handed out, never arrived: not an attempt (see register)
-            del worker.held[job_id]
+            worker.let_go(job_id)
             job = self.jobs.get(job_id)
             if job is not None and job.state is State.RUNNING:
                 self._requeue(job, counted=bool(started and started.get(job_id)))
@@ -537,7 +542,7 @@ class Board:
         if job.state is State.RUNNING and job.worker != worker.name:
             before = self.workers.get(job.worker or "")
             if before is not None:  # its lease is the older one: not its job any more
-                before.held.pop(job.id, None)
+                before.let_go(job.id)
         if job.state is State.QUEUED:
             self.counts[State.QUEUED] -= 1
             self.counts[State.RUNNING] += 1

@@ -491,3 +491,14 @@ def test_a_restored_master_keeps_the_window_and_leaves_the_rest_cold():
     assert sorted(i for i, j in restored.jobs.items() if j.state is State.QUEUED) == [2, 3, 4]
     assert 1 in restored.jobs and restored.is_cold(5) and restored.is_cold(8)
     assert restored.counts[State.QUEUED] == 7
+
+
+def test_a_worker_keeps_no_record_of_jobs_it_no_longer_holds(board):
+    jobs = board.submit([shell(str(i)) for i in range(50)])
+    handed = take(board, "w1", 50)
+    board.complete("w1", [ok(j) for j in handed[:40]])
+    board.release("w1", [(j.id, j.lease) for j in handed[40:45]])
+    board.cancel(handed[45].id)
+    worker = board.workers["w1"]
+    assert set(worker.batch) == set(worker.held) == {j.id for j in handed[46:]}
+    assert len(jobs) == 50
