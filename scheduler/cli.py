@@ -265,7 +265,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep = None if args.keep is None else int(args.keep)
     with _client(args) as client:
         try:  # the client has no method of its own for it (verify calls its link the same way)
-            done = client._link.call("prune", older, keep, retry=False)
+            done = client.prune(older, keep)
         except AttributeError:  # not in the master's EXPOSED list
             host, port = client.address
             raise SchedulerError(f"the master at {host}:{port} cannot prune (an older "

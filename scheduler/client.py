@@ -336,6 +336,16 @@ class Client:
     def status(self) -> dict:
         return self._link.call("status")
 
+    def prune(self, older_than: float | None = None, keep: int | None = None) -> dict:
+        """Have the master delete finished jobs from its journal now: those that ended more
+        than ``older_than`` seconds ago and those beyond the newest ``keep`` finished (both
+        None: its SCHEDULER_RETAIN and SCHEDULER_RETAIN_COUNT). Returns what it deleted."""
+        return self._link.call("prune", older_than, keep, retry=False)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """A call of the master's service by name (scheduler verify's marks and chaos)."""
+        return self._link.call(method, *args)
+
     def ping(self) -> dict:
         return self._link.call("ping")
 

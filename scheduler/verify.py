@@ -103,8 +103,8 @@ def run(
     lease = float(status.get("lease_seconds") or 6.0)
     seconds = seconds if seconds is not None else 2 * lease
     jobs = jobs if jobs is not None else max(8, 2 * slots)
-    kill_slave = kill_slave or (lambda w: client._link.call("chaos", "kill-slave", w["name"]))
-    crash_master = crash_master or (lambda: client._link.call("chaos", "crash-master"))
+    kill_slave = kill_slave or (lambda w: client.call("chaos", "kill-slave", w["name"]))
+    crash_master = crash_master or (lambda: client.call("chaos", "crash-master"))
     run_id = uuid.uuid4().hex[:12]
     report = Report(jobs, seconds)
     say(f"verify {run_id}: {jobs} jobs of {seconds:g}s on {len(workers)} slaves ({slots} slots)")
@@ -129,7 +129,7 @@ def run(
             handle.get(timeout=max(120.0, 4 * seconds * (jobs / slots + 2)))
         except JobFailed:
             pass
-    _account(report, handles, client._link.call("marks", run_id), killed_at)
+    _account(report, handles, client.call("marks", run_id), killed_at)
     return report
 
 
@@ -137,7 +137,7 @@ def _busy_slave(client: Client, run_id: str, seconds: float) -> dict[str, Any]:
     """Wait until a slave runs some of the batch; return the one running most of it."""
     deadline = time.monotonic() + max(60.0, 4 * seconds)
     while time.monotonic() < deadline:
-        marks = client._link.call("marks", run_id)
+        marks = client.call("marks", run_id)
         running = {w["name"]: w for w in client.status()["workers"] if w["running"]}
         by_worker: dict[str, int] = {}
         for _, worker, _ in marks:
