@@ -613,6 +613,26 @@ class Board:
         self.dirty.clear()
         return out
 
+    def why_pending(self, job_id: int) -> str:
+        """Why a queued job is not running yet, in a few words (`scheduler jobs`)."""
+        if self.holding_back():
+            until = time.strftime("%H:%M:%S", time.localtime(self.hold_until))
+            names = ", ".join(sorted(self.awaited))
+            return f"held after a master restart until slave(s) {names} are back (or {until})"
+        ready = [w for w in self.workers.values() if w.registered and not w.draining]
+        if not ready:
+            if any(w.registered for w in self.workers.values()):
+                return "every connected slave is draining"
+            return "no slave connected"
+        if self.is_cold(job_id):
+            return (f"waiting in the journal, behind the {len(self._queue):,} queued jobs "
+                    "the master keeps in memory")  # fmt: skip
+        slots = sum(max(1, w.concurrency) for w in ready)
+        busy = sum(len(w.held) - len(w.waiting.intersection(w.held)) for w in ready)
+        if busy >= slots:
+            return f"all {slots} slot(s) busy"
+        return "next in line for a free slot"
+
     def select(
         self, state: State | None = None, limit: int | None = None, before: int | None = None
     ) -> list[Job]:

@@ -138,6 +138,8 @@ def cmd_job(args: argparse.Namespace) -> int:
         ("exit code", "-" if info["exit_code"] is None else str(info["exit_code"])),
         ("error", (info["error"] or "-").rstrip()),
     ]
+    if info.get("reason"):
+        rows.insert(2, ("waiting", info["reason"]))
     for key, value in rows:
         print(f"{key:<12} {value}")
     for stream in ("stdout", "stderr"):
@@ -163,6 +165,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         label = f"{j['name']}: {j['command']}" if j["name"] else j["command"]
         print(f"{j['id']:>7}  {j['state']:<10} {j['attempts']:>5}  {(j['worker'] or '-'):<20} "
               f"{_when(j['started']):>8} {_took(j, now):>7}  {label[:60]}")  # fmt: skip
+        if j.get("reason"):  # a queued job: why it waits, as Slurm's REASON column
+            print(f"{'':>7}  waiting: {j['reason']}")
     matching = counts.get(args.state, 0) if args.state else sum(counts.values())
     if matching > len(jobs):
         print(f"... {matching - len(jobs)} more (newest first; --limit N, --all, --json)",

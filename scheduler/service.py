@@ -207,11 +207,19 @@ class Service:
         with self._lock:
             job = self._board.jobs.get(job_id)
             if job is not None:
-                return job.info(with_result=with_result)
-        old = self._journal.fetch(job_id)  # finished long ago: only on disk
+                return self._explained(job.info(with_result=with_result))
+        old = self._journal.fetch(job_id)  # finished long ago, or queued cold: only on disk
         if old is None:
             self._board.get(job_id)  # raises UnknownJob with its message
-        return old.info(with_result=with_result)  # type: ignore[union-attr]
+        info = old.info(with_result=with_result)  # type: ignore[union-attr]
+        with self._lock:
+            return self._explained(info)
+
+    def _explained(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A queued job's view says why it waits (``reason``); under the lock."""
+        if info["state"] == State.QUEUED:
+            info["reason"] = self._board.why_pending(info["id"])
+        return info
 
     def jobs(
         self, state: str | None = None, limit: int | None = None, before: int | None = None
@@ -230,7 +238,12 @@ class Service:
             with self._lock:
                 found.update((j.id, j.info()) for j in older
                              if j.id not in found and j.id not in self._board.jobs)  # fmt: skip
-        return [found[i] for i in sorted(found, reverse=True)[:page]]
+        listed = [found[i] for i in sorted(found, reverse=True)[:page]]
+        if any(info["state"] == State.QUEUED for info in listed):
+            with self._lock:
+                for info in listed:
+                    self._explained(info)
+        return listed
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         with self._lock:

@@ -244,3 +244,22 @@ def test_a_handle_on_a_finished_job_resolves_after_the_collector_went_idle(busy)
         # the collector drained its last pending job and sleeps until there is another
         for _ in range(20):
             assert client.result(first.id).get(timeout=10) == "s1"
+
+
+def test_scheduler_jobs_says_why_a_queued_job_waits(cluster):
+    env = cluster.env()
+
+    def cli(*args):
+        argv = [sys.executable, "-m", "scheduler", "--master", cluster.address, *args]
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    job_id = cli("submit", "--", "true").strip()
+    assert "waiting: no slave connected" in cli("jobs")
+    assert json.loads(cli("job", job_id, "--json"))["reason"] == "no slave connected"
+    assert "waiting      no slave connected" in cli("job", job_id)
+    cluster.start_slave("s1")
+    cluster.wait_slaves("s1")
+    cli("wait", job_id)
+    assert "waiting" not in cli("jobs")  # it ran: nothing to explain

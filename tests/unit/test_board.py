@@ -502,3 +502,22 @@ def test_a_worker_keeps_no_record_of_jobs_it_no_longer_holds(board):
     worker = board.workers["w1"]
     assert set(worker.batch) == set(worker.held) == {j.id for j in handed[46:]}
     assert len(jobs) == 50
+
+
+def test_a_queued_job_says_why_it_waits():
+    clock = [1000.0]
+    board = Board(clock=lambda: clock[0], lease_seconds=10.0, queue_window=2)
+    jobs = board.submit([shell(str(i)) for i in range(4)], publish=False)
+    saved(board, jobs)
+    board.publish(jobs)
+    assert board.why_pending(1) == "no slave connected"
+    board.register("w1")[0].concurrency = 1
+    assert board.why_pending(2) == "next in line for a free slot"
+    board.lease("w1", 1)
+    assert board.why_pending(2) == "all 1 slot(s) busy"
+    assert board.why_pending(4).startswith("waiting in the journal, behind the 1 queued")
+    board.heartbeat("w1", Holding(draining=True))
+    assert board.why_pending(2) == "every connected slave is draining"
+    restored = Board(clock=lambda: clock[0], lease_seconds=10.0)
+    restored.restore([copy.copy(j) for j in jobs], Journaled(4, {"queued": 4}, 4, 0, ("w1",)))
+    assert restored.why_pending(1).startswith("held after a master restart until slave(s) w1")

@@ -107,3 +107,15 @@ def test_queued_jobs_beyond_the_window_wait_in_the_journal_and_stay_reachable(jo
         svc.tick()
     assert handed == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
     assert svc.collect("s1", 0) == [(12, "succeeded", "", None, None)]
+
+
+def test_queued_jobs_in_listings_and_lookups_say_why_they_wait(journal):
+    svc = Service(Board(queue_window=2), journal, {}, Progress(time.time))
+    svc.submit([shell("true", str(i)) for i in range(3)])
+    assert svc.get(1)["reason"] == "no slave connected"
+    svc.register("w", concurrency=2, version=VERSION)
+    svc.lease("w", 1)
+    assert svc.get(2)["reason"] == "next in line for a free slot"
+    assert "reason" not in svc.get(1)  # running: nothing to explain
+    listed = {j["id"]: j.get("reason") for j in svc.jobs()}
+    assert listed[1] is None and listed[3].startswith("waiting in the journal")

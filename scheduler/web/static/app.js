@@ -170,6 +170,7 @@ async function lookup(id) {
   }
   const shown = {
     job: job.name ? `${job.id} (${job.name})` : job.id, state: job.state,
+    ...(job.reason ? { waiting: job.reason } : {}),
     command: job.command, worker: job.worker || "-", "exit code": job.exit_code ?? "-",
     attempts: `${job.attempts}/${job.max_attempts}`, submitted: clock(job.submitted),
     started: clock(job.started), ended: clock(job.ended), error: job.error || "-",
