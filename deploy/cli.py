@@ -384,6 +384,10 @@ def submit(
         bool, typer.Option("--wait", help="follow to the end; fail if any fails")
     ] = False,
     timeout: Annotated[float | None, typer.Option(help="with --wait: give up after")] = None,
+    retries: Annotated[int | None, typer.Option(
+        help="run a failed job again, up to N times (default: the master's)")] = None,
+    retry_backoff: Annotated[float | None, typer.Option(
+        help="seconds before the first retry, doubled each time")] = None,
 ) -> None:  # fmt: skip
     """Submit a shell job (submit -- CMD ARGS) or one per line of --file."""
     with _session() as ctx:
@@ -393,7 +397,7 @@ def submit(
         commands: list[jobs.Command] = (
             list(jobs.read_commands(file)) if file else [list(command or [])])  # fmt: skip
         with _progress(wait) as progress:
-            done = jobs.submit(ctx, commands, wait, progress, timeout)
+            done = jobs.submit(ctx, commands, wait, progress, timeout, retries, retry_backoff)
         _out(render.jobs_text(done) if wait else " ".join(str(j["id"]) for j in done))
 
 

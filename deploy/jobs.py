@@ -31,13 +31,17 @@ def read_commands(path: Path) -> list[str]:
 
 def submit(
     ctx: Context, commands: Sequence[Command], wait: bool, progress: Progress | None = None,
-    timeout: float | None = None,
+    timeout: float | None = None, retries: int | None = None,
+    retry_backoff: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Submit ``commands`` (a string runs in /bin/sh, a list as argv); with ``wait``, follow
-    them to the end and raise if any failed."""
+    them to the end and raise if any failed. ``retries``, ``retry_backoff``: as the
+    scheduler's (a failed job runs again, after a doubling wait)."""
     with ctx.master.use(ctx.key(create=False)) as c:
-        handles = [c.submit_shell(cmd, shell=True) if isinstance(cmd, str)
-                   else c.submit_shell(list(cmd)) for cmd in commands]  # fmt: skip
+        handles = [c.submit_shell(cmd if isinstance(cmd, str) else list(cmd),
+                                  shell=isinstance(cmd, str), retries=retries,
+                                  retry_backoff=retry_backoff)
+                   for cmd in commands]  # fmt: skip
         c.flush()
         ids = [h.id for h in handles]
         if not wait:

@@ -31,6 +31,8 @@ The rules it enforces:
 
 from __future__ import annotations
 
+import heapq
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -38,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import UnknownJob, UnknownWorker
-from .job import Job, JobSpec, State
+from .job import DEFAULT_BACKOFF, Job, JobSpec, State
 from .protocol import Holding, Lease, Outcome, Reply
 
 QUEUE_WINDOW = 100_000  # queued job records kept in memory; the rest wait in the journal
 STEAL_SECONDS = 0.2  # less queued work than this is not worth a round trip to move
+RETRY_CAP = 3600.0  # the longest wait before a retry, whatever the doubling says
+HISTORY_ERROR = 2000  # characters of a retried run's error kept in the job's history
 RECONNECT_SECONDS = 5.0  # after a master restart, how long slaves get to come back
 
 NOTHING = Holding()  # a slave that holds no job
@@ -115,6 +119,9 @@ class Board:
         first_lease: int = 1,
         lease_ceiling: int | None = None,
         queue_window: int = QUEUE_WINDOW,
+        retries: int = 0,
+        retry_backoff: float = DEFAULT_BACKOFF,
+        rng: random.Random | None = None,
     ) -> None:
         self.clock = clock
         self.lease_seconds = lease_seconds
@@ -137,6 +144,11 @@ class Board:
         self._evicted_total = 0  # how many of finished_total left memory
         self._queue: deque[int] = deque()
         self.queue_window = queue_window
+        self.retries = retries  # the default of jobs that do not say
+        self.retry_backoff = retry_backoff
+        self._rng = rng or random.Random()  # the jitter of retry delays
+        self._delayed: list[tuple[float, int]] = []  # (not before, job id): backing off
+        self.retried: list[Job] = []  # failed runs put back since the service last looked
         # cold queued jobs: [first id, last id, session, counted in func_refs] in order
         self.cold: deque[list] = deque()
         self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
@@ -185,6 +197,8 @@ class Board:
                 running += 1
             elif job.state is State.RUNNING:  # no slave on record: nobody can claim it
                 self._requeue(job, counted=False)
+            elif job.state is State.QUEUED and job.not_before is not None:
+                heapq.heappush(self._delayed, (job.not_before, job.id))  # backing off
             elif job.state is State.QUEUED:
                 if self.cold or len(self._queue) >= self.queue_window:
                     del self.jobs[job.id]
@@ -247,6 +261,9 @@ class Board:
                 self.jobs[job.id] = job
                 if not head[3] and job.kind == "python":
                     self.func_refs[job.payload[0]] += 1
+            if job.not_before is not None:  # backing off after a failure
+                heapq.heappush(self._delayed, (job.not_before, job.id))
+                continue
             self._queue.append(job.id)
             queued += 1
         else:
@@ -283,6 +300,7 @@ class Board:
     def submit(self, specs: Iterable[JobSpec], publish: bool = True) -> list[Job]:
         """Create queued jobs. With ``publish=False`` no slave gets them until ``publish``."""
         now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
+        retries, backoff = self.retries, self.retry_backoff
         new = [
             # positional: this loop runs for every job submitted
             Job(
@@ -298,8 +316,18 @@ class Board:
                 None,
                 0,
                 now,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                retries if tries is None else tries,
+                backoff if wait is None else wait,
             )  # fmt: skip
-            for i, (kind, payload, name, labels, timeout, attempts) in enumerate(specs, first)
+            for i, (kind, payload, name, labels, timeout, attempts, tries, wait)
+            in enumerate(specs, first)
         ]
         self._next_id = first + len(new)
         ids = [j.id for j in new]  # one int object per job, shared by every index of it
@@ -403,6 +431,8 @@ class Board:
             return [self.jobs[j] for j in worker.last_handed if j in worker.held]
         if worker.draining or self.holding_back():
             return []
+        if self._delayed and self._delayed[0][0] <= self.clock():
+            self.release_due()
         if self.hungry - {name} and self._ahead(worker) > 0:
             # others wait with nothing: take no more than a slot's worth ahead
             n = min(n, max(0, max(1, worker.concurrency) - len(worker.held)))
@@ -463,6 +493,9 @@ class Board:
             if worker is not None:
                 worker.let_go(job.id)
                 worker.avg_seconds = 0.8 * worker.avg_seconds + 0.2 * out.duration
+            if not out.ok and job.failures < job.retries:
+                self._retry(job, name, out, now)
+                continue
             job.worker, job.lease = name, out.lease
             job.exit_code, job.stdout, job.stderr = out.exit_code, out.stdout, out.stderr
             job.result = out.result
@@ -470,6 +503,38 @@ class Board:
             self._finish(job, State.SUCCEEDED if out.ok else State.FAILED, error=out.error, now=now)
             finished.append(job)
         return finished, rejected
+
+    def _retry(self, job: Job, name: str, out: Outcome, now: float) -> None:
+        """A failed run with retries left: recorded in the job's history, and the job queued
+        again after its backoff (``retry_backoff`` doubled per failure, capped, with jitter)."""
+        job.failures += 1
+        error = out.error if out.error is None or len(out.error) <= HISTORY_ERROR else (
+            "..." + out.error[-HISTORY_ERROR:])  # fmt: skip
+        job.history = [*(job.history or ()), {
+            "worker": name, "lease": out.lease, "started": now - out.duration, "ended": now,
+            "exit_code": out.exit_code, "error": error,
+        }]  # fmt: skip
+        delay = min(RETRY_CAP, job.retry_backoff * 2 ** (job.failures - 1))
+        job.not_before = now + delay * self._rng.uniform(0.5, 1.0)
+        self.counts[job.state] -= 1
+        self.counts[State.QUEUED] += 1
+        job.state, job.worker, job.started = State.QUEUED, None, None
+        job.error = job.exit_code = job.stdout = job.stderr = None  # in its history now
+        heapq.heappush(self._delayed, (job.not_before, job.id))
+        self.dirty.add(job.id)
+        self.retried.append(job)
+
+    def release_due(self) -> int:
+        """Queue the jobs whose backoff ended, first in line; how many."""
+        now, due = self.clock(), []
+        while self._delayed and self._delayed[0][0] <= now:
+            _, job_id = heapq.heappop(self._delayed)
+            job = self.jobs.get(job_id)
+            if job is not None and job.state is State.QUEUED and job.not_before is not None:
+                job.not_before = None
+                due.append(job_id)
+        self._queue.extendleft(reversed(due))
+        return len(due)
 
     def owns(self, name: str, job: Job, lease: int) -> bool:
         """Whether worker ``name`` holding ``lease`` may run and report ``job``."""
@@ -615,6 +680,11 @@ class Board:
 
     def why_pending(self, job_id: int) -> str:
         """Why a queued job is not running yet, in a few words (`scheduler jobs`)."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.not_before is not None and job.not_before > self.clock():
+            until = time.strftime("%H:%M:%S", time.localtime(job.not_before))
+            return (f"backing off until {until} after failure {job.failures} "
+                    f"(retry {job.failures} of {job.retries})")  # fmt: skip
         if self.holding_back():
             until = time.strftime("%H:%M:%S", time.localtime(self.hold_until))
             names = ", ".join(sorted(self.awaited))

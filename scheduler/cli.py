@@ -55,7 +55,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         handles = [
             client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout,
-                                cwd=args.cwd, env=env)  # fmt: skip
+                                cwd=args.cwd, env=env, retries=args.retries,
+                                retry_backoff=args.retry_backoff)  # fmt: skip
             for cmd in commands
         ]
         client.flush()
@@ -130,6 +131,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         ("state", info["state"]),
         ("command", info["command"]),
         ("attempts", f"{info['attempts']} of {info['max_attempts']}"),
+        ("retries", f"{info.get('failures', 0)} of {info.get('retries', 0)} used"),
         ("worker", info["worker"] or "-"),
         ("submitted", _when(info["submitted"])),
         ("started", _when(info["started"])),
@@ -142,6 +144,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         rows.insert(2, ("waiting", info["reason"]))
     for key, value in rows:
         print(f"{key:<12} {value}")
+    for n, run in enumerate(info.get("history") or (), 1):  # the failed runs tried again
+        reason = (run["error"] or "").strip().splitlines()[-1:] or ["-"]
+        print(f"{'failed run ' + str(n):<12} {run['worker']}, {_when(run['started'])}, exit "
+              f"{'-' if run['exit_code'] is None else run['exit_code']}: {reason[0][:80]}")
     for stream in ("stdout", "stderr"):
         if info[stream]:
             print(f"{stream}:\n{_tail(info[stream], 40)}")
@@ -399,6 +405,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--shell", action="store_true", help="run CMD through /bin/sh")
     s.add_argument("--name", help="a name for the job(s), shown in logs and listings")
     s.add_argument("--timeout", type=float, help="seconds before the job is killed")
+    s.add_argument("--retries", type=int, metavar="N",
+                   help="run a failed job again, up to N times (default: the master's)")
+    s.add_argument("--retry-backoff", type=float, metavar="SECONDS",
+                   help="wait before the first retry, doubled each time (default: the master's)")
     s.add_argument("--cwd", help="directory to run in, on the slave (default: the slave's)")
     s.add_argument("--env", action="append", metavar="NAME=VALUE",
                    help="add a variable to the job's environment (repeatable)")

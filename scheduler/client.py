@@ -227,10 +227,16 @@ class Client:
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
     ) -> AsyncResult:
+        """Run ``func(*args, **kwds)`` on a slave. ``retries``: a run that raises is tried
+        again up to that many times, ``retry_backoff`` seconds after the first failure and
+        twice as long after each next (with jitter); default: the master's settings."""
         digest = self._func(func)
         payload = (digest, self._pickle_args(args, dict(kwds or {})))
-        spec = JobSpec("python", payload, name or _name_of(func), labels, timeout, max_attempts)
+        spec = JobSpec("python", payload, name or _name_of(func), labels, timeout, max_attempts,
+                       retries, retry_backoff)  # fmt: skip
         callbacks = (callback, error_callback) if callback or error_callback else None
         return self._enqueue(spec, AsyncResult(self, callbacks=callbacks))
 
@@ -270,12 +276,15 @@ class Client:
         max_attempts: int | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
     ) -> AsyncResult:
         """Run a command: an argv list, or a string given to ``/bin/sh`` when ``shell=True``.
 
         It runs in ``cwd`` (default: the slave's working directory) with ``env`` added to
         the slave's environment. ``get()`` returns the tail of its stdout and raises
-        JobFailed on a non-zero exit.
+        JobFailed on a non-zero exit (once its ``retries``, if any, are spent: see
+        ``apply_async``).
         """
         if isinstance(command, str) and not shell:
             raise SubmitError("a command string needs shell=True; or pass an argv list")
@@ -283,7 +292,8 @@ class Client:
             raise SubmitError("empty command; give at least the program to run")
         cmd = command if shell else [str(part) for part in command]
         payload = (cmd, shell, cwd, dict(env or {})) if cwd or env else (cmd, shell)
-        spec = JobSpec("shell", payload, name or "", labels, timeout, max_attempts)
+        spec = JobSpec("shell", payload, name or "", labels, timeout, max_attempts, retries,
+                       retry_backoff)  # fmt: skip
         return self._enqueue(spec, AsyncResult(self))
 
     def result(self, job_id: int) -> AsyncResult:

@@ -29,6 +29,9 @@ KINDS = ("shell", "python")
 
 
 MAX_TIMEOUT = 365 * 86400.0  # a year: beyond it a timeout is a mistake, not a plan
+MAX_RETRIES = 1000
+MAX_BACKOFF = 86400.0  # a day before the first retry; doubled each time, capped (board)
+DEFAULT_BACKOFF = 10.0  # seconds before the first retry, unless the job or master says
 
 
 def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None) -> JobSpec:
@@ -39,6 +42,8 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         and spec[3] is None
         and spec[4] is None
         and spec[5] is None
+        and spec[6] is None
+        and spec[7] is None
         and type(spec[2]) is str
         and type(payload := spec[1]) is tuple
         and len(payload) == 2
@@ -46,7 +51,7 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         and (payload[0] in known or (sent is not None and payload[0] in sent))
     ):
         return spec
-    if not isinstance(spec, tuple) or len(spec) != len(JobSpec._fields):
+    if not isinstance(spec, tuple) or len(spec) not in (6, len(JobSpec._fields)):
         raise SubmitError(
             f"malformed job spec {type(spec).__name__}; submit through scheduler.Client"
         )
@@ -76,6 +81,16 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         isinstance(spec.max_attempts, int) and spec.max_attempts >= 1
     ):
         raise SubmitError(f"max_attempts must be an integer >= 1, got {spec.max_attempts!r}")
+    if spec.retries is not None and not (
+        type(spec.retries) is int and 0 <= spec.retries <= MAX_RETRIES
+    ):
+        raise SubmitError(f"retries must be a whole number from 0 to {MAX_RETRIES}, "
+                          f"got {spec.retries!r}")  # fmt: skip
+    if spec.retry_backoff is not None and not (
+        type(spec.retry_backoff) in (int, float) and 0 <= spec.retry_backoff <= MAX_BACKOFF
+    ):
+        raise SubmitError(f"retry_backoff must be a number of seconds from 0 to "
+                          f"{MAX_BACKOFF:.0f} (a day), got {spec.retry_backoff!r}")  # fmt: skip
     if not isinstance(spec.name, str):
         raise SubmitError("job name must be a string")
     if spec.labels is not None and not (
@@ -131,6 +146,11 @@ class Job:
     error: str | None = None
     stdout: str | None = None
     stderr: str | None = None
+    retries: int = 0  # failed runs tried again, at most
+    retry_backoff: float = DEFAULT_BACKOFF  # seconds before the first retry, then doubled
+    failures: int = 0  # failed runs so far (each tried again)
+    not_before: float | None = None  # backing off after a failure: not handed out before
+    history: list[dict[str, Any]] | None = None  # the failed runs tried again, oldest first
     # the client(s) waiting for the outcome, usually one; not journaled
     session: str | tuple[str, ...] | None = None
     journaled: bool = False  # the journal has a row for it
@@ -167,6 +187,10 @@ class Job:
             "error": self.error,
             "stdout": self.stdout,
             "stderr": self.stderr,
+            "retries": self.retries,
+            "failures": self.failures,
+            "not_before": self.not_before,
+            "history": list(self.history or ()),
         }
         if with_result:
             view["result"] = self.result

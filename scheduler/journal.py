@@ -26,26 +26,30 @@ from urllib.parse import quote
 
 from .board import QUEUE_WINDOW, Journaled
 from .errors import JournalError
-from .job import Job, State
+from .job import DEFAULT_BACKOFF, Job, State
 
 log = logging.getLogger(__name__)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEASE_BLOCK = 1 << 24  # leases reserved per journal write (about 11 minutes at 25k jobs/s)
 RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing write
 PRUNE_CHUNK = 1_000  # rows one pruning transaction deletes: the writer waits at most that long
 _FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
-_FIXED = "id, kind, func, args, name, labels, timeout, max_attempts, submitted"
+_FIXED = (
+    "id, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, retry_backoff"
+)
 _CHANGING = (
-    "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr"
+    "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr, "
+    "failures, not_before, history"
 )
 _COLUMNS = f"{_FIXED}, {_CHANGING}"
-_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 25)})"
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
-_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 10)})"
-# a job changed without error text or output (most python jobs): fewer columns to bind;
-# the row's error/stdout/stderr are NULL then, as a job's never go back to None once set
+_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 12)})"
+# a job changed without error text or output, never retried (most python jobs): fewer
+# columns to bind; its row's error/stdout/stderr/history are NULL then, as a job's never
+# go back to None once set unless it is retried (failures > 0)
 _DONE = ("state", "attempts", "worker", "lease", "started", "ended", "exit_code", "result")
 _UPDATE_DONE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _DONE)} WHERE id = ?"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING.split(', '))} WHERE id = ?"
@@ -57,6 +61,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB, error TEXT, stdout TEXT, stderr TEXT
 );
 CREATE TABLE IF NOT EXISTS funcs (digest TEXT PRIMARY KEY, body BLOB NOT NULL);
+"""
+_SCHEMA_V3 = """
+ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN retry_backoff REAL;
+ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN not_before REAL;
+ALTER TABLE jobs ADD COLUMN history TEXT;
 """
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -85,7 +96,8 @@ def _changing(job: Job) -> tuple:
     return (
         str(job.state), job.attempts, safe_text(job.worker), job.lease, job.started, job.ended,
         job.exit_code, job.result, safe_text(job.error), safe_text(job.stdout),
-        safe_text(job.stderr),
+        safe_text(job.stderr), job.failures, job.not_before,
+        safe_text(json.dumps(job.history)) if job.history else None,
     )  # fmt: skip
 
 
@@ -96,15 +108,16 @@ def _fixed(job: Job) -> tuple:
         func, args = None, json.dumps(job.payload).encode()
     labels = json.dumps(job.labels) if job.labels else None
     return (job.id, job.kind, func, args, safe_text(job.name), labels, job.timeout,
-            job.max_attempts, job.submitted)  # fmt: skip
+            job.max_attempts, job.submitted, job.retries, job.retry_backoff)  # fmt: skip
 
 
 def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
     """The job of a journal row. ``shared``: one string object for equal texts (function
     digests, kinds, names, workers) across the rows of one load, which SQLite returns
     as a new object each: a million loaded jobs then take 200 MB less."""
-    (id_, kind, func, args, name, labels, timeout, max_attempts, submitted, state, attempts,
-     worker, lease, started, ended, exit_code, result, error, stdout, stderr) = row  # fmt: skip
+    (id_, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, backoff,
+     state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr,
+     failures, not_before, history) = row  # fmt: skip
     if shared is not None:
         kind = shared.setdefault(kind, kind)
         name = shared.setdefault(name, name) if name else name
@@ -116,7 +129,10 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
         labels=json.loads(labels) if labels else None, timeout=timeout,
         max_attempts=max_attempts, state=State(state), attempts=attempts or 0, worker=worker,
         lease=lease or 0, submitted=submitted, started=started, ended=ended, exit_code=exit_code,
-        result=result, error=error, stdout=stdout, stderr=stderr, journaled=True,
+        result=result, error=error, stdout=stdout, stderr=stderr, retries=retries or 0,
+        retry_backoff=DEFAULT_BACKOFF if backoff is None else backoff, failures=failures or 0,
+        not_before=not_before, history=json.loads(history) if history else None,
+        journaled=True,
     )  # fmt: skip
 
 
@@ -177,9 +193,9 @@ class Journal:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
         if version == 0 and tables.fetchone()[0] == 0:
-            self._db.executescript(_SCHEMA + _SCHEMA_V2)
-        elif version in (1, 2):  # 0.1: add the tables, keep every job
-            self._db.executescript(_SCHEMA_V2)
+            self._db.executescript(_SCHEMA + _SCHEMA_V2 + _SCHEMA_V3)
+        elif version in (1, 2):  # 0.1 and 0.2: add the tables and columns, keep every job
+            self._db.executescript(_SCHEMA_V2 + _SCHEMA_V3)
         elif version != SCHEMA_VERSION:
             self._db.close()
             raise JournalError(
@@ -303,7 +319,7 @@ class Journal:
         new, fresh, changed, done = [], [], [], []
         for j in jobs:
             if j.journaled:
-                if j.error is None and j.stdout is None and j.stderr is None:
+                if j.error is None and j.stdout is None and j.stderr is None and not j.failures:
                     done.append((str(j.state), j.attempts, safe_text(j.worker), j.lease,
                                  j.started, j.ended, j.exit_code, j.result, j.id))  # fmt: skip
                 else:

@@ -48,7 +48,8 @@ def run(cfg: settings.Settings, stop: threading.Event) -> int:
     ceiling = stored.max_lease + LEASE_BLOCK
     journal.wait(journal.append([], meta={"lease_ceiling": ceiling}))
     board = Board(lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts,
-                  first_lease=stored.max_lease + 1, lease_ceiling=ceiling)  # fmt: skip
+                  first_lease=stored.max_lease + 1, lease_ceiling=ceiling,
+                  retries=cfg.retries, retry_backoff=cfg.retry_backoff)  # fmt: skip
     running = board.restore(jobs, stored)
     progress = Progress(time.time, cfg.progress_seconds)
     counted = _metrics(cfg)

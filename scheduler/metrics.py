@@ -22,7 +22,8 @@ from .job import Job, State
 FINAL = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 # Why a job went back to the queue. A lease ends only when its slave dies (is silent for
 # the lease), so "lease lapsed" and "slave death" are one reason here.
-REQUEUE_REASONS = ("slave_death", "drain", "handed_back", "slave_left", "lost_in_transit")
+REQUEUE_REASONS = ("slave_death", "drain", "handed_back", "slave_left", "lost_in_transit",
+                   "retry")  # fmt: skip
 RUN_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400)
 COMMIT_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 RING_SECONDS = 600  # how far back the throughput chart reaches

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = 3
+VERSION = 4
 
 
 # -- client <-> master ---------------------------------------------------------------
@@ -32,6 +32,10 @@ class JobSpec(NamedTuple):
             list, or a string when use_shell; cwd a directory or None; env a dict of
             variables added to the slave's environment, or None.
     python: ``(func_digest, args_blob)``; the function bytes travel once per batch, by digest.
+
+    ``retries``: how many times a failed run is tried again (None: the master's default),
+    after ``retry_backoff`` seconds doubled each time, with jitter; apart from
+    ``max_attempts``, which counts hand-outs whose slave died or went silent.
     """
 
     kind: str
@@ -40,6 +44,8 @@ class JobSpec(NamedTuple):
     labels: dict[str, str] | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    retries: int | None = None
+    retry_backoff: float | None = None
 
 
 class Submitted(NamedTuple):

@@ -390,10 +390,16 @@ class Service:
         with self._lock:
             self._warm_claims(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
+            retried, self._board.retried = self._board.retried, []
             ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
             if finished:
                 self._route(finished)
+            retries = [(j.label, j.failures, j.retries, j.not_before) for j in retried]
+        for label, n, of, at in retries:
+            log.warning("job %s failed on %s; retry %d of %d in %.1fs", label, worker, n, of,
+                        (at or 0) - self._clock())  # fmt: skip
+        self._metrics.requeued(len(retries), "retry")
         if rejected:
             log.warning("slave %s: %d outcome(s) rejected (lease given up or job cancelled)",
                         worker, rejected)  # fmt: skip
@@ -479,6 +485,8 @@ class Service:
         """Expire silent slaves, journal what changed, log progress, drop stale sessions."""
         with self._lock:
             held_back = bool(self._board.awaited)
+            if self._board.release_due():  # backoffs that ended: the jobs go first in line
+                self._work.notify_all()
             changed = self._board.expire()
             back = [j.label for j in changed if j.state is State.QUEUED]
             gone = [j for j in changed if j.state.terminal]

@@ -88,6 +88,8 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     heartbeat_seconds: float | None = None  # default: a third of lease_seconds
     max_attempts: int = 3
+    retries: int = 0  # failed runs tried again, unless a job says otherwise
+    retry_backoff: float = 10.0  # seconds before the first retry, doubled each time
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     output_limit: int = 64 * 1024
     progress_seconds: float = 5.0
@@ -109,6 +111,8 @@ _VARS = {
     "SCHEDULER_LEASE_SECONDS": ("lease_seconds", "posfloat"),
     "SCHEDULER_HEARTBEAT_SECONDS": ("heartbeat_seconds", "posfloat"),
     "SCHEDULER_MAX_ATTEMPTS": ("max_attempts", "posint"),
+    "SCHEDULER_RETRIES": ("retries", "count"),
+    "SCHEDULER_RETRY_BACKOFF": ("retry_backoff", "nonneg"),
     "SCHEDULER_GRACE_SECONDS": ("grace_seconds", "nonneg"),
     "SCHEDULER_OUTPUT_LIMIT": ("output_limit", "posint"),
     "SCHEDULER_PROGRESS_SECONDS": ("progress_seconds", "posfloat"),
@@ -139,6 +143,7 @@ KNOWN = (*VARIABLES, *TLS_VARIABLES, "SCHEDULER_ARRAY_INDEX")
 
 _EXPECTED = {
     "posint": "a positive integer",
+    "count": "a whole number, 0 or more",
     "posfloat": "a positive number of seconds",
     "nonneg": "a number of seconds, 0 or more",
     "str": "a non-empty string",
@@ -184,8 +189,9 @@ def _convert(name: str, kind: str, raw: str) -> object:
             if not raw.strip():
                 raise ValueError
             return raw.strip()
-        number = int(raw) if kind == "posint" else float(raw)
-        if not math.isfinite(number) or number < 0 or (number == 0 and kind != "nonneg"):
+        number = int(raw) if kind in ("posint", "count") else float(raw)
+        zero_ok = kind in ("nonneg", "count")
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
             raise ValueError
     except ValueError:
         raise ConfigError(f"{name}: expected {_EXPECTED[kind]}, got {raw!r}") from None

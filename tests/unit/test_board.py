@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 
@@ -521,3 +522,63 @@ def test_a_queued_job_says_why_it_waits():
     restored = Board(clock=lambda: clock[0], lease_seconds=10.0)
     restored.restore([copy.copy(j) for j in jobs], Journaled(4, {"queued": 4}, 4, 0, ("w1",)))
     assert restored.why_pending(1).startswith("held after a master restart until slave(s) w1")
+
+
+# -- retries with backoff --------------------------------------------------------------
+
+
+def failed(job, **kw) -> Outcome:
+    return Outcome(job.id, job.lease, False, error=kw.pop("error", "boom"), exit_code=1, **kw)
+
+
+def test_a_failed_run_with_retries_left_is_tried_again_after_a_doubling_backoff():
+    clock = [1000.0]
+    board = Board(clock=lambda: clock[0], lease_seconds=10.0, rng=random.Random(1))
+    (job,) = board.submit([JobSpec("shell", (["x"], False), retries=2, retry_backoff=4.0)])
+    waits = []
+    for run in (1, 2):
+        (got,) = take(board, "w1", 1)
+        finished, rejected = board.complete("w1", [failed(got, error=f"boom {run}")])
+        assert (finished, rejected) == ([], 0) and job.state is State.QUEUED
+        assert board.retried == [job] and job.failures == run
+        board.retried = []
+        waits.append(job.not_before - clock[0])
+        assert take(board, "w1", 1) == []  # backing off
+        assert board.why_pending(job.id).startswith("backing off until")
+        clock[0] = job.not_before
+    assert 2.0 <= waits[0] <= 4.0 and 4.0 <= waits[1] <= 8.0  # doubled, with jitter
+    (got,) = take(board, "w1", 1)
+    assert job.attempts == 3
+    finished, _ = board.complete("w1", [failed(got, error="boom 3")])
+    assert finished == [job] and job.state is State.FAILED and job.error == "boom 3"
+    assert [h["error"] for h in job.history] == ["boom 1", "boom 2"]
+    assert board.counts[State.FAILED] == 1 and board.counts[State.QUEUED] == 0
+
+
+def test_retries_are_apart_from_lost_slaves_and_a_cancel_stops_the_backoff():
+    clock = [1000.0]
+    board = Board(clock=lambda: clock[0], lease_seconds=10.0, max_attempts=1)
+    a, b = board.submit([JobSpec("shell", (["x"], False), retries=1, retry_backoff=1.0)] * 2)
+    take(board, "w1", 1)
+    board.complete("w1", [failed(a)])
+    board.cancel(a.id)  # during its backoff
+    clock[0] += 5
+    assert [j.id for j in take(board, "w1", 5)] == [b.id]  # a never runs again
+    assert a.state is State.CANCELLED and board.release_due() == 0
+    clock[0] += 60  # w1 silent: b's lease lapses; max_attempts=1 fails it, retries aside
+    board.expire()
+    assert b.state is State.FAILED and b.failures == 0 and "stopped answering" in b.error
+
+
+def test_a_restored_master_keeps_a_job_backing_off():
+    clock = [1000.0]
+    board = Board(clock=lambda: clock[0], lease_seconds=10.0)
+    (job,) = board.submit([JobSpec("shell", (["x"], False), retries=1, retry_backoff=30.0)])
+    take(board, "w1", 1)
+    board.complete("w1", [failed(job)])
+    restored = Board(clock=lambda: clock[0], lease_seconds=10.0)
+    restored.restore([copy.copy(job)])
+    restored.register("w2")
+    assert restored.lease("w2", 1) == []
+    clock[0] = job.not_before + 0.001
+    assert [j.id for j in restored.lease("w2", 1)] == [job.id]

@@ -98,7 +98,9 @@ EVENTS: dict[str, tuple[int, tuple[st.SearchStrategy, ...]]] = {
     "drain": (1, (_slave,)),
     "goodbye": (1, (_slave,)),
     "join": (1, ()),
-    "submit": (2, (st.integers(1, 3), st.sampled_from([None, None, 1, 2]))),  # n, attempts
+    # n, attempts (slave deaths), retries (failed runs tried again, after a backoff)
+    "submit": (2, (st.integers(1, 3), st.sampled_from([None, None, 1, 2]),
+                   st.sampled_from([0, 0, 1, 2]))),  # fmt: skip
     "cancel": (1, (st.integers(0, 64),)),  # which job (modulo)
     "tick": (3, (
         st.sampled_from([0.5, LEASE / 3, LEASE + 0.5, LEASE + RECONNECT_SECONDS + 0.5]),
@@ -474,7 +476,9 @@ class BoardModel(RuleBasedStateMachine):
         job_id = key[0]
         self.executions[job_id] += 1
         self.runs.setdefault(job_id, []).append((s.name, key[1]))
-        assert self.executions[job_id] == 1 or job_id in self.tainted, (
+        record = self.board.jobs.get(job_id) or self.journal.get(job_id)  # (cold: journal)
+        retried = record.failures if record is not None else 0  # failed runs tried again
+        assert self.executions[job_id] <= 1 + retried or job_id in self.tainted, (
             f"job {job_id} started a second time on a healthy history: {self._where(job_id)}"
         )
 
@@ -490,6 +494,7 @@ class BoardModel(RuleBasedStateMachine):
         self._warm_claims(o.job_id for o in outs)  # the service reads cold ones back first
         expected: dict[Key, bool] = {}
         now_terminal: set[int] = set()
+        retrying: set[Key] = set()  # failed, with retries left: applied, the job queued again
         for out in outs:
             job = self.board.jobs.get(out.job_id)
             if job is None or job.state.terminal or out.job_id in now_terminal:
@@ -502,14 +507,24 @@ class BoardModel(RuleBasedStateMachine):
             expected[out.job_id, out.lease] = ok
             if ok:
                 now_terminal.add(out.job_id)
+                if not out.ok and job is not None and job.failures < job.retries:
+                    retrying.add((out.job_id, out.lease))
         before = {o.job_id: self._where(o.job_id) for o in outs}
         finished, rejected = self.board.complete(s.name, outs)
+        retried, self.board.retried = {j.id: j for j in self.board.retried}, []
         self._heard(s)
         done = {j.id: j for j in finished}
         assert len(done) == len(finished), f"a job finished twice in one report: {finished}"
-        assert rejected == len(outs) - len(finished)
+        assert rejected == len(outs) - len(finished) - len(retried)
         for out in outs:
             key = (out.job_id, out.lease)
+            if key in retrying:  # its run is over; the slave learns so when acknowledged
+                job = retried.get(out.job_id)
+                assert job is not None and job.state is State.QUEUED, before[out.job_id]
+                assert job.history and job.history[-1]["lease"] == out.lease
+                assert job.not_before is not None and job.worker is None
+                self.stale.add((s.name, key))
+                continue
             applied = out.job_id in done and done[out.job_id].lease == out.lease
             assert applied == expected[key], (
                 f"outcome {key} from {s.name} {'applied' if applied else 'rejected'}; "
@@ -596,8 +611,9 @@ class BoardModel(RuleBasedStateMachine):
         else:
             getattr(self, kind)(*args)
 
-    def submit(self, n: int, attempts: int | None) -> None:
-        specs = [JobSpec("shell", (["true"], False), max_attempts=attempts) for _ in range(n)]
+    def submit(self, n: int, attempts: int | None, retries: int = 0) -> None:
+        specs = [JobSpec("shell", (["true"], False), max_attempts=attempts, retries=retries,
+                         retry_backoff=LEASE / 4) for _ in range(n)]  # fmt: skip
         jobs = self.board.submit(specs, publish=False)
         self._save()  # a submit returns once its jobs are in the journal
         self.board.publish(jobs)

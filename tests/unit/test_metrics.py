@@ -128,7 +128,7 @@ def test_requeues_are_counted_by_reason(world, clock):
     counts = {why: value(metrics, "scheduler_requeues_total", reason=why)
               for why in REQUEUE_REASONS}  # fmt: skip
     assert counts == {"handed_back": 1, "drain": 1, "slave_left": 2, "lost_in_transit": 1,
-                      "slave_death": 1}  # fmt: skip
+                      "slave_death": 1, "retry": 0}  # fmt: skip
 
 
 def test_gauges_are_read_from_the_board_at_scrape_time(world, clock):

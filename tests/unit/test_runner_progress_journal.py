@@ -91,7 +91,7 @@ def test_a_journal_of_another_format_is_refused_clearly(tmp_path):
     db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB)")
     db.commit()
     db.close()
-    with pytest.raises(JournalError, match="has format 0, this master reads format 2"):
+    with pytest.raises(JournalError, match="has format 0, this master reads format 3"):
         Journal(tmp_path)
 
 
@@ -119,24 +119,51 @@ def test_restart_loads_unfinished_and_recent_finished_jobs_only(tmp_path):
     journal.close()
 
 
-def test_a_journal_of_format_1_is_upgraded_in_place(tmp_path):
+def old_journal(directory, schema: str, version: int) -> None:
+    """A journal as an earlier version wrote it, with one queued job (lease 9)."""
     import sqlite3
 
-    from scheduler import journal as journal_module
-
-    db = sqlite3.connect(tmp_path / "journal.sqlite3")
-    db.executescript(journal_module._SCHEMA)
-    db.execute("PRAGMA user_version = 1")
+    db = sqlite3.connect(directory / "journal.sqlite3")
+    db.executescript(schema)
+    db.execute(f"PRAGMA user_version = {version}")
     db.execute(
         "INSERT INTO jobs (id, kind, args, state, lease) VALUES (1, 'shell', ?, 'queued', 9)",
         (b'[["true"], false]',),
     )
     db.commit()
     db.close()
+
+
+def test_a_journal_of_format_1_is_upgraded_in_place(tmp_path):
+    from scheduler import journal as journal_module
+
+    old_journal(tmp_path, journal_module._SCHEMA, 1)
     journal = Journal(tmp_path)
     jobs, _, stored = journal.load(10)
     journal.close()
     assert [j.id for j in jobs] == [1] and stored.max_lease == 9
+
+
+def test_a_journal_of_format_2_is_upgraded_and_keeps_retries_and_history(tmp_path):
+    from scheduler import journal as journal_module
+    from scheduler.board import Outcome
+
+    old_journal(tmp_path, journal_module._SCHEMA + journal_module._SCHEMA_V2, 2)
+    journal = Journal(tmp_path)
+    (old,), _, _ = journal.load(10)
+    assert (old.retries, old.failures, old.history) == (0, 0, None)
+    board = Board(clock=lambda: 1000.0)
+    board.restore([old])
+    (job,) = board.submit([JobSpec("shell", (["false"], False), retries=2, retry_backoff=5.0)])
+    board.register("w")
+    board.lease("w", 2)
+    board.complete("w", [Outcome(job.id, job.lease, False, error="boom", exit_code=1)])
+    journal.wait(journal.append(board.take_dirty()))
+    journal.close()
+    again = {j.id: j for j in Journal(tmp_path).load(10)[0]}[job.id]
+    assert (again.retries, again.retry_backoff, again.failures) == (2, 5.0, 1)
+    assert again.state is State.QUEUED and 1002.5 <= again.not_before <= 1005.0
+    assert [(h["worker"], h["exit_code"], h["error"]) for h in again.history] == [("w", 1, "boom")]
 
 
 def test_text_that_is_not_utf8_is_stored_escaped_not_fatal(tmp_path):
