@@ -49,6 +49,7 @@ bench: deps
 	$(PY) -m bench.observe
 	$(PY) -m bench.tls $(if $(QUICK),--quick)
 	$(PY) -m bench.retention
+	$(PY) -m bench.chain
 	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----

@@ -388,6 +388,8 @@ def submit(
         help="run a failed job again, up to N times (default: the master's)")] = None,
     retry_backoff: Annotated[float | None, typer.Option(
         help="seconds before the first retry, doubled each time")] = None,
+    after: Annotated[str | None, typer.Option(
+        help="job ids (12,13) that must succeed first; cancelled if one fails")] = None,
 ) -> None:  # fmt: skip
     """Submit a shell job (submit -- CMD ARGS) or one per line of --file."""
     with _session() as ctx:
@@ -397,7 +399,9 @@ def submit(
         commands: list[jobs.Command] = (
             list(jobs.read_commands(file)) if file else [list(command or [])])  # fmt: skip
         with _progress(wait) as progress:
-            done = jobs.submit(ctx, commands, wait, progress, timeout, retries, retry_backoff)
+            deps = jobs.parse_ids(after) if after else None
+            done = jobs.submit(ctx, commands, wait, progress, timeout, retries, retry_backoff,
+                               deps)  # fmt: skip
         _out(render.jobs_text(done) if wait else " ".join(str(j["id"]) for j in done))
 
 

@@ -29,10 +29,22 @@ def read_commands(path: Path) -> list[str]:
     return commands
 
 
+def parse_ids(text: str) -> list[int]:
+    """``12,13`` -> [12, 13]; a DeployError saying what to write otherwise."""
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 1:
+        raise DeployError("submit", f"--after takes job ids like 12,13, got {text!r}",
+                          "see 'deployctl jobs' for ids")  # fmt: skip
+    return ids
+
+
 def submit(
     ctx: Context, commands: Sequence[Command], wait: bool, progress: Progress | None = None,
     timeout: float | None = None, retries: int | None = None,
-    retry_backoff: float | None = None,
+    retry_backoff: float | None = None, after: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Submit ``commands`` (a string runs in /bin/sh, a list as argv); with ``wait``, follow
     them to the end and raise if any failed. ``retries``, ``retry_backoff``: as the
@@ -40,7 +52,7 @@ def submit(
     with ctx.master.use(ctx.key(create=False)) as c:
         handles = [c.submit_shell(cmd if isinstance(cmd, str) else list(cmd),
                                   shell=isinstance(cmd, str), retries=retries,
-                                  retry_backoff=retry_backoff)
+                                  retry_backoff=retry_backoff, after=after)
                    for cmd in commands]  # fmt: skip
         c.flush()
         ids = [h.id for h in handles]

@@ -63,6 +63,7 @@ class Journaled(NamedTuple):
     max_lease: int
     slaves: tuple[str, ...] = ()  # registered when the journal was last written
     cold: tuple[int, int] | None = None  # queued jobs left in the journal (first, last id)
+    dep_states: dict[int, str] = {}  # states of the jobs that loaded ones come after
 
 
 @dataclass(slots=True)
@@ -103,10 +104,13 @@ class Worker:
 
 
 def _reported(job: Job, name: str, lease: int) -> bool:
-    """The job finished on this very run (not cancelled: a cancelled run must stop)."""
-    return job.state in (State.SUCCEEDED, State.FAILED) and job.lease == lease and (
-        job.worker == name
-    )
+    """The job finished on this very run (not cancelled: a cancelled run must stop), or
+    this run failed and is being tried again: its outcome is in, and the slave keeps it
+    until told it is saved (dropped before, a crash would lose the failure)."""
+    if job.state in (State.SUCCEEDED, State.FAILED) and job.lease == lease:
+        return job.worker == name
+    last = job.history[-1] if job.history else None
+    return last is not None and last["lease"] == lease and last["worker"] == name
 
 
 class Board:
@@ -149,6 +153,11 @@ class Board:
         self._rng = rng or random.Random()  # the jitter of retry delays
         self._delayed: list[tuple[float, int]] = []  # (not before, job id): backing off
         self.retried: list[Job] = []  # failed runs put back since the service last looked
+        # dependencies: a job waits, queued but not in line, until every job it comes
+        # after succeeded; if one fails or is cancelled, it is cancelled too (and so on)
+        self._waiting_on: dict[int, set[int]] = {}  # job -> the jobs it still waits for
+        self._dependents: dict[int, list[int]] = {}  # job -> the jobs waiting for it
+        self.cascaded: list[Job] = []  # cancelled by a dependency since the service looked
         # cold queued jobs: [first id, last id, session, counted in func_refs] in order
         self.cold: deque[list] = deque()
         self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
@@ -178,7 +187,7 @@ class Board:
         self.total = stored.total
         for state, n in stored.counts.items():
             self.counts[State(state)] += n
-        running, back_by = 0, self.clock() + RECONNECT_SECONDS
+        running, back_by, waiting = 0, self.clock() + RECONNECT_SECONDS, []
         self.awaited = set(stored.slaves)
         self.hold_until = back_by + self.lease_seconds
         for job in jobs:
@@ -197,6 +206,8 @@ class Board:
                 running += 1
             elif job.state is State.RUNNING:  # no slave on record: nobody can claim it
                 self._requeue(job, counted=False)
+            elif job.state is State.QUEUED and job.after:
+                waiting.append(job)  # in line once what it comes after succeeded
             elif job.state is State.QUEUED and job.not_before is not None:
                 heapq.heappush(self._delayed, (job.not_before, job.id))  # backing off
             elif job.state is State.QUEUED:
@@ -212,6 +223,14 @@ class Board:
                 self.finished_total += 1
         if stored.cold is not None:
             self._chill(stored.cold[0], None, counted=False, last=stored.cold[1])
+        # what they come after: here, or in the journal (gone from it: it had succeeded,
+        # since a failure would have cancelled them then)
+        known = {i: State(s) for i, s in stored.dep_states.items()}
+        for job in waiting:
+            after = job.after or ()
+            self.depend(job, after, {d: known.get(d, State.SUCCEEDED) for d in after})
+            if job.state is State.QUEUED and job.id not in self._waiting_on:
+                self._queue.append(job.id)
         return running
 
     # -- the cold queue --------------------------------------------------------
@@ -325,8 +344,12 @@ class Board:
                 None,
                 retries if tries is None else tries,
                 backoff if wait is None else wait,
+                0,
+                None,
+                None,
+                after,
             )  # fmt: skip
-            for i, (kind, payload, name, labels, timeout, attempts, tries, wait)
+            for i, (kind, payload, name, labels, timeout, attempts, tries, wait, after)
             in enumerate(specs, first)
         ]
         self._next_id = first + len(new)
@@ -340,13 +363,58 @@ class Board:
         self.total += len(new)
         return new
 
+    def depend(self, job: Job, after: Iterable[int], known: dict[int, State]) -> None:
+        """``job`` runs after the jobs ``after`` succeed (their states now: ``known``, the
+        board's own records first). One that failed or was cancelled already cancels it."""
+        jobs, unmet = self.jobs, set()
+        for dep in after:
+            state = jobs[dep].state if dep in jobs else known[dep]
+            if state in (State.FAILED, State.CANCELLED):
+                self._finish(job, State.CANCELLED, error=f"job {dep} it comes after {state}")
+                self.cascaded.append(job)
+                self._cascade(job)
+                return
+            if state is not State.SUCCEEDED:
+                unmet.add(dep)
+        if unmet:
+            self._waiting_on[job.id] = unmet
+            for dep in unmet:
+                self._dependents.setdefault(dep, []).append(job.id)
+
+    def waits_for(self, job_id: int) -> set[int]:
+        """The jobs ``job_id`` still waits for (empty: none)."""
+        return self._waiting_on.get(job_id, set())
+
+    def _cascade(self, done: Job) -> None:
+        """``done`` reached a final state: its dependents go in line, or are cancelled."""
+        todo = [done]
+        while todo:
+            dep = todo.pop()
+            for job_id in self._dependents.pop(dep.id, ()):
+                job, unmet = self.jobs.get(job_id), self._waiting_on.get(job_id)
+                if job is None or unmet is None or job.state is not State.QUEUED:
+                    continue
+                if dep.state is State.SUCCEEDED:
+                    unmet.discard(dep.id)
+                    if not unmet:
+                        del self._waiting_on[job_id]
+                        self._queue.append(job_id)
+                    continue
+                del self._waiting_on[job_id]
+                self._finish(job, State.CANCELLED, error=f"job {dep.id} it comes after {dep.state}",
+                             cascade=False)  # fmt: skip
+                self.cascaded.append(job)
+                todo.append(job)
+
     def publish(self, jobs: Iterable[Job]) -> None:
         """Let slaves have jobs submitted with ``publish=False`` (now in the journal).
 
-        Beyond ``queue_window`` queued in memory, saved jobs go cold (see above)."""
+        Beyond ``queue_window`` queued in memory, saved jobs go cold (see above); jobs
+        waiting for others stay in memory, out of line."""
         queue, window = self._queue, self.queue_window
+        waiting = self._waiting_on
         for job in jobs:
-            if job.state is not State.QUEUED:
+            if job.state is not State.QUEUED or job.id in waiting:
                 continue
             if job.journaled and (self.cold or len(queue) >= window):
                 del self.jobs[job.id]
@@ -520,9 +588,16 @@ class Board:
         self.counts[State.QUEUED] += 1
         job.state, job.worker, job.started = State.QUEUED, None, None
         job.error = job.exit_code = job.stdout = job.stderr = None  # in its history now
-        heapq.heappush(self._delayed, (job.not_before, job.id))
         self.dirty.add(job.id)
-        self.retried.append(job)
+        self.retried.append(job)  # handed out again only once saved: see schedule()
+
+    def schedule(self, jobs: Iterable[Job]) -> None:
+        """Retries whose failure is saved now go in line when their backoff ends. Not
+        before: a crash that lost the failure would let the retry run beside a slave
+        that still holds the failed run's outcome (and reports it to the next master)."""
+        for job in jobs:
+            if job.state is State.QUEUED and job.not_before is not None:
+                heapq.heappush(self._delayed, (job.not_before, job.id))
 
     def release_due(self) -> int:
         """Queue the jobs whose backoff ended, first in line; how many."""
@@ -577,10 +652,13 @@ class Board:
     def _reconcile(
         self, worker: Worker, holding: Holding, started: dict[int, bool] | None = None
     ) -> Reply:
-        claims = dict(holding.held)
+        # a slave may hold two runs of one job (a failed run waiting to be acknowledged,
+        # and its retry): the later lease is judged last, so it is the one adopted
+        claims = sorted(set(holding.held), key=lambda claim: claim[1])
+        claimed = {job_id for job_id, _ in claims}
         worker.waiting = set(holding.waiting)
         drop, cancelled = [], []
-        for job_id, lease in claims.items():
+        for job_id, lease in claims:
             if worker.held.get(job_id) == lease:
                 continue
             job = self.jobs.get(job_id)
@@ -594,7 +672,7 @@ class Board:
                     cancelled.append(job_id)
         lost = [
             j for j in worker.held
-            if j not in claims and worker.batch.get(j, 0) <= holding.fetched
+            if j not in claimed and worker.batch.get(j, 0) <= holding.fetched
         ]  # fmt: skip
         for job_id in lost:  # handed out, never arrived: not an attempt (see register)
             worker.let_go(job_id)
@@ -685,6 +763,10 @@ class Board:
             until = time.strftime("%H:%M:%S", time.localtime(job.not_before))
             return (f"backing off until {until} after failure {job.failures} "
                     f"(retry {job.failures} of {job.retries})")  # fmt: skip
+        if job_id in self._waiting_on:
+            first = min(self._waiting_on[job_id])
+            more = len(self._waiting_on[job_id]) - 1
+            return f"waiting for job {first}" + (f" and {more} more" if more else "")
         if self.holding_back():
             until = time.strftime("%H:%M:%S", time.localtime(self.hold_until))
             names = ", ".join(sorted(self.awaited))
@@ -739,7 +821,8 @@ class Board:
         self.dirty.add(job.id)
 
     def _finish(
-        self, job: Job, state: State, *, error: str | None, now: float | None = None
+        self, job: Job, state: State, *, error: str | None, now: float | None = None,
+        cascade: bool = True,
     ) -> None:
         self.counts[job.state] -= 1
         self.counts[state] += 1
@@ -750,6 +833,9 @@ class Board:
         self.dirty.add(job.id)
         self._finished.append(job.id)
         self.finished_total += 1
+        self._waiting_on.pop(job.id, None)
+        if cascade and job.id in self._dependents:
+            self._cascade(job)
 
     def evict(self, keep: int, saved: int | None = None) -> int:
         """Drop the oldest finished jobs beyond ``keep`` from memory; the journal has them.

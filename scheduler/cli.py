@@ -56,7 +56,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         handles = [
             client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout,
                                 cwd=args.cwd, env=env, retries=args.retries,
-                                retry_backoff=args.retry_backoff)  # fmt: skip
+                                retry_backoff=args.retry_backoff, after=args.after)  # fmt: skip
             for cmd in commands
         ]
         client.flush()
@@ -117,6 +117,17 @@ def _took(job: dict, now: float) -> str:
         return "-"
     seconds = (job["ended"] or now) - job["started"]
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def _id_list(text: str) -> list[int]:
+    """``12,13`` -> [12, 13], for argparse (its error says what was wrong)."""
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected job ids like 12,13, got {text!r}") from None
+    if not ids or min(ids) < 1:
+        raise argparse.ArgumentTypeError(f"expected job ids like 12,13, got {text!r}")
+    return ids
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -407,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="seconds before the job is killed")
     s.add_argument("--retries", type=int, metavar="N",
                    help="run a failed job again, up to N times (default: the master's)")
+    s.add_argument("--after", type=_id_list, metavar="ID,ID",
+                   help="run once these jobs succeeded (cancelled if one fails)")
     s.add_argument("--retry-backoff", type=float, metavar="SECONDS",
                    help="wait before the first retry, doubled each time (default: the master's)")
     s.add_argument("--cwd", help="directory to run in, on the slave (default: the slave's)")

@@ -229,14 +229,18 @@ class Client:
         max_attempts: int | None = None,
         retries: int | None = None,
         retry_backoff: float | None = None,
+        after: Iterable[AsyncResult | int] | None = None,
     ) -> AsyncResult:
         """Run ``func(*args, **kwds)`` on a slave. ``retries``: a run that raises is tried
         again up to that many times, ``retry_backoff`` seconds after the first failure and
-        twice as long after each next (with jitter); default: the master's settings."""
+        twice as long after each next (with jitter); default: the master's settings.
+        ``after``: results (or ids) of jobs that must succeed first; if one fails or is
+        cancelled, this job is cancelled too."""
+        deps = _ids(after)
         digest = self._func(func)
         payload = (digest, self._pickle_args(args, dict(kwds or {})))
         spec = JobSpec("python", payload, name or _name_of(func), labels, timeout, max_attempts,
-                       retries, retry_backoff)  # fmt: skip
+                       retries, retry_backoff, deps)  # fmt: skip
         callbacks = (callback, error_callback) if callback or error_callback else None
         return self._enqueue(spec, AsyncResult(self, callbacks=callbacks))
 
@@ -278,13 +282,14 @@ class Client:
         env: Mapping[str, str] | None = None,
         retries: int | None = None,
         retry_backoff: float | None = None,
+        after: Iterable[AsyncResult | int] | None = None,
     ) -> AsyncResult:
         """Run a command: an argv list, or a string given to ``/bin/sh`` when ``shell=True``.
 
         It runs in ``cwd`` (default: the slave's working directory) with ``env`` added to
         the slave's environment. ``get()`` returns the tail of its stdout and raises
-        JobFailed on a non-zero exit (once its ``retries``, if any, are spent: see
-        ``apply_async``).
+        JobFailed on a non-zero exit (once its ``retries``, if any, are spent; ``retries``,
+        ``retry_backoff`` and ``after`` as for ``apply_async``).
         """
         if isinstance(command, str) and not shell:
             raise SubmitError("a command string needs shell=True; or pass an argv list")
@@ -293,7 +298,7 @@ class Client:
         cmd = command if shell else [str(part) for part in command]
         payload = (cmd, shell, cwd, dict(env or {})) if cwd or env else (cmd, shell)
         spec = JobSpec("shell", payload, name or "", labels, timeout, max_attempts, retries,
-                       retry_backoff)  # fmt: skip
+                       retry_backoff, _ids(after))  # fmt: skip
         return self._enqueue(spec, AsyncResult(self))
 
     def result(self, job_id: int) -> AsyncResult:
@@ -557,6 +562,13 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ids(after: Iterable[AsyncResult | int] | None) -> tuple[int, ...] | None:
+    """Job ids from results (sending buffered jobs first, so they have ids) or ids."""
+    if after is None:
+        return None
+    return tuple(x.id if isinstance(x, AsyncResult) else x for x in after)
 
 
 def _check_protocol(ping: dict, address: tuple[str, int]) -> None:

@@ -30,6 +30,7 @@ KINDS = ("shell", "python")
 
 MAX_TIMEOUT = 365 * 86400.0  # a year: beyond it a timeout is a mistake, not a plan
 MAX_RETRIES = 1000
+MAX_AFTER = 10_000  # jobs one job may come after
 MAX_BACKOFF = 86400.0  # a day before the first retry; doubled each time, capped (board)
 DEFAULT_BACKOFF = 10.0  # seconds before the first retry, unless the job or master says
 
@@ -44,6 +45,7 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         and spec[5] is None
         and spec[6] is None
         and spec[7] is None
+        and spec[8] is None
         and type(spec[2]) is str
         and type(payload := spec[1]) is tuple
         and len(payload) == 2
@@ -51,7 +53,7 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         and (payload[0] in known or (sent is not None and payload[0] in sent))
     ):
         return spec
-    if not isinstance(spec, tuple) or len(spec) not in (6, len(JobSpec._fields)):
+    if not isinstance(spec, tuple) or len(spec) not in (6, 8, len(JobSpec._fields)):
         raise SubmitError(
             f"malformed job spec {type(spec).__name__}; submit through scheduler.Client"
         )
@@ -91,6 +93,15 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
     ):
         raise SubmitError(f"retry_backoff must be a number of seconds from 0 to "
                           f"{MAX_BACKOFF:.0f} (a day), got {spec.retry_backoff!r}")  # fmt: skip
+    if spec.after is not None:
+        if not (
+            isinstance(spec.after, (tuple, list))
+            and 0 < len(spec.after) <= MAX_AFTER
+            and all(type(i) is int and i > 0 for i in spec.after)
+        ):
+            raise SubmitError(f"after must list 1 to {MAX_AFTER} job ids (positive integers), "
+                              f"got {spec.after!r}")  # fmt: skip
+        spec = spec._replace(after=tuple(sorted(set(spec.after))))
     if not isinstance(spec.name, str):
         raise SubmitError("job name must be a string")
     if spec.labels is not None and not (
@@ -151,6 +162,7 @@ class Job:
     failures: int = 0  # failed runs so far (each tried again)
     not_before: float | None = None  # backing off after a failure: not handed out before
     history: list[dict[str, Any]] | None = None  # the failed runs tried again, oldest first
+    after: tuple[int, ...] | None = None  # jobs that must succeed before it runs
     # the client(s) waiting for the outcome, usually one; not journaled
     session: str | tuple[str, ...] | None = None
     journaled: bool = False  # the journal has a row for it
@@ -191,6 +203,7 @@ class Job:
             "failures": self.failures,
             "not_before": self.not_before,
             "history": list(self.history or ()),
+            "after": list(self.after or ()),
         }
         if with_result:
             view["result"] = self.result

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -37,16 +37,17 @@ RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing wr
 PRUNE_CHUNK = 1_000  # rows one pruning transaction deletes: the writer waits at most that long
 _FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
 _FIXED = (
-    "id, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, retry_backoff"
+    "id, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, "
+    "retry_backoff, after"
 )
 _CHANGING = (
     "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr, "
     "failures, not_before, history"
 )
 _COLUMNS = f"{_FIXED}, {_CHANGING}"
-_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 25)})"
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})"
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
-_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 12)})"
+_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 13)})"
 # a job changed without error text or output, never retried (most python jobs): fewer
 # columns to bind; its row's error/stdout/stderr/history are NULL then, as a job's never
 # go back to None once set unless it is retried (failures > 0)
@@ -68,6 +69,7 @@ ALTER TABLE jobs ADD COLUMN retry_backoff REAL;
 ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN not_before REAL;
 ALTER TABLE jobs ADD COLUMN history TEXT;
+ALTER TABLE jobs ADD COLUMN after TEXT;
 """
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -108,7 +110,8 @@ def _fixed(job: Job) -> tuple:
         func, args = None, json.dumps(job.payload).encode()
     labels = json.dumps(job.labels) if job.labels else None
     return (job.id, job.kind, func, args, safe_text(job.name), labels, job.timeout,
-            job.max_attempts, job.submitted, job.retries, job.retry_backoff)  # fmt: skip
+            job.max_attempts, job.submitted, job.retries, job.retry_backoff,
+            json.dumps(job.after) if job.after else None)  # fmt: skip
 
 
 def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
@@ -116,8 +119,8 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
     digests, kinds, names, workers) across the rows of one load, which SQLite returns
     as a new object each: a million loaded jobs then take 200 MB less."""
     (id_, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, backoff,
-     state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr,
-     failures, not_before, history) = row  # fmt: skip
+     after, state, attempts, worker, lease, started, ended, exit_code, result, error, stdout,
+     stderr, failures, not_before, history) = row  # fmt: skip
     if shared is not None:
         kind = shared.setdefault(kind, kind)
         name = shared.setdefault(name, name) if name else name
@@ -132,7 +135,7 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
         result=result, error=error, stdout=stdout, stderr=stderr, retries=retries or 0,
         retry_backoff=DEFAULT_BACKOFF if backoff is None else backoff, failures=failures or 0,
         not_before=not_before, history=json.loads(history) if history else None,
-        journaled=True,
+        after=tuple(json.loads(after)) if after else None, journaled=True,
     )  # fmt: skip
 
 
@@ -217,16 +220,22 @@ class Journal:
         shared: dict[str, str] = {}
         limit = -1 if queue_window is None else queue_window  # -1: no LIMIT in SQLite
         queued = [_row_job(r, shared) for r in self._db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?", (limit,)
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND after IS NULL "
+            "ORDER BY id LIMIT ?", (limit,),
         )]  # fmt: skip
         cold = None
         if queue_window is not None and len(queued) == queue_window:
-            after = queued[-1].id if queued else 0
+            beyond = queued[-1].id if queued else 0
             first, last = self._db.execute(
-                "SELECT min(id), max(id) FROM jobs WHERE state = 'queued' AND id > ?", (after,)
-            ).fetchone()
+                "SELECT min(id), max(id) FROM jobs WHERE state = 'queued' AND after IS NULL "
+                "AND id > ?", (beyond,),
+            ).fetchone()  # fmt: skip
             cold = (first, last) if first is not None else None
-        unfinished = queued + [_row_job(r, shared) for r in self._db.execute(
+        # jobs waiting for others are all loaded: they are in line only once those succeed
+        waiting = [_row_job(r, shared) for r in self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND after IS NOT NULL"
+        )]  # fmt: skip
+        unfinished = queued + waiting + [_row_job(r, shared) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'running'"
         )]  # fmt: skip
         finished = self._db.execute(
@@ -248,8 +257,24 @@ class Journal:
         reserved = self._db.execute("SELECT value FROM meta WHERE key = 'lease_ceiling'")
         max_lease = max([max_lease, *(v for (v,) in reserved)])
         slaves = tuple(n for (n,) in self._db.execute("SELECT name FROM slaves"))
-        stored = Journaled(sum(counts.values()), counts, max_id, max_lease, slaves, cold)
+        loaded = {j.id for j in jobs}
+        deps = {d for j in waiting for d in j.after or () if d not in loaded}
+        stored = Journaled(sum(counts.values()), counts, max_id, max_lease, slaves, cold,
+                           self.states(deps))  # fmt: skip
         return jobs, funcs, stored
+
+    def states(self, ids: Iterable[int]) -> dict[int, str]:
+        """The states of these jobs, as the journal has them (missing: not there)."""
+        found: dict[int, str] = {}
+        wanted = list(ids)
+        with self._read_lock:
+            for at in range(0, len(wanted), 500):
+                chunk = wanted[at : at + 500]
+                found.update(self._reader.execute(
+                    f"SELECT id, state FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ))  # fmt: skip
+        return found
 
     def queued_between(self, first: int, last: int, limit: int) -> list[Job]:
         """Up to ``limit`` queued jobs with ids ``first``..``last``, in id order (the cold
@@ -257,7 +282,7 @@ class Journal:
         with self._read_lock:
             rows = self._reader.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE id BETWEEN ? AND ? AND state = 'queued' "
-                "ORDER BY id LIMIT ?", (first, last, limit),
+                "AND after IS NULL ORDER BY id LIMIT ?", (first, last, limit),
             ).fetchall()  # fmt: skip
         shared: dict[str, str] = {}
         return [_row_job(r, shared) for r in rows]

@@ -36,6 +36,7 @@ class JobSpec(NamedTuple):
     ``retries``: how many times a failed run is tried again (None: the master's default),
     after ``retry_backoff`` seconds doubled each time, with jitter; apart from
     ``max_attempts``, which counts hand-outs whose slave died or went silent.
+    ``after``: ids of jobs that must succeed first (if one fails or is cancelled, so is this).
     """
 
     kind: str
@@ -46,6 +47,7 @@ class JobSpec(NamedTuple):
     max_attempts: int | None = None
     retries: int | None = None
     retry_backoff: float | None = None
+    after: tuple[int, ...] | None = None
 
 
 class Submitted(NamedTuple):

@@ -119,6 +119,8 @@ class Service:
             if not isinstance(specs, list) or not isinstance(funcs, dict):
                 raise SubmitError("submit takes a list of job specs; use scheduler.Client")
             checked = [validate(spec, self._funcs, funcs) for spec in specs]
+            deps = {d for spec in checked if spec.after for d in spec.after}
+            saved = {i: State(s) for i, s in self._journal.states(deps).items()} if deps else {}
         except SubmitError as exc:
             log.warning("submit refused: %s", exc)
             raise
@@ -126,6 +128,14 @@ class Service:
             if self._closing:
                 raise ShuttingDown("the master is shutting down; submit again once it is back")
             self._refuse_if_journal_fails()
+            if deps:
+                known = {**saved, **{d: self._board.jobs[d].state for d in deps
+                                     if d in self._board.jobs}}  # fmt: skip
+                unknown = sorted(deps - set(known))
+                if unknown:
+                    log.warning("submit refused: after names unknown job(s) %s", unknown[:5])
+                    raise SubmitError(f"no job {unknown[0]} (in after); list jobs with "
+                                      "'scheduler jobs', or leave it out")  # fmt: skip
             jobs = self._board.submit(checked, publish=False)
             new_funcs = {d: b for d, b in funcs.items() if d not in self._funcs}
             self._funcs.update(new_funcs)
@@ -133,6 +143,10 @@ class Service:
                 self._touch_session(session)
                 for job in jobs:
                     job.session = session
+            if deps:
+                for job, spec in zip(jobs, checked, strict=True):
+                    if spec.after:
+                        self._board.depend(job, spec.after, known)
             ticket = self._journal.append(self._board.take_dirty(), new_funcs, wake=False)
         try:
             self._journal.wait(ticket, give_up=True)
@@ -149,7 +163,9 @@ class Service:
         with self._lock:
             self._board.publish(jobs)
             self._work.notify_all()
+            gone = self._cascaded()
         self._metrics.submitted(len(jobs))
+        self._metrics.finished(gone, ran=False)
         if not jobs:
             return protocol.Submitted(0, 0)
         log.debug("submitted %d jobs (%d..%d)", len(jobs), jobs[0].id, jobs[-1].id)
@@ -256,15 +272,17 @@ class Service:
             else:
                 before = self._board.get(job_id).state
                 job = self._board.cancel(job_id)
+                followers, self._board.cascaded = self._board.cascaded, []
                 ticket = self._journal.append(self._board.take_dirty(), wake=False)
         if job is None:
             return self.get(job_id)  # finished long ago, or unknown (raises)
         self._journal.wait(ticket)
         if job.state is State.CANCELLED and before is not State.CANCELLED:
             with self._lock:
-                self._route([job])
-            self._metrics.finished([job], ran=False)
-            log.info("job %s cancelled (was %s)", job.label, before)
+                self._route([job, *followers])
+            self._metrics.finished([job, *followers], ran=False)
+            after = f"; so were {len(followers)} job(s) after it" if followers else ""
+            log.info("job %s cancelled (was %s)%s", job.label, before, after)
         return job.info()
 
     def status(self) -> dict[str, Any]:
@@ -391,6 +409,7 @@ class Service:
             self._warm_claims(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
             retried, self._board.retried = self._board.retried, []
+            followers = self._cascaded()  # cancelled: a job they come after failed
             ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
             if finished:
@@ -406,7 +425,11 @@ class Service:
             self._metrics.rejected(rejected)
         self._progress.finished(finished, worker)
         self._metrics.finished(finished)
+        self._metrics.finished(followers, ran=False)
         self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
+        if retried:  # their failures are saved: the retries may go in line
+            with self._lock:
+                self._board.schedule(retried)
         if lease is None:
             return protocol.Reported(len(finished), rejected, give_back)
         try:
@@ -490,6 +513,8 @@ class Service:
             changed = self._board.expire()
             back = [j.label for j in changed if j.state is State.QUEUED]
             gone = [j for j in changed if j.state.terminal]
+            gone += self._board.cascaded  # cancelled: a job they come after failed
+            self._board.cascaded = []
             if changed or (held_back and not self._board.holding_back()):
                 self._work.notify_all()
             roster, self._board.roster = self._board.roster, []
@@ -662,6 +687,16 @@ class Service:
         with self._lock:
             if self._board.refill(first, complete_to, rows):
                 self._work.notify_all()
+
+    def _cascaded(self) -> list[Job]:
+        """Jobs cancelled since the board was last asked because a job they come after
+        failed or was cancelled; routed to their clients. Under the lock."""
+        gone, self._board.cascaded = self._board.cascaded, []
+        if gone:
+            self._route(gone)
+            for job in gone[:5]:
+                log.info("job %s cancelled: %s", job.label, job.error)
+        return gone
 
     def _held(self, worker: str) -> list[int]:
         record = self._board.workers.get(worker)

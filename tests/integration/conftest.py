@@ -12,3 +12,11 @@ def cluster(tmp_path):
     c.start_master()
     yield c
     c.stop()
+
+
+@pytest.fixture
+def busy(cluster):
+    """A master with one slave, s1, of 2 processes, registered."""
+    cluster.start_slave("s1", concurrency=2)
+    cluster.wait_slaves("s1")
+    return cluster

@@ -19,13 +19,6 @@ cloudpickle.register_pickle_by_value(jobs)
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def busy(cluster):
-    cluster.start_slave("s1", concurrency=2)
-    cluster.wait_slaves("s1")
-    return cluster
-
-
 def test_python_jobs_succeed_and_fail_with_states_and_outputs(busy):
     with busy.client() as client:
         ok = client.apply_async(jobs.square, (7,), name="sq")

@@ -23,13 +23,6 @@ def flaky(counter: Path, succeed_at: int) -> str:
             f"echo run $n >&2; [ $n -ge {succeed_at} ]")  # fmt: skip
 
 
-@pytest.fixture
-def busy(cluster):
-    cluster.start_slave("s1", concurrency=2)
-    cluster.wait_slaves("s1")
-    return cluster
-
-
 def test_a_failing_job_is_retried_until_it_succeeds_and_keeps_its_history(busy, tmp_path):
     counter = tmp_path / "runs"
     with busy.client() as client:

@@ -541,11 +541,12 @@ def test_a_failed_run_with_retries_left_is_tried_again_after_a_doubling_backoff(
         finished, rejected = board.complete("w1", [failed(got, error=f"boom {run}")])
         assert (finished, rejected) == ([], 0) and job.state is State.QUEUED
         assert board.retried == [job] and job.failures == run
-        board.retried = []
         waits.append(job.not_before - clock[0])
-        assert take(board, "w1", 1) == []  # backing off
         assert board.why_pending(job.id).startswith("backing off until")
-        clock[0] = job.not_before
+        clock[0] = job.not_before  # its backoff is over, but its failure is not saved yet
+        assert take(board, "w1", 1) == []
+        board.schedule(board.retried)  # the service says it is saved
+        board.retried = []
     assert 2.0 <= waits[0] <= 4.0 and 4.0 <= waits[1] <= 8.0  # doubled, with jitter
     (got,) = take(board, "w1", 1)
     assert job.attempts == 3
@@ -582,3 +583,62 @@ def test_a_restored_master_keeps_a_job_backing_off():
     assert restored.lease("w2", 1) == []
     clock[0] = job.not_before + 0.001
     assert [j.id for j in restored.lease("w2", 1)] == [job.id]
+
+
+# -- dependencies ------------------------------------------------------------------------
+
+
+def after(board: Board, *deps: int, known: dict | None = None):
+    (job,) = board.submit([JobSpec("shell", (["x"], False), after=deps)], publish=False)
+    board.depend(job, deps, known or {})
+    board.publish([job])
+    return job
+
+
+def test_a_job_waits_until_all_it_comes_after_succeeded():
+    board = Board(clock=lambda: 1000.0, lease_seconds=10.0)
+    a, b = board.submit([shell("a"), shell("b")])
+    c = after(board, a.id, b.id)
+    assert board.why_pending(c.id) == "waiting for job 1 and 1 more"
+    got = take(board, "w1", 5)
+    assert [j.id for j in got] == [a.id, b.id]  # c is not in line
+    board.complete("w1", [ok(got[0])])
+    assert board.lease("w1", 5) == [] and board.waits_for(c.id) == {b.id}
+    board.complete("w1", [ok(got[1])])
+    assert [j.id for j in board.lease("w1", 5)] == [c.id]
+
+
+def test_a_failed_or_cancelled_job_cancels_the_chain_after_it():
+    board = Board(clock=lambda: 1000.0, lease_seconds=10.0)
+    (a,) = board.submit([shell("a")])
+    b = after(board, a.id)
+    c = after(board, b.id)
+    (got,) = take(board, "w1", 5)
+    board.complete("w1", [Outcome(got.id, got.lease, False, error="boom", exit_code=2)])
+    assert (b.state, c.state) == (State.CANCELLED, State.CANCELLED)
+    assert b.error == "job 1 it comes after failed" and c.error == "job 2 it comes after cancelled"
+    assert board.cascaded == [b, c] and board.lease("w1", 5) == []
+    late = after(board, a.id, known={})  # after a job that already failed: cancelled at once
+    assert late.state is State.CANCELLED and board.counts[State.CANCELLED] == 3
+
+
+def test_a_long_chain_unwinds_without_recursion():
+    board = Board(clock=lambda: 1000.0, lease_seconds=10.0)
+    (first,) = board.submit([shell("0")])
+    chain = [first]
+    for _ in range(3000):
+        chain.append(after(board, chain[-1].id))
+    board.cancel(first.id)
+    assert all(j.state is State.CANCELLED for j in chain) and len(board.cascaded) == 3000
+
+
+def test_a_restored_master_keeps_jobs_waiting_for_others():
+    board = Board(clock=lambda: 1000.0, lease_seconds=10.0)
+    a, b = board.submit([shell("a"), shell("b")])
+    c = after(board, a.id, b.id)
+    restored = Board(clock=lambda: 1000.0, lease_seconds=10.0)
+    # b is in memory; a only in the journal, finished: succeeded
+    restored.restore([copy.copy(b), copy.copy(c)],
+                     Journaled(3, {"queued": 2, "succeeded": 1}, 3, 0, dep_states={1: "succeeded"}))
+    assert restored.waits_for(c.id) == {b.id}
+    assert [j.id for j in take(restored, "w1", 5)] == [b.id]

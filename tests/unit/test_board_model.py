@@ -233,6 +233,7 @@ class BoardModel(RuleBasedStateMachine):
         self.now = 1000.0
         self.epoch = 0  # master incarnations
         self.journal: dict[int, Job] = {}
+        self.unscheduled: list[Job] = []  # retries whose failure is not saved yet
         self.journal_ceiling = 0  # the lease ceiling reserved in the journal (meta)
         self.roster: set[str] = set()  # the slaves registered, as the journal has it
         self.accepted: set[int] = set()
@@ -298,6 +299,7 @@ class BoardModel(RuleBasedStateMachine):
             roster, self.board.roster = self.board.roster, []
             for name, present in roster:
                 (self.roster.add if present else self.roster.discard)(name)
+        saved_retries, self.unscheduled = self.unscheduled, []
         for job in self.board.take_dirty(started=tick):
             frozen = copy.copy(job)
             self.journal[job.id] = frozen
@@ -305,6 +307,7 @@ class BoardModel(RuleBasedStateMachine):
                 before = self.terminal_saved.setdefault(job.id, frozen.state)
                 assert before is frozen.state, f"job {job.id} saved {before}, then {frozen}"
         self.saved_finished = self.board.finished_total
+        self.board.schedule(saved_retries)
 
     def _where(self, job_id: int) -> str:
         job = self.board.jobs.get(job_id)
@@ -535,6 +538,7 @@ class BoardModel(RuleBasedStateMachine):
                 assert job.state is (State.SUCCEEDED if out.ok else State.FAILED)
                 self.applied[out.job_id] = self.applied_here[out.job_id] = (s.name, out.lease)
                 self.client_saw.setdefault(out.job_id, job.state)
+        self.unscheduled += retried.values()  # in line once saved (see Board.schedule)
         if save:
             self._save()
         if ack:  # only once the master has saved them does the slave forget them
@@ -774,6 +778,7 @@ class BoardModel(RuleBasedStateMachine):
                 s.reply_in_flight = None
             s.report_in_flight = s.beat_in_flight = None
             s.heard, s.last_lease_call = None, None
+        self.unscheduled = []  # unsaved: lost with the master
         self.board = self._start_master()
         for row in self.journal.values():  # running jobs stay running, on a placeholder
             if row.state is State.RUNNING and row.worker:
