@@ -438,7 +438,8 @@ def test_logs_follow_survives_a_host_dropping_out(
         bring_up(3, testbed_layout)  # sshd back; tb3's engine and containers never stopped
         follower.wait("tb3's lines from while it was away", lambda: any(
             connected in line for line in follower.lines_of(on_tb3)[before:]))  # fmt: skip
-        assert f"{on_tb3}: following again" in follower.err
+        # stderr and stdout are read by two threads here: the notice may come second
+        follower.wait("tb3 followed again", lambda: f"{on_tb3}: following again" in follower.err)
         time.sleep(2)  # anything printed twice would come now
         tb3 = follower.lines_of(on_tb3)
         assert len(tb3) == len(set(tb3)), "a line of tb3 was printed twice"
