@@ -48,6 +48,9 @@ _COLUMNS = f"{_FIXED}, {_CHANGING}"
 _INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})"
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
 _INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 13)})"
+# ... and without retries or dependencies (most jobs): the columns of format 2, fewer again
+_PLAIN = "id, kind, func, args, name, labels, timeout, max_attempts, submitted, state"
+_INSERT_PLAIN = f"INSERT OR REPLACE INTO jobs ({_PLAIN}) VALUES ({', '.join('?' * 10)})"
 # a job changed without error text or output, never retried (most python jobs): fewer
 # columns to bind; its row's error/stdout/stderr/history are NULL then, as a job's never
 # go back to None once set unless it is retried (failures > 0)
@@ -156,6 +159,7 @@ class _Entry:
     seq: int
     new: list[tuple] = field(default_factory=list)
     fresh: list[tuple] = field(default_factory=list)  # new jobs as submitted
+    plain: list[tuple] = field(default_factory=list)  # ... with no retries or dependencies
     changed: list[tuple] = field(default_factory=list)
     done: list[tuple] = field(default_factory=list)  # changed, with no error or output
     funcs: list[tuple] = field(default_factory=list)
@@ -341,7 +345,7 @@ class Journal:
         when the caller waits for it next: it then writes it itself, with no hand-off,
         unless a write is under way (the writer thread would race it for no gain).
         """
-        new, fresh, changed, done = [], [], [], []
+        new, fresh, plain, changed, done = [], [], [], [], []
         for j in jobs:
             if j.journaled:
                 if j.error is None and j.stdout is None and j.stderr is None and not j.failures:
@@ -349,6 +353,8 @@ class Journal:
                                  j.started, j.ended, j.exit_code, j.result, j.id))  # fmt: skip
                 else:
                     changed.append((*_changing(j), j.id))
+            elif j.state is State.QUEUED and not j.attempts and not j.retries and not j.after:
+                plain.append((*_fixed(j)[:9], "queued"))
             elif j.state is State.QUEUED and not j.attempts:
                 fresh.append((*_fixed(j), "queued"))
             else:
@@ -358,7 +364,7 @@ class Journal:
         with self._cond:
             self._queued_seq += 1
             self._pending.append(_Entry(
-                self._queued_seq, new, fresh, changed, done, list((funcs or {}).items()),
+                self._queued_seq, new, fresh, plain, changed, done, list((funcs or {}).items()),
                 list((meta or {}).items()), list(marks or ()), list(roster or ()),
             ))  # fmt: skip
             if wake:
@@ -440,8 +446,8 @@ class Journal:
         """
         self._writing = True
         self._in_flight, self._pending = self._pending, []
-        written = any(e.new or e.fresh or e.changed or e.done or e.funcs or e.meta or e.marks
-                      for e in self._in_flight)  # not the master's idle ticks
+        written = any(e.new or e.fresh or e.plain or e.changed or e.done or e.funcs
+                      or e.meta or e.marks for e in self._in_flight)  # not idle ticks
         self._cond.release()
         try:
             started = time.perf_counter()
@@ -477,6 +483,8 @@ class Journal:
             for e in entries:
                 if e.funcs:
                     db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", e.funcs)
+                if e.plain:
+                    db.executemany(_INSERT_PLAIN, e.plain)
                 if e.fresh:
                     db.executemany(_INSERT_QUEUED, e.fresh)
                 if e.new:
