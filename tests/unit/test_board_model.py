@@ -100,7 +100,8 @@ EVENTS: dict[str, tuple[int, tuple[st.SearchStrategy, ...]]] = {
     "join": (1, ()),
     # n, attempts (slave deaths), retries (failed runs tried again, after a backoff)
     "submit": (2, (st.integers(1, 3), st.sampled_from([None, None, 1, 2]),
-                   st.sampled_from([0, 0, 1, 2]))),  # fmt: skip
+                   st.sampled_from([0, 0, 1, 2]),
+                   st.sampled_from([0, 0, 1, 2]))),  # fmt: skip  # ..., after the last k
     "cancel": (1, (st.integers(0, 64),)),  # which job (modulo)
     "tick": (3, (
         st.sampled_from([0.5, LEASE / 3, LEASE + 0.5, LEASE + RECONNECT_SECONDS + 0.5]),
@@ -261,10 +262,14 @@ class BoardModel(RuleBasedStateMachine):
         """What scheduler/master.py does: load the journal, reserve leases, restore."""
         rows = list(self.journal.values())
         finished = sorted((j for j in rows if j.state.terminal), key=lambda j: -j.id)
-        queued = sorted((j for j in rows if j.state is State.QUEUED), key=lambda j: j.id)
+        queued = sorted((j for j in rows if j.state is State.QUEUED and not j.after),
+                        key=lambda j: j.id)  # fmt: skip
         cold = (queued[WINDOW].id, queued[-1].id) if len(queued) > WINDOW else None
-        loaded = [j for j in rows if j.state is State.RUNNING] + queued[:WINDOW]
+        waiting = [j for j in rows if j.state is State.QUEUED and j.after]  # all loaded
+        loaded = [j for j in rows if j.state is State.RUNNING] + queued[:WINDOW] + waiting
         loaded += finished[:KEEP_LOADED]
+        here = {j.id for j in loaded}
+        deps = {d for j in waiting for d in j.after or () if d not in here}
         max_lease = max([self.journal_ceiling, *(j.lease for j in rows)])
         stored = Journaled(
             len(rows),
@@ -273,6 +278,7 @@ class BoardModel(RuleBasedStateMachine):
             max_lease,
             slaves=tuple(sorted(self.roster)),
             cold=cold,
+            dep_states={d: str(self.journal[d].state) for d in deps if d in self.journal},
         )
         self.journal_ceiling = max_lease + BLOCK
         board = Board(
@@ -481,6 +487,9 @@ class BoardModel(RuleBasedStateMachine):
         self.runs.setdefault(job_id, []).append((s.name, key[1]))
         record = self.board.jobs.get(job_id) or self.journal.get(job_id)  # (cold: journal)
         retried = record.failures if record is not None else 0  # failed runs tried again
+        for dep in (record.after or ()) if record is not None else ():
+            state = self._state(dep)
+            assert state is State.SUCCEEDED, f"job {job_id} started while {dep} is {state}"
         assert self.executions[job_id] <= 1 + retried or job_id in self.tainted, (
             f"job {job_id} started a second time on a healthy history: {self._where(job_id)}"
         )
@@ -615,10 +624,15 @@ class BoardModel(RuleBasedStateMachine):
         else:
             getattr(self, kind)(*args)
 
-    def submit(self, n: int, attempts: int | None, retries: int = 0) -> None:
+    def submit(self, n: int, attempts: int | None, retries: int = 0, after: int = 0) -> None:
+        deps = tuple(sorted(self.accepted)[-after:]) if after and self.accepted else None
         specs = [JobSpec("shell", (["true"], False), max_attempts=attempts, retries=retries,
-                         retry_backoff=LEASE / 4) for _ in range(n)]  # fmt: skip
+                         retry_backoff=LEASE / 4, after=deps) for _ in range(n)]  # fmt: skip
         jobs = self.board.submit(specs, publish=False)
+        if deps:  # what the service does: states of those not in memory from the journal
+            known = {d: self.journal[d].state for d in deps if d not in self.board.jobs}
+            for job in jobs:
+                self.board.depend(job, deps, known)
         self._save()  # a submit returns once its jobs are in the journal
         self.board.publish(jobs)
         for job in jobs:
@@ -843,10 +857,32 @@ class BoardModel(RuleBasedStateMachine):
         left = self._unfinished()
         assert not left, "jobs never finished: " + "; ".join(self._where(j) for j in left)
 
+    def _state(self, job_id: int) -> State:
+        """A job's state: in memory, else as the journal has it."""
+        job = self.board.jobs.get(job_id)
+        return job.state if job is not None else self.journal[job_id].state
+
     def teardown(self) -> None:
         if sys.exc_info()[0] is None:  # not while a failure propagates: it would mask it
             self._settle()
             self.check()
+            self._check_dependencies()
+
+    def _check_dependencies(self) -> None:
+        """At the end: a job after a failed or cancelled one was cancelled (unless it had
+        already run, adopted after a crash); one cancelled for a job it came after names it,
+        and that job did fail or was cancelled."""
+        for job_id in sorted(self.accepted):
+            job = self.board.jobs.get(job_id) or self.journal[job_id]
+            if not job.after:
+                continue
+            bad = [d for d in job.after if self._state(d) in (State.FAILED, State.CANCELLED)]
+            if bad and not self.executions[job_id]:
+                assert job.state is State.CANCELLED, f"job {job_id} after {bad}: {job.state}"
+            if job.state is State.CANCELLED and "it comes after" in (job.error or ""):
+                named = int((job.error or "").split()[1])
+                assert named in job.after and self._state(named) in (
+                    State.FAILED, State.CANCELLED), f"job {job_id}: {job.error}"  # fmt: skip
 
     # -- invariants ------------------------------------------------------------------
 
