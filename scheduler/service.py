@@ -185,11 +185,10 @@ class Service:
             box = self._touch_session(session)
             found = 0
             for job_id in ids:
+                self._warm((job_id,))  # waiting in the journal: keep its record to route
                 job = self._board.jobs.get(job_id) or self._journal.fetch(job_id)
                 if job is None:
                     continue
-                if job_id not in self._board.jobs and self._board.is_cold(job_id):
-                    job = self._board.warm(job)  # waiting in the journal: keep its record
                 found += 1
                 if job.state.terminal:
                     box.append(_outcome(job))
@@ -263,10 +262,7 @@ class Service:
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         with self._lock:
-            if job_id not in self._board.jobs and self._board.is_cold(job_id):
-                cold = self._journal.fetch(job_id)
-                if cold is not None:
-                    self._board.warm(cold)
+            self._warm((job_id,))
             if job_id not in self._board.jobs:
                 job = None
             else:
@@ -338,7 +334,7 @@ class Service:
             )
         holding = Holding(*holding)
         with self._lock:
-            self._warm_claims(j for j, _ in holding.held)
+            self._warm(j for j, _ in holding.held)
             held = self._held(worker)
             record, reply = self._board.register(worker, holding)
             lost = self._requeued(held)
@@ -406,7 +402,7 @@ class Service:
         """
         outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
         with self._lock:
-            self._warm_claims(o.job_id for o in outs)
+            self._warm(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
             retried, self._board.retried = self._board.retried, []
             followers = self._cascaded()  # cancelled: a job they come after failed
@@ -455,7 +451,7 @@ class Service:
         """Keep the slave's leases; reconcile its claims; see protocol.Reply."""
         holding = Holding(*holding)
         with self._lock:
-            self._warm_claims(j for j, _ in holding.held)
+            self._warm(j for j, _ in holding.held)
             held = self._held(worker)
             reply = self._board.heartbeat(worker, holding)
             lost = self._requeued(held)
@@ -664,9 +660,10 @@ class Service:
         self._session_seen[session] = self._clock()
         return self._outboxes.setdefault(session, [])
 
-    def _warm_claims(self, job_ids: Iterable[int]) -> None:
-        """A slave claims, or reports, a job waiting cold in the journal (handed out just
-        before a crash, see Board.owns): its record must be in memory to be adopted."""
+    def _warm(self, job_ids: Iterable[int]) -> None:
+        """Read back the records of jobs waiting cold in the journal, to watch or cancel
+        one, or because a slave claims or reports one (handed out just before a crash, see
+        Board.owns: it must be in memory to be adopted). Under the lock."""
         if not self._board.cold:
             return
         for job_id in job_ids:

@@ -445,9 +445,9 @@ class Worker:
         return reply
 
     def _report(self, batch: list[Outcome], ask: tuple | None) -> Reported | None:
+        wire = [tuple(o) for o in batch]  # see protocol: per-job messages
         while True:
             try:
-                wire = [tuple(o) for o in batch]  # see protocol: per-job messages
                 reply = Reported(*self.link.call("report", self.name, wire, ask))
                 break
             except ConnectError as exc:
