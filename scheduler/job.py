@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import SubmitError
 from .protocol import JobSpec
 
-__all__ = ["Job", "JobSpec", "State", "validate"]
+__all__ = ["Job", "JobSpec", "State", "parse_array", "parse_labels", "validate"]
 
 
 class State(enum.StrEnum):
@@ -33,6 +34,61 @@ MAX_RETRIES = 1000
 MAX_AFTER = 10_000  # jobs one job may come after
 MAX_BACKOFF = 86400.0  # a day before the first retry; doubled each time, capped (board)
 DEFAULT_BACKOFF = 10.0  # seconds before the first retry, unless the job or master says
+MAX_ARRAY = 100_000  # tasks in one array (one submit call carries them all)
+MAX_PRIORITY = 1_000_000  # priorities run from -MAX_PRIORITY to MAX_PRIORITY
+MAX_LABELS = 64  # labels a slave carries, or a job requires
+_LABEL = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``"gpu=1,zone=a"`` as a dict (a slave's SCHEDULER_WORKER_LABELS, a job's --requires).
+
+    Raises ValueError with a line a user can act on.
+    """
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, eq, value = (s.strip() for s in part.partition("="))
+        if not eq or not _LABEL.fullmatch(key) or not _LABEL.fullmatch(value):
+            raise ValueError(
+                f"bad label {part!r}: write KEY=VALUE pairs separated by commas, e.g. "
+                "gpu=1,zone=a (letters, digits and _.:/- only)"
+            )
+        labels[key] = value
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    return labels
+
+
+def parse_array(text: str) -> tuple[list[int], int | None]:
+    """An array spec as Slurm writes it: ``1-1000%50``, ``0-9``, ``1,3,5-7``, ``0-99:2%4``.
+
+    Returns (the task indices in order, the cap on tasks running at once or None).
+    Raises ValueError with a line a user can act on.
+    """
+    ranges, pct, cap_text = text.strip().partition("%")
+    cap = None
+    if pct:
+        if not cap_text.strip().isdigit() or int(cap_text) < 1:
+            raise ValueError(f"bad array cap {cap_text!r} in {text!r}: after % give a whole "
+                             "number >= 1 (at most that many tasks run at once)")  # fmt: skip
+        cap = int(cap_text)
+    indices: list[int] = []
+    for part in (p.strip() for p in ranges.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])) or (m[3] and int(m[3]) < 1):
+            raise ValueError(f"bad array range {part!r} in {text!r}: write e.g. 1-1000%50, "
+                             "0-9, 1,3,5-7 or 0-99:2 (FIRST-LAST[:STEP], then %CAP)")  # fmt: skip
+        first = int(m[1])
+        last = first if m[2] is None else int(m[2])
+        if (last - first) // int(m[3] or 1) + 1 + len(indices) > MAX_ARRAY:
+            raise ValueError(f"array {text!r} has more than {MAX_ARRAY:,} tasks; "
+                             "split it into several arrays")  # fmt: skip
+        indices.extend(range(first, last + 1, int(m[3] or 1)))
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"array {text!r} names an index twice; give each index once")
+    return indices, cap
 
 
 def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None) -> JobSpec:
