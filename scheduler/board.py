@@ -31,7 +31,9 @@ The rules it enforces:
 
 from __future__ import annotations
 
+import functools
 import heapq
+import math
 import random
 import time
 from collections import Counter, deque
@@ -50,6 +52,7 @@ HISTORY_ERROR = 2000  # characters of a retried run's error kept in the job's hi
 RECONNECT_SECONDS = 5.0  # after a master restart, how long slaves get to come back
 
 NOTHING = Holding()  # a slave that holds no job
+MAIN = (0, None)  # the line of jobs with priority 0 that require no label
 
 __all__ = ["Board", "Holding", "Journaled", "Lease", "Outcome", "Reply", "Worker"]
 
@@ -62,7 +65,8 @@ class Journaled(NamedTuple):
     max_id: int
     max_lease: int
     slaves: tuple[str, ...] = ()  # registered when the journal was last written
-    cold: tuple[int, int] | None = None  # queued jobs left in the journal (first, last id)
+    # queued jobs left in the journal: (first id, last id, priority), highest priority first
+    cold: tuple[tuple[int, int, int], ...] = ()
     dep_states: dict[int, str] = {}  # states of the jobs that loaded ones come after
 
 
@@ -83,6 +87,11 @@ class Worker:
     waiting: set[int] = field(default_factory=set)  # held but not started, at the last heartbeat
     last_seq: int = -1  # the last lease call, to answer a retried one with the same jobs
     last_handed: list[int] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # SCHEDULER_WORKER_LABELS
+
+    def can_run(self, requires: dict[str, str] | None) -> bool:
+        """Whether this slave carries every label the job requires."""
+        return not requires or all(self.labels.get(k) == v for k, v in requires.items())
 
     def let_go(self, job_id: int) -> None:
         """The job is no longer this worker's (finished, handed back, moved, lost)."""
@@ -100,6 +109,7 @@ class Worker:
             "running": sorted(j for j in self.held if j not in self.waiting),
             "waiting": sorted(j for j in self.held if j in self.waiting),  # prefetched
             "last_heartbeat": self.last_seen,
+            "labels": dict(self.labels),
         }
 
 
@@ -146,7 +156,13 @@ class Board:
         self.func_refs: Counter[str] = Counter()  # function digest -> unfinished jobs calling it
         self._finished: deque[int] = deque()  # finished job ids, oldest first
         self._evicted_total = 0  # how many of finished_total left memory
+        # queued jobs in line, one line per (priority, required labels); most jobs are in
+        # the first, ``_queue`` (priority 0, no requirement), the one the fast path reads
         self._queue: deque[int] = deque()
+        self._lines: dict[tuple[int, tuple | None], deque[int]] = {MAIN: self._queue}
+        self._running_in: Counter[int] = Counter()  # array id -> its tasks running
+        self._capped: dict[int, deque[int]] = {}  # array id -> tasks set aside at its cap
+        self._set_aside = 0  # how many jobs _capped holds (stale ones included)
         self.queue_window = queue_window
         self.retries = retries  # the default of jobs that do not say
         self.retry_backoff = retry_backoff
@@ -158,8 +174,10 @@ class Board:
         self._waiting_on: dict[int, set[int]] = {}  # job -> the jobs it still waits for
         self._dependents: dict[int, list[int]] = {}  # job -> the jobs waiting for it
         self.cascaded: list[Job] = []  # cancelled by a dependency since the service looked
-        # cold queued jobs: [first id, last id, session, counted in func_refs] in order
+        # cold queued jobs: [first id, last id, session, counted in func_refs, priority],
+        # in submission order within a priority
         self.cold: deque[list] = deque()
+        self._cold_at: Counter[int] = Counter()  # priority -> how many cold ranges
         self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
         self.awaited: set[str] = set()  # slaves to come back before anything is handed out
         self.hold_until = 0.0
@@ -190,10 +208,14 @@ class Board:
         running, back_by, waiting = 0, self.clock() + RECONNECT_SECONDS, []
         self.awaited = set(stored.slaves)
         self.hold_until = back_by + self.lease_seconds
+        # queued jobs in the order they go in line: highest priority first, then by id
+        jobs.sort(key=lambda j: (-j.priority if j.state is State.QUEUED else 0, j.id))
         for job in jobs:
             self.jobs[job.id] = job
             if job.kind == "python" and not job.state.terminal:
                 self.func_refs[job.payload[0]] += 1
+            if job.state is State.RUNNING and job.array is not None:
+                self._running_in[job.array] += 1
             if job.state is State.RUNNING and job.worker:
                 worker = self.workers.get(job.worker)
                 if worker is None:
@@ -211,18 +233,18 @@ class Board:
             elif job.state is State.QUEUED and job.not_before is not None:
                 heapq.heappush(self._delayed, (job.not_before, job.id))  # backing off
             elif job.state is State.QUEUED:
-                if self.cold or len(self._queue) >= self.queue_window:
+                if self._cold_at[job.priority] or self.in_line() >= self.queue_window:
                     del self.jobs[job.id]
                     if job.kind == "python":
                         self.func_refs[job.payload[0]] -= 1
-                    self._chill(job.id, None, counted=False)
+                    self._chill(job.id, None, counted=False, priority=job.priority)
                 else:
-                    self._queue.append(job.id)
+                    self._line(job).append(job.id)
             elif job.state.terminal:
                 self._finished.append(job.id)
                 self.finished_total += 1
-        if stored.cold is not None:
-            self._chill(stored.cold[0], None, counted=False, last=stored.cold[1])
+        for first, last, priority in stored.cold:
+            self._chill(first, None, counted=False, last=last, priority=priority)
         # what they come after: here, or in the journal (gone from it: it had succeeded,
         # since a failure would have cancelled them then)
         known = {i: State(s) for i, s in stored.dep_states.items()}
@@ -230,36 +252,116 @@ class Board:
             after = job.after or ()
             self.depend(job, after, {d: known.get(d, State.SUCCEEDED) for d in after})
             if job.state is State.QUEUED and job.id not in self._waiting_on:
-                self._queue.append(job.id)
+                self._line(job).append(job.id)
         return running
+
+    # -- the lines -------------------------------------------------------------
+
+    def _line(self, job: Job) -> deque[int]:
+        """The line a queued job waits in: one per (priority, labels it requires)."""
+        if not job.priority and job.requires is None:
+            return self._queue
+        key = (job.priority, tuple(sorted(job.requires.items())) if job.requires else None)
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = deque()
+        return line
+
+    def in_line(self) -> int:
+        """Queued jobs kept in memory and not waiting for others (some may be stale)."""
+        if len(self._lines) == 1:
+            return len(self._queue) + self._set_aside
+        return sum(map(len, self._lines.values())) + self._set_aside
+
+    def _order_for(self, worker: Worker) -> list[list[deque[int]]]:
+        """The lines ``worker`` may take from, grouped by priority, highest first."""
+        groups: dict[int, list[deque[int]]] = {}
+        for (priority, requires), line in self._lines.items():
+            if line and (requires is None or worker.can_run(dict(requires))):
+                groups.setdefault(priority, []).append(line)
+        return [groups[p] for p in sorted(groups, reverse=True)]
+
+    @staticmethod
+    def _pop(order: list[list[deque[int]]]) -> int:
+        """The next job id from the first group with one (earliest submitted within a
+        group: by id); IndexError when there is none."""
+        for group in order:
+            best = None
+            for line in group:
+                if line and (best is None or line[0] < best[0]):
+                    best = line
+            if best is not None:
+                return best.popleft()
+        raise IndexError("no job in line")
+
+    def _top_priority(self) -> float:
+        return max((p for (p, _), line in self._lines.items() if line), default=-math.inf)
+
+    def _capped_out(self, job: Job) -> bool:
+        """Whether ``job``'s array has its cap of tasks running: then it is set aside
+        (in order) until one of them ends."""
+        if self._running_in[job.array] < job.array_cap:  # type: ignore[index]
+            return False
+        self._capped.setdefault(job.array, deque()).append(job.id)  # type: ignore[arg-type]
+        self._set_aside += 1
+        return True
+
+    def _left_running(self, job: Job) -> None:
+        """An array task stopped running: the next task set aside at the cap goes in line."""
+        array = job.array
+        if array is None:
+            return
+        self._running_in[array] -= 1
+        if self._running_in[array] <= 0:
+            del self._running_in[array]
+        aside = self._capped.get(array)
+        while aside:
+            job_id = aside.popleft()
+            self._set_aside -= 1
+            task = self.jobs.get(job_id)
+            if task is not None and task.state is State.QUEUED:
+                self._line(task).appendleft(job_id)
+                break
+        if aside is not None and not aside:
+            del self._capped[array]
 
     # -- the cold queue --------------------------------------------------------
 
-    def _chill(self, first: int, session: object, counted: bool, last: int | None = None) -> None:
+    def _chill(
+        self, first: int, session: object, counted: bool, last: int | None = None,
+        priority: int = 0,
+    ) -> None:
         last = first if last is None else last
         tail = self.cold[-1] if self.cold else None
-        if tail is not None and tail[1] + 1 == first and tail[2] == session and tail[3] == counted:
+        if (tail is not None and tail[1] + 1 == first and tail[2] == session
+                and tail[3] == counted and tail[4] == priority):  # fmt: skip
             tail[1] = last
         else:
-            self.cold.append([first, last, session, counted])
+            self.cold.append([first, last, session, counted, priority])
+            self._cold_at[priority] += 1
 
-    def cold_span(self) -> tuple[int, int] | None:
-        """The ids of the next cold range to read back, if the queue in memory runs low."""
-        if not self.cold or len(self._queue) >= self.queue_window // 2:
+    def cold_span(self) -> tuple[int, int, int] | None:
+        """(first id, last id, priority) of the next cold range to read back: the earliest
+        of the highest priority, when the queue in memory runs low, or at once when it
+        ranks above everything in memory (then the window is exceeded by a refill)."""
+        if not self.cold:
             return None
-        first, last = self.cold[0][:2]
-        return first, last
+        head = max(self.cold, key=lambda c: c[4])  # the first of the highest
+        if self.in_line() >= self.queue_window // 2 and head[4] <= self._top_priority():
+            return None
+        return head[0], head[1], head[4]
 
-    def refill(self, first: int, last: int, rows: list[Job]) -> int:
-        """Take back the cold jobs ``first``..``last`` (read from the journal: ``rows``,
-        its queued jobs in that span, in id order, maybe fewer than the span holds). Up to
-        the last row, or the whole span when ``rows`` are all it holds, leaves the cold
-        queue. Returns how many jobs were queued in memory."""
-        if not self.cold or self.cold[0][0] != first:
+    def refill(self, first: int, last: int, rows: list[Job], priority: int = 0) -> int:
+        """Take back the cold jobs ``first``..``last`` of ``priority`` (read from the
+        journal: ``rows``, its queued jobs of that priority in that span, in id order,
+        maybe fewer than the span holds). Up to the last row, or the whole span when
+        ``rows`` are all it holds, leaves the cold queue. Returns how many jobs were queued
+        in memory."""
+        head = next((c for c in self.cold if c[0] == first and c[4] == priority), None)
+        if head is None:
             return 0  # the cold queue changed meanwhile; the next tick reads again
-        head = self.cold[0]
         upto = min(head[1], last)
-        room = self.queue_window - len(self._queue)
+        room = max(self.queue_window - self.in_line(), max(1, self.queue_window // 10))
         queued = 0
         for row in rows:
             if row.id > upto:
@@ -283,14 +385,16 @@ class Board:
             if job.not_before is not None:  # backing off after a failure
                 heapq.heappush(self._delayed, (job.not_before, job.id))
                 continue
-            self._queue.append(job.id)
+            self._line(job).append(job.id)
             queued += 1
         else:
             upto = min(head[1], last)
         for i in [i for i in self._warmed if first <= i <= upto]:  # not queued any more
-            self._warmed.discard(i)
+            if (j := self.jobs.get(i)) is None or j.priority == priority:
+                self._warmed.discard(i)
         if upto >= head[1]:
-            self.cold.popleft()
+            self.cold.remove(head)
+            self._cold_at[priority] -= 1
         else:
             head[0] = upto + 1
         return queued
@@ -300,9 +404,10 @@ class Board:
 
     def warm(self, job: Job) -> Job:
         """Keep a cold job's record in memory (to watch or cancel it); it keeps its place."""
-        span = next((c for c in self.cold if c[0] <= job.id <= c[1]), None)
-        if span is None:
-            raise UnknownJob(f"job {job.id} is not waiting in the journal")
+        span = next((c for c in self.cold if c[0] <= job.id <= c[1] and c[4] == job.priority),
+                    None)  # fmt: skip
+        if span is None:  # not cold after all (another priority's range spans its id)
+            return self.jobs.get(job.id, job)
         if job.id in self.jobs:
             return self.jobs[job.id]
         if job.state.terminal:  # finished (and evicted) since: it stays in the journal
@@ -316,7 +421,7 @@ class Board:
 
     # -- clients -------------------------------------------------------------
 
-    def submit(self, specs: Iterable[JobSpec], publish: bool = True) -> list[Job]:
+    def submit(self, specs: list[JobSpec], publish: bool = True) -> list[Job]:
         """Create queued jobs. With ``publish=False`` no slave gets them until ``publish``."""
         now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
         retries, backoff = self.retries, self.retry_backoff
@@ -348,16 +453,24 @@ class Board:
                 None,
                 None,
                 after,
+                priority or 0,
+                requires,
             )  # fmt: skip
-            for i, (kind, payload, name, labels, timeout, attempts, tries, wait, after)
+            for i, (kind, payload, name, labels, timeout, attempts, tries, wait, after,
+                    priority, requires, _)
             in enumerate(specs, first)
         ]
         self._next_id = first + len(new)
         ids = [j.id for j in new]  # one int object per job, shared by every index of it
+        if any(spec[11] is not None for spec in specs):  # an array: its id is its first job's
+            tasks = [(j, spec[11]) for j, spec in zip(new, specs, strict=True) if spec[11]]
+            for job, (index, cap) in tasks:
+                job.array, job.array_index, job.array_cap = tasks[0][0].id, index, cap
         self.jobs.update(zip(ids, new, strict=True))
         self.func_refs.update(j.payload[0] for j in new if j.kind == "python")
         if publish:
-            self._queue.extend(ids)
+            for job in new:
+                self._line(job).append(job.id)
         self.dirty.update(ids)
         self.counts[State.QUEUED] += len(new)
         self.total += len(new)
@@ -398,7 +511,7 @@ class Board:
                     unmet.discard(dep.id)
                     if not unmet:
                         del self._waiting_on[job_id]
-                        self._queue.append(job_id)
+                        self._line(job).append(job_id)
                     continue
                 del self._waiting_on[job_id]
                 self._finish(job, State.CANCELLED, error=f"job {dep.id} it comes after {dep.state}",
@@ -411,16 +524,20 @@ class Board:
 
         Beyond ``queue_window`` queued in memory, saved jobs go cold (see above); jobs
         waiting for others stay in memory, out of line."""
-        queue, window = self._queue, self.queue_window
-        waiting = self._waiting_on
+        queue, window, in_line = self._queue, self.queue_window, self.in_line()
+        waiting, cold_at = self._waiting_on, self._cold_at
         for job in jobs:
             if job.state is not State.QUEUED or job.id in waiting:
                 continue
-            if job.journaled and (self.cold or len(queue) >= window):
+            # a job goes cold behind the cold ones of its priority (first come, first
+            # served), or when the window is full (see cold_span for higher priorities)
+            if job.journaled and (in_line >= window or cold_at[job.priority]):
                 del self.jobs[job.id]
-                self._chill(job.id, job.session, counted=True)
+                self._chill(job.id, job.session, counted=True, priority=job.priority)
             else:
-                queue.append(job.id)
+                (queue if not job.priority and job.requires is None
+                 else self._line(job)).append(job.id)  # fmt: skip
+                in_line += 1
 
     def unsubmit(self, jobs: Iterable[Job]) -> None:
         """Take back unpublished jobs that could not be saved: as if never submitted."""
@@ -453,14 +570,18 @@ class Board:
 
     # -- slaves --------------------------------------------------------------
 
-    def register(self, name: str, holding: Holding = NOTHING) -> tuple[Worker, Reply]:
-        """A slave (re)joins with what it holds; only registered workers are handed jobs."""
+    def register(
+        self, name: str, holding: Holding = NOTHING, labels: dict[str, str] | None = None
+    ) -> tuple[Worker, Reply]:
+        """A slave (re)joins with what it holds, and the labels it carries; only registered
+        workers are handed jobs."""
         worker = self.workers.get(name)
         if worker is None or not worker.registered:
             self.roster.append((name, True))
         if worker is None:
             worker = self.workers[name] = Worker(name=name, last_seen=self.clock())
         worker.registered = True
+        worker.labels = dict(labels or {})
         self.awaited.discard(name)
         worker.last_seen = self.clock()
         worker.last_seq = -1
@@ -509,10 +630,21 @@ class Board:
             n = min(n, room)
         now, batch = self.clock(), 0 if seq is None else seq
         handed: list[Job] = []
-        while len(handed) < n and self._queue:
-            job = self.jobs.get(self._queue.popleft())
+        jobs, lines = self.jobs, self._lines
+        # most of the time there is one line: take from it directly
+        take = (self._queue.popleft if len(lines) == 1
+                else functools.partial(self._pop, self._order_for(worker)))  # fmt: skip
+        while len(handed) < n:
+            try:
+                job = jobs.get(take())
+            except IndexError:
+                break
             if job is None or job.state is not State.QUEUED:
                 continue  # cancelled (and maybe evicted) while waiting; removed lazily
+            if job.array is not None:
+                if job.array_cap and self._capped_out(job):
+                    continue
+                self._running_in[job.array] += 1
             job.state, job.worker, job.lease = State.RUNNING, name, self._next_lease
             job.attempts += 1
             job.started = now
@@ -525,9 +657,12 @@ class Board:
         self.counts[State.RUNNING] += len(handed)
         if seq is not None and handed:
             worker.last_seq, worker.last_handed = seq, [j.id for j in handed]
+        if len(lines) > 1:  # lines left empty go (the first stays)
+            for key in [k for k, line in lines.items() if not line and k != MAIN]:
+                del lines[key]
         if handed:
             self.hungry.discard(name)
-        elif n > 0 and not self._queue:
+        elif n > 0:
             self.hungry.add(name)
         return handed
 
@@ -538,7 +673,7 @@ class Board:
         others may sit idle while it holds a queue. Half of its surplus goes back.
         """
         worker = self.workers.get(name)
-        if worker is None or self._queue or not (self.hungry - {name}):
+        if worker is None or any(self._lines.values()) or not (self.hungry - {name}):
             return 0
         surplus = self._ahead(worker)
         return (surplus + 1) // 2 if surplus > 0 else 0
@@ -586,6 +721,7 @@ class Board:
         job.not_before = now + delay * self._rng.uniform(0.5, 1.0)
         self.counts[job.state] -= 1
         self.counts[State.QUEUED] += 1
+        self._left_running(job)
         job.state, job.worker, job.started = State.QUEUED, None, None
         job.error = job.exit_code = job.stdout = job.stderr = None  # in its history now
         self.dirty.add(job.id)
@@ -608,7 +744,8 @@ class Board:
             if job is not None and job.state is State.QUEUED and job.not_before is not None:
                 job.not_before = None
                 due.append(job_id)
-        self._queue.extendleft(reversed(due))
+        for job_id in reversed(due):
+            self._line(self.jobs[job_id]).appendleft(job_id)
         return len(due)
 
     def owns(self, name: str, job: Job, lease: int) -> bool:
@@ -689,6 +826,8 @@ class Board:
         if job.state is State.QUEUED:
             self.counts[State.QUEUED] -= 1
             self.counts[State.RUNNING] += 1
+            if job.array is not None:
+                self._running_in[job.array] += 1
             job.state, job.started = State.RUNNING, self.clock()
             job.attempts = max(job.attempts, 1)
         job.worker, job.lease = worker.name, lease
@@ -776,13 +915,31 @@ class Board:
             if any(w.registered for w in self.workers.values()):
                 return "every connected slave is draining"
             return "no slave connected"
+        wanted = ""
+        if job is not None and job.requires:
+            wanted = ",".join(f"{k}={v}" for k, v in sorted(job.requires.items()))
+            ready = [w for w in ready if w.can_run(job.requires)]
+            if not ready:
+                return f"no slave with {wanted} connected"
+            wanted = f" on slaves with {wanted}"
+        if job is not None and job.array is not None and job.array_cap and (
+            self._running_in[job.array] >= job.array_cap
+        ):
+            return f"array {job.array} has {job.array_cap} task(s) running, its cap"
         if self.is_cold(job_id):
-            return (f"waiting in the journal, behind the {len(self._queue):,} queued jobs "
+            return (f"waiting in the journal, behind the {self.in_line():,} queued jobs "
                     "the master keeps in memory")  # fmt: skip
         slots = sum(max(1, w.concurrency) for w in ready)
         busy = sum(len(w.held) - len(w.waiting.intersection(w.held)) for w in ready)
+        ahead = 0 if job is None else sum(
+            len(line) for (p, _), line in self._lines.items() if p > job.priority
+        )  # fmt: skip
+        if busy >= slots and ahead:
+            return f"all {slots} slot(s){wanted} busy; behind {ahead:,} job(s) of higher priority"
         if busy >= slots:
-            return f"all {slots} slot(s) busy"
+            return f"all {slots} slot(s){wanted} busy"
+        if ahead:
+            return f"behind {ahead:,} job(s) of higher priority"
         return "next in line for a free slot"
 
     def select(
@@ -816,8 +973,10 @@ class Board:
             job.attempts = max(0, job.attempts - 1)
         self.counts[job.state] -= 1
         self.counts[State.QUEUED] += 1
+        if job.state is State.RUNNING:
+            self._left_running(job)
         job.state, job.started = State.QUEUED, None
-        self._queue.appendleft(job.id)  # it waited once already; run it next
+        self._line(job).appendleft(job.id)  # it waited once already; run it next
         self.dirty.add(job.id)
 
     def _finish(
@@ -828,6 +987,8 @@ class Board:
         self.counts[state] += 1
         if job.kind == "python":
             self.func_refs[job.payload[0]] -= 1
+        if job.state is State.RUNNING:
+            self._left_running(job)
         job.state, job.error = state, error
         job.ended = self.clock() if now is None else now
         self.dirty.add(job.id)

@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__, certs, jobsfile, master, slave, verify
 from .client import AsyncResult, Client
 from .errors import SchedulerError
-from .job import State
+from .job import State, parse_array, parse_labels
 from .journal import backup
 from .settings import load, parse_duration
 
@@ -52,13 +52,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         raise SchedulerError("nothing to submit; give `-- CMD ARGS...` or `--file FILE`")
     env = _env_pairs(args.env)
+    if args.array and len(commands) != 1:
+        raise SchedulerError("--array runs one command per index: give it after --, "
+                             "with {} where the index goes (not --file)")  # fmt: skip
+    placed = {"priority": args.priority, "requires": args.requires}
     with _client(args) as client:
-        handles = [
-            client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout,
-                                cwd=args.cwd, env=env, retries=args.retries,
-                                retry_backoff=args.retry_backoff, after=args.after)  # fmt: skip
-            for cmd in commands
-        ]
+        if args.array:
+            indices, cap = args.array
+            handles = client.submit_array(
+                commands[0], indices, max_running=cap, shell=use_shell, name=args.name,
+                timeout=args.timeout, cwd=args.cwd, env=env, retries=args.retries,
+                retry_backoff=args.retry_backoff, after=args.after, **placed,
+            )  # fmt: skip
+            print(f"array {handles[0].id}: {len(handles)} tasks, jobs {handles[0].id}.."
+                  f"{handles[-1].id}" + (f", at most {cap} at once" if cap else ""),
+                  file=sys.stderr)  # fmt: skip
+        else:
+            handles = [
+                client.submit_shell(cmd, shell=use_shell, name=args.name, timeout=args.timeout,
+                                    cwd=args.cwd, env=env, retries=args.retries,
+                                    retry_backoff=args.retry_backoff, after=args.after,
+                                    **placed)  # fmt: skip
+                for cmd in commands
+            ]
         client.flush()
         for handle in handles:
             print(handle.id, flush=True)
@@ -130,6 +146,23 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
+def _array_spec(text: str) -> tuple[list[int], int | None]:
+    try:
+        return parse_array(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _labels_arg(text: str) -> dict[str, str]:
+    try:
+        labels = parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not labels:
+        raise argparse.ArgumentTypeError("expected labels like gpu=1,zone=a")
+    return labels
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = client.job(args.id)
@@ -167,11 +200,20 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        if args.all:
+        counts: dict[str, int] = {}
+        if args.array is not None:
+            jobs = client.jobs(state=args.state, limit=None, array=args.array)
+            while args.all and len(jobs) % 1000 == 0 and jobs:  # the next page
+                more = client.jobs(state=args.state, limit=None, before=jobs[-1]["id"],
+                                   array=args.array)  # fmt: skip
+                if not more:
+                    break
+                jobs += more
+        elif args.all:
             jobs = list(client.iter_jobs(state=args.state))
         else:
             jobs = client.jobs(state=args.state, limit=args.limit)
-        counts = client.status()["counts"] if not args.all else {}
+            counts = client.status()["counts"]
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -180,13 +222,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
           "COMMAND")  # fmt: skip
     for j in jobs:
         label = f"{j['name']}: {j['command']}" if j["name"] else j["command"]
+        if "tasks" in j:  # an array, as one line: its tasks by state
+            shown = ", ".join(f"{j['counts'][s]} {s}" for s in STATES if j["counts"].get(s))
+            cap = f", at most {j['max_running']} at once" if j.get("max_running") else ""
+            print(f"{j['id']:>7}  {'array':<10} {'':>5}  {j['tasks']:,} tasks: {shown}{cap}"
+                  f" (--array {j['id']})")  # fmt: skip
+            print(f"{'':>7}  {'':<10} {'':>5}  {label[:60]}")
+            continue
         print(f"{j['id']:>7}  {j['state']:<10} {j['attempts']:>5}  {(j['worker'] or '-'):<20} "
               f"{_when(j['started']):>8} {_took(j, now):>7}  {label[:60]}")  # fmt: skip
         if j.get("reason"):  # a queued job: why it waits, as Slurm's REASON column
             print(f"{'':>7}  waiting: {j['reason']}")
     matching = counts.get(args.state, 0) if args.state else sum(counts.values())
-    if matching > len(jobs):
-        print(f"... {matching - len(jobs)} more (newest first; --limit N, --all, --json)",
+    listed = sum(j.get("tasks", 1) for j in jobs)  # an array's line stands for its tasks
+    if matching > listed:
+        print(f"... {matching - listed} more (newest first; --limit N, --all, --json)",
               file=sys.stderr)
     return 0
 
@@ -425,6 +475,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cwd", help="directory to run in, on the slave (default: the slave's)")
     s.add_argument("--env", action="append", metavar="NAME=VALUE",
                    help="add a variable to the job's environment (repeatable)")
+    s.add_argument("--priority", type=int, metavar="N",
+                   help="higher runs first (default 0; may be negative)")
+    s.add_argument("--requires", type=_labels_arg, metavar="KEY=VALUE,...",
+                   help="run only on slaves with these labels (SCHEDULER_WORKER_LABELS)")
+    s.add_argument("--array", type=_array_spec, metavar="SPEC",
+                   help="an array: one task per index, {} in the command is the index "
+                        "(also $SCHEDULER_ARRAY_INDEX); 1-1000%%50 runs 50 at most at once")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     one = add("job", cmd_job, "show one job: state, attempts, times, error, output")
     one.add_argument("id", type=int, help="the job id")
@@ -435,6 +492,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"show this many (default {DEFAULT_LIMIT}, at most 1000)")
     j.add_argument("--all", action="store_true", help="show every job, a page at a time")
     j.add_argument("--json", action="store_true", help="print them as JSON")
+    j.add_argument("--array", type=int, metavar="ID", help="the tasks of this array")
     st = add("status", cmd_status, "job counts and slaves")
     st.add_argument("--json", action="store_true", help="print it as JSON")
     c = add("cancel", cmd_cancel, "cancel jobs; exit 1 if one had already finished")

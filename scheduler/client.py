@@ -21,13 +21,13 @@ import types
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
 from . import __version__, settings
 from .errors import ConnectError, JobFailed, RemoteTraceback, SchedulerError, SubmitError
-from .job import JobSpec, State
+from .job import MAX_ARRAY, JobSpec, State
 from .protocol import VERSION as PROTOCOL
 from .protocol import Done, Submitted
 from .transport import Link
@@ -230,29 +230,45 @@ class Client:
         retries: int | None = None,
         retry_backoff: float | None = None,
         after: Iterable[AsyncResult | int] | None = None,
+        priority: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> AsyncResult:
         """Run ``func(*args, **kwds)`` on a slave. ``retries``: a run that raises is tried
         again up to that many times, ``retry_backoff`` seconds after the first failure and
         twice as long after each next (with jitter); default: the master's settings.
         ``after``: results (or ids) of jobs that must succeed first; if one fails or is
-        cancelled, this job is cancelled too."""
+        cancelled, this job is cancelled too. ``priority``: higher runs first (default 0).
+        ``requires``: labels a slave must carry to run it (``{"gpu": "1"}``; a slave's
+        SCHEDULER_WORKER_LABELS)."""
         deps = _ids(after)
         digest = self._func(func)
         payload = (digest, self._pickle_args(args, dict(kwds or {})))
         spec = JobSpec("python", payload, name or _name_of(func), labels, timeout, max_attempts,
-                       retries, retry_backoff, deps)  # fmt: skip
+                       retries, retry_backoff, deps, priority,
+                       dict(requires) if requires else None)  # fmt: skip
         callbacks = (callback, error_callback) if callback or error_callback else None
         return self._enqueue(spec, AsyncResult(self, callbacks=callbacks))
 
     def apply(self, func: Callable, args: tuple = (), kwds: Mapping[str, Any] | None = None) -> Any:
         return self.apply_async(func, args, kwds).get()
 
-    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
-        """Ordered results of ``func`` over ``iterable``; blocks until all are done."""
-        return self._map(func, iterable, chunksize, star=False)
+    def map(
+        self, func: Callable, iterable: Iterable, chunksize: int | None = None, *,
+        max_running: int | None = None, priority: int | None = None,
+        requires: Mapping[str, str] | None = None,
+    ) -> list:  # fmt: skip
+        """Ordered results of ``func`` over ``iterable``; blocks until all are done.
 
-    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
-        return self._map(func, iterable, chunksize, star=True)
+        ``max_running``: the items (chunks) are one array, of which at most that many run
+        at once across the cluster. ``priority``, ``requires``: as for ``apply_async``."""
+        return self._map(func, iterable, chunksize, False, _Placed(max_running, priority, requires))
+
+    def starmap(
+        self, func: Callable, iterable: Iterable, chunksize: int | None = None, *,
+        max_running: int | None = None, priority: int | None = None,
+        requires: Mapping[str, str] | None = None,
+    ) -> list:  # fmt: skip
+        return self._map(func, iterable, chunksize, True, _Placed(max_running, priority, requires))
 
     def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
         """Results in the order they finish."""
@@ -283,23 +299,66 @@ class Client:
         retries: int | None = None,
         retry_backoff: float | None = None,
         after: Iterable[AsyncResult | int] | None = None,
+        priority: int | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> AsyncResult:
         """Run a command: an argv list, or a string given to ``/bin/sh`` when ``shell=True``.
 
         It runs in ``cwd`` (default: the slave's working directory) with ``env`` added to
         the slave's environment. ``get()`` returns the tail of its stdout and raises
         JobFailed on a non-zero exit (once its ``retries``, if any, are spent; ``retries``,
-        ``retry_backoff`` and ``after`` as for ``apply_async``).
+        ``retry_backoff``, ``after``, ``priority`` and ``requires`` as for ``apply_async``).
         """
-        if isinstance(command, str) and not shell:
-            raise SubmitError("a command string needs shell=True; or pass an argv list")
-        if not command or (isinstance(command, list) and not all(command)):
-            raise SubmitError("empty command; give at least the program to run")
+        _check_command(command, shell)
         cmd = command if shell else [str(part) for part in command]
         payload = (cmd, shell, cwd, dict(env or {})) if cwd or env else (cmd, shell)
         spec = JobSpec("shell", payload, name or "", labels, timeout, max_attempts, retries,
-                       retry_backoff, _ids(after))  # fmt: skip
+                       retry_backoff, _ids(after), priority,
+                       dict(requires) if requires else None)  # fmt: skip
         return self._enqueue(spec, AsyncResult(self))
+
+    def submit_array(
+        self,
+        command: list[str] | str,
+        indices: Iterable[int],
+        *,
+        max_running: int | None = None,
+        shell: bool = False,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        after: Iterable[AsyncResult | int] | None = None,
+        priority: int | None = None,
+        requires: Mapping[str, str] | None = None,
+    ) -> list[AsyncResult]:
+        """An array job (Slurm's ``--array``): one task per index, ``{}`` in the command
+        replaced by the index, which is also in the task's environment as
+        SCHEDULER_ARRAY_INDEX; at most ``max_running`` tasks run at once. One array id
+        for all (the first task's job id: ``results[0].id``); ``scheduler jobs`` shows it
+        as one line. Other arguments as for ``submit_shell``. See ``job.parse_array``
+        for indices written as ``1-1000%50``."""
+        _check_command(command, shell)
+        indices = list(indices)
+        if not 0 < len(indices) <= MAX_ARRAY or not all(
+            type(i) is int and i >= 0 for i in indices
+        ):
+            raise SubmitError(f"an array takes 1 to {MAX_ARRAY:,} indices (whole numbers "
+                              f">= 0), got {len(indices):,}")  # fmt: skip
+        cap = _cap(max_running)
+        deps, needs = _ids(after), dict(requires) if requires else None
+        specs = []
+        for i in indices:
+            cmd = (command.replace("{}", str(i)) if isinstance(command, str)
+                   else [str(part).replace("{}", str(i)) for part in command])  # fmt: skip
+            payload = (cmd, shell, cwd, {**(env or {}), "SCHEDULER_ARRAY_INDEX": str(i)})
+            specs.append(JobSpec("shell", payload, name or "", labels, timeout, max_attempts,
+                                 retries, retry_backoff, deps, priority, needs, (i, cap)))
+        return self._send_array(specs, {}, None)
 
     def result(self, job_id: int) -> AsyncResult:
         """A handle on an existing job, by id."""
@@ -330,13 +389,17 @@ class Client:
         return self._link.call("get", job_id)
 
     def jobs(
-        self, state: str | None = None, limit: int | None = 100, before: int | None = None
+        self, state: str | None = None, limit: int | None = 100, before: int | None = None,
+        array: int | None = None,
     ) -> list[dict]:
         """Jobs newest first (ids below ``before``): at most ``limit``, and 1,000 a call.
 
-        Finished jobs the master no longer keeps in memory come from its journal.
+        Finished jobs the master no longer keeps in memory come from its journal. An
+        array is one entry (``tasks``, ``counts`` by state); ``array=ID`` lists its tasks.
         """
-        return self._link.call("jobs", state, limit, before)
+        if array is None:
+            return self._link.call("jobs", state, limit, before)
+        return self._link.call("jobs", state, limit, before, array)
 
     def iter_jobs(self, state: str | None = None) -> Iterator[dict]:
         """Every job, newest first, a page at a time."""
@@ -449,38 +512,64 @@ class Client:
             except Exception as exc:
                 raise SubmitError(f"cannot pickle the job's arguments: {exc}") from exc
 
-    def _map(self, func: Callable, iterable: Iterable, chunksize: int | None, star: bool) -> list:
+    def _map(
+        self, func: Callable, iterable: Iterable, chunksize: int | None, star: bool,
+        placed: _Placed,
+    ) -> list:  # fmt: skip
         items = list(iterable)
         if chunksize is None:
             slots = sum(w.get("concurrency", 1) for w in self.status()["workers"]) or 1
             chunksize = max(1, math.ceil(len(items) / (slots * 4)))
-        handles = self._submit_chunks(func, items, chunksize, star, None)
+        handles = self._submit_chunks(func, items, chunksize, star, None, placed)
         self.flush()
         results: list = []
         for handle in handles:
             results.extend(handle.get() if chunksize > 1 else [handle.get()])
         return results
 
-    def _submit_chunks(self, func: Callable, items: list, chunksize: int, star: bool,
-                       notify: queue.SimpleQueue | None) -> list[AsyncResult]:  # fmt: skip
+    def _submit_chunks(
+        self, func: Callable, items: list, chunksize: int, star: bool,
+        notify: queue.SimpleQueue | None, placed: _Placed | None = None,
+    ) -> list[AsyncResult]:  # fmt: skip
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        handles = []
+        name = _name_of(func)
+        if chunksize > 1:
+            func = functools.partial(_apply_chunk, func, star=star)
+        digest = self._func(func)
         if chunksize == 1:
-            digest, name = self._func(func), _name_of(func)
-            for item in items:
-                args = tuple(item) if star else (item,)
-                spec = JobSpec("python", (digest, self._pickle_args(args, {})), name)
-                handles.append(self._enqueue(spec, AsyncResult(self, notify)))
+            blobs = [self._pickle_args(tuple(item) if star else (item,), {}) for item in items]
         else:
-            runner = functools.partial(_apply_chunk, func, star=star)
-            digest, name = self._func(runner), _name_of(func)
-            for i in range(0, len(items), chunksize):
-                payload = (digest, self._pickle_args((items[i : i + chunksize],), {}))
-                spec = JobSpec("python", payload, name)
-                handles.append(self._enqueue(spec, AsyncResult(self, notify)))
+            blobs = [self._pickle_args((items[i : i + chunksize],), {})
+                     for i in range(0, len(items), chunksize)]  # fmt: skip
+        if placed is None or placed == _Placed():
+            handles = [self._enqueue(JobSpec("python", (digest, blob), name),
+                                     AsyncResult(self, notify)) for blob in blobs]  # fmt: skip
+            self.flush()
+            return handles
+        cap = None if placed.max_running is None else _cap(placed.max_running)
+        if cap is not None and len(blobs) > MAX_ARRAY:
+            raise SubmitError(f"max_running makes the {len(blobs):,} tasks one array, which "
+                              f"holds at most {MAX_ARRAY:,}; raise chunksize")  # fmt: skip
+        needs = dict(placed.requires) if placed.requires else None
+        specs = [JobSpec("python", (digest, blob), name, priority=placed.priority,
+                         requires=needs, array=None if cap is None else (i, cap))
+                 for i, blob in enumerate(blobs)]  # fmt: skip
+        return self._send_array(specs, {digest: self._funcs[id(func)][2]}, notify)
+
+    def _send_array(
+        self, specs: list[JobSpec], funcs: dict[str, bytes], notify: queue.SimpleQueue | None
+    ) -> list[AsyncResult]:
+        """Send ``specs`` in one submit call (an array's tasks must travel together),
+        after the jobs buffered before them."""
+        if self._closed:
+            raise SchedulerError("client is closed")
+        self._start_threads()
         self.flush()
-        return handles
+        batch = [(spec, AsyncResult(self, notify)) for spec in specs]
+        with self._submit_lock:
+            self._send(batch, funcs)
+        return [handle for _, handle in batch]
 
     # -- background threads ------------------------------------------------------
 
@@ -562,6 +651,30 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Placed(NamedTuple):
+    """How map's tasks are placed: an array cap, a priority, labels required."""
+
+    max_running: int | None = None
+    priority: int | None = None
+    requires: Mapping[str, str] | None = None
+
+
+def _cap(max_running: int | None) -> int:
+    """An array's cap as the wire carries it (0: none)."""
+    if max_running is None:
+        return 0
+    if type(max_running) is not int or max_running < 1:
+        raise SubmitError(f"max_running must be a whole number >= 1, got {max_running!r}")
+    return max_running
+
+
+def _check_command(command: list[str] | str, shell: bool) -> None:
+    if isinstance(command, str) and not shell:
+        raise SubmitError("a command string needs shell=True; or pass an argv list")
+    if not command or (isinstance(command, list) and not all(command)):
+        raise SubmitError("empty command; give at least the program to run")
 
 
 def _ids(after: Iterable[AsyncResult | int] | None) -> tuple[int, ...] | None:

@@ -102,6 +102,9 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
         and spec[6] is None
         and spec[7] is None
         and spec[8] is None
+        and spec[9] is None
+        and spec[10] is None
+        and spec[11] is None
         and type(spec[2]) is str
         and type(payload := spec[1]) is tuple
         and len(payload) == 2
@@ -158,6 +161,29 @@ def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None =
             raise SubmitError(f"after must list 1 to {MAX_AFTER} job ids (positive integers), "
                               f"got {spec.after!r}")  # fmt: skip
         spec = spec._replace(after=tuple(sorted(set(spec.after))))
+    if spec.priority is not None and not (
+        type(spec.priority) is int and -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY
+    ):
+        raise SubmitError(f"priority must be a whole number from -{MAX_PRIORITY} to "
+                          f"{MAX_PRIORITY} (higher runs first), got {spec.priority!r}")  # fmt: skip
+    if spec.requires is not None:
+        if not (
+            isinstance(spec.requires, dict)
+            and len(spec.requires) <= MAX_LABELS
+            and all(type(k) is str and type(v) is str and _LABEL.fullmatch(k)
+                    and _LABEL.fullmatch(v) for k, v in spec.requires.items())
+        ):  # fmt: skip
+            raise SubmitError("requires must map labels to values (gpu=1,zone=a: letters, "
+                              f"digits and _.:/- only), got {spec.requires!r}")  # fmt: skip
+        spec = spec._replace(requires=dict(spec.requires) or None)
+    if spec.array is not None and not (
+        isinstance(spec.array, tuple)
+        and len(spec.array) == 2
+        and all(type(x) is int and x >= 0 for x in spec.array)
+    ):
+        raise SubmitError(f"array must be (index, cap), whole numbers >= 0, got "
+                          f"{spec.array!r}; submit arrays with Client.submit_array or "
+                          "map(max_running=)")  # fmt: skip
     if not isinstance(spec.name, str):
         raise SubmitError("job name must be a string")
     if spec.labels is not None and not (
@@ -219,6 +245,11 @@ class Job:
     not_before: float | None = None  # backing off after a failure: not handed out before
     history: list[dict[str, Any]] | None = None  # the failed runs tried again, oldest first
     after: tuple[int, ...] | None = None  # jobs that must succeed before it runs
+    priority: int = 0  # higher runs first
+    requires: dict[str, str] | None = None  # labels a slave must carry to run it
+    array: int | None = None  # the array it is a task of (the array's first job id)
+    array_index: int | None = None  # its index in the array (SCHEDULER_ARRAY_INDEX)
+    array_cap: int = 0  # at most this many of the array's tasks run at once (0: no cap)
     # the client(s) waiting for the outcome, usually one; not journaled
     session: str | tuple[str, ...] | None = None
     journaled: bool = False  # the journal has a row for it
@@ -260,6 +291,11 @@ class Job:
             "not_before": self.not_before,
             "history": list(self.history or ()),
             "after": list(self.after or ()),
+            "priority": self.priority,
+            "requires": dict(self.requires or {}),
+            "array": self.array,
+            "array_index": self.array_index,
+            "max_running": self.array_cap or None,
         }
         if with_result:
             view["result"] = self.result

@@ -31,24 +31,25 @@ from .job import DEFAULT_BACKOFF, Job, State
 log = logging.getLogger(__name__)
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEASE_BLOCK = 1 << 24  # leases reserved per journal write (about 11 minutes at 25k jobs/s)
 RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing write
 PRUNE_CHUNK = 1_000  # rows one pruning transaction deletes: the writer waits at most that long
 _FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
 _FIXED = (
     "id, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, "
-    "retry_backoff, after"
+    "retry_backoff, after, priority, requires, array_id, array_index, array_cap"
 )
 _CHANGING = (
     "state, attempts, worker, lease, started, ended, exit_code, result, error, stdout, stderr, "
     "failures, not_before, history"
 )
 _COLUMNS = f"{_FIXED}, {_CHANGING}"
-_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})"
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 31)})"
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
-_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 13)})"
-# ... and without retries or dependencies (most jobs): the columns of format 2, fewer again
+_INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 18)})"
+# ... and without retries, dependencies, priority, placement or array (most jobs): the
+# columns of format 2, fewer again
 _PLAIN = "id, kind, func, args, name, labels, timeout, max_attempts, submitted, state"
 _INSERT_PLAIN = f"INSERT OR REPLACE INTO jobs ({_PLAIN}) VALUES ({', '.join('?' * 10)})"
 # a job changed without error text or output, never retried (most python jobs): fewer
@@ -73,6 +74,14 @@ ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN not_before REAL;
 ALTER TABLE jobs ADD COLUMN history TEXT;
 ALTER TABLE jobs ADD COLUMN after TEXT;
+"""
+_SCHEMA_V4 = """
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN requires TEXT;
+ALTER TABLE jobs ADD COLUMN array_id INTEGER;
+ALTER TABLE jobs ADD COLUMN array_index INTEGER;
+ALTER TABLE jobs ADD COLUMN array_cap INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS jobs_array ON jobs (array_id) WHERE array_id IS NOT NULL;
 """
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -114,7 +123,9 @@ def _fixed(job: Job) -> tuple:
     labels = json.dumps(job.labels) if job.labels else None
     return (job.id, job.kind, func, args, safe_text(job.name), labels, job.timeout,
             job.max_attempts, job.submitted, job.retries, job.retry_backoff,
-            json.dumps(job.after) if job.after else None)  # fmt: skip
+            json.dumps(job.after) if job.after else None, job.priority,
+            json.dumps(job.requires) if job.requires else None, job.array, job.array_index,
+            job.array_cap)  # fmt: skip
 
 
 def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
@@ -122,8 +133,9 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
     digests, kinds, names, workers) across the rows of one load, which SQLite returns
     as a new object each: a million loaded jobs then take 200 MB less."""
     (id_, kind, func, args, name, labels, timeout, max_attempts, submitted, retries, backoff,
-     after, state, attempts, worker, lease, started, ended, exit_code, result, error, stdout,
-     stderr, failures, not_before, history) = row  # fmt: skip
+     after, priority, requires, array, array_index, array_cap, state, attempts, worker, lease,
+     started, ended, exit_code, result, error, stdout, stderr, failures, not_before,
+     history) = row  # fmt: skip
     if shared is not None:
         kind = shared.setdefault(kind, kind)
         name = shared.setdefault(name, name) if name else name
@@ -138,7 +150,9 @@ def _row_job(row: tuple, shared: dict[str, str] | None = None) -> Job:
         result=result, error=error, stdout=stdout, stderr=stderr, retries=retries or 0,
         retry_backoff=DEFAULT_BACKOFF if backoff is None else backoff, failures=failures or 0,
         not_before=not_before, history=json.loads(history) if history else None,
-        after=tuple(json.loads(after)) if after else None, journaled=True,
+        after=tuple(json.loads(after)) if after else None, priority=priority or 0,
+        requires=json.loads(requires) if requires else None, array=array,
+        array_index=array_index, array_cap=array_cap or 0, journaled=True,
     )  # fmt: skip
 
 
@@ -200,9 +214,11 @@ class Journal:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
         if version == 0 and tables.fetchone()[0] == 0:
-            self._db.executescript(_SCHEMA + _SCHEMA_V2 + _SCHEMA_V3)
+            self._db.executescript(_SCHEMA + _SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4)
         elif version in (1, 2):  # 0.1 and 0.2: add the tables and columns, keep every job
-            self._db.executescript(_SCHEMA_V2 + _SCHEMA_V3)
+            self._db.executescript(_SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4)
+        elif version == 3:
+            self._db.executescript(_SCHEMA_V4)
         elif version != SCHEMA_VERSION:
             self._db.close()
             raise JournalError(
@@ -219,22 +235,23 @@ class Journal:
         functions that the loaded unfinished jobs call.
 
         ``Journaled.max_lease`` is the highest lease that may have been handed out;
-        ``Journaled.cold`` the ids (first, last) of the queued jobs left in the journal.
+        ``Journaled.cold`` the queued jobs left in the journal, by priority, highest first:
+        (first id, last id, priority) (a range holds other priorities' jobs too).
         """
         shared: dict[str, str] = {}
         limit = -1 if queue_window is None else queue_window  # -1: no LIMIT in SQLite
         queued = [_row_job(r, shared) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND after IS NULL "
-            "ORDER BY id LIMIT ?", (limit,),
+            "ORDER BY priority DESC, id LIMIT ?", (limit,),
         )]  # fmt: skip
-        cold = None
-        if queue_window is not None and len(queued) == queue_window:
-            beyond = queued[-1].id if queued else 0
-            first, last = self._db.execute(
-                "SELECT min(id), max(id) FROM jobs WHERE state = 'queued' AND after IS NULL "
-                "AND id > ?", (beyond,),
-            ).fetchone()  # fmt: skip
-            cold = (first, last) if first is not None else None
+        cold: tuple[tuple[int, int, int], ...] = ()
+        if queue_window is not None and len(queued) == queue_window and queued:
+            end = queued[-1]  # the last loaded: what comes after it in line stays cold
+            cold = tuple((first, last, priority) for priority, first, last in self._db.execute(
+                "SELECT priority, min(id), max(id) FROM jobs WHERE state = 'queued' "
+                "AND after IS NULL AND (priority < ? OR (priority = ? AND id > ?)) "
+                "GROUP BY priority ORDER BY priority DESC", (end.priority, end.priority, end.id),
+            ))  # fmt: skip
         # jobs waiting for others are all loaded: they are in line only once those succeed
         waiting = [_row_job(r, shared) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND after IS NOT NULL"
@@ -280,16 +297,24 @@ class Journal:
                 ))  # fmt: skip
         return found
 
-    def queued_between(self, first: int, last: int, limit: int) -> list[Job]:
-        """Up to ``limit`` queued jobs with ids ``first``..``last``, in id order (the cold
-        queue read back, see Board.refill)."""
+    def queued_between(self, first: int, last: int, limit: int, priority: int = 0) -> list[Job]:
+        """Up to ``limit`` queued jobs of ``priority`` with ids ``first``..``last``, in id
+        order (the cold queue read back, see Board.refill)."""
         with self._read_lock:
             rows = self._reader.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE id BETWEEN ? AND ? AND state = 'queued' "
-                "AND after IS NULL ORDER BY id LIMIT ?", (first, last, limit),
+                "AND after IS NULL AND priority = ? ORDER BY id LIMIT ?",
+                (first, last, priority, limit),
             ).fetchall()  # fmt: skip
         shared: dict[str, str] = {}
         return [_row_job(r, shared) for r in rows]
+
+    def array_states(self, array: int) -> dict[int, str]:
+        """The state of every task of an array, as the journal has them."""
+        with self._read_lock:
+            return dict(self._reader.execute(
+                "SELECT id, state FROM jobs WHERE array_id = ?", (array,)
+            ))  # fmt: skip
 
     def fetch(self, job_id: int) -> Job | None:
         """A job that is no longer kept in memory (finished long ago)."""
@@ -299,13 +324,19 @@ class Journal:
             ).fetchone()
         return _row_job(row) if row else None
 
-    def select(self, state: str | None, limit: int, before: int | None) -> list[Job]:
-        """Jobs as the journal has them, newest first (for those no longer in memory)."""
+    def select(
+        self, state: str | None, limit: int, before: int | None, array: int | None = None
+    ) -> list[Job]:
+        """Jobs as the journal has them, newest first (for those no longer in memory);
+        with ``array``, that array's tasks only."""
         where = ["id < ?"]
         args: list[object] = [before if before is not None else 1 << 62]
         if state is not None:
             where.append("state = ?")
             args.append(state)
+        if array is not None:
+            where.append("array_id = ?")
+            args.append(array)
         with self._read_lock:
             rows = self._reader.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
@@ -353,7 +384,8 @@ class Journal:
                                  j.started, j.ended, j.exit_code, j.result, j.id))  # fmt: skip
                 else:
                     changed.append((*_changing(j), j.id))
-            elif j.state is State.QUEUED and not j.attempts and not j.retries and not j.after:
+            elif (j.state is State.QUEUED and not j.attempts and not j.retries and not j.after
+                  and not j.priority and j.requires is None and j.array is None):  # fmt: skip
                 plain.append((*_fixed(j)[:9], "queued"))
             elif j.state is State.QUEUED and not j.attempts:
                 fresh.append((*_fixed(j), "queued"))

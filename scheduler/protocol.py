@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = 4
+VERSION = 5
 
 
 # -- client <-> master ---------------------------------------------------------------
@@ -37,6 +37,11 @@ class JobSpec(NamedTuple):
     after ``retry_backoff`` seconds doubled each time, with jitter; apart from
     ``max_attempts``, which counts hand-outs whose slave died or went silent.
     ``after``: ids of jobs that must succeed first (if one fails or is cancelled, so is this).
+    ``priority``: higher runs first (None: 0); FIFO within one priority.
+    ``requires``: labels a slave must carry to run it (``{"gpu": "1"}``).
+    ``array``: ``(index, cap)`` for a task of an array: every spec of one ``submit`` call
+    with an ``array`` belongs to the same array (its id: the first such job's id); at
+    most ``cap`` of its tasks run at once (0: no cap).
     """
 
     kind: str
@@ -48,6 +53,9 @@ class JobSpec(NamedTuple):
     retries: int | None = None
     retry_backoff: float | None = None
     after: tuple[int, ...] | None = None
+    priority: int | None = None
+    requires: dict[str, str] | None = None
+    array: tuple[int, int] | None = None
 
 
 class Submitted(NamedTuple):
@@ -72,13 +80,15 @@ class Done(NamedTuple):
 
 
 class Lease(NamedTuple):
-    """A job as handed to a slave. ``lease`` is unique across master restarts."""
+    """A job as handed to a slave. ``lease`` is unique across master restarts.
+    ``priority``: the slave runs what it holds highest first."""
 
     job_id: int
     lease: int
     kind: str
     payload: tuple
     timeout: float | None
+    priority: int = 0
 
 
 class Outcome(NamedTuple):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,7 +27,7 @@ from .errors import (
     SubmitError,
     UnknownWorker,
 )
-from .job import Job, State, validate
+from .job import MAX_ARRAY, Job, JobSpec, State, validate
 from .journal import LEASE_BLOCK, Journal, Pruned, safe_text
 from .metrics import NoMetrics
 from .progress import Progress
@@ -119,6 +120,7 @@ class Service:
             if not isinstance(specs, list) or not isinstance(funcs, dict):
                 raise SubmitError("submit takes a list of job specs; use scheduler.Client")
             checked = [validate(spec, self._funcs, funcs) for spec in specs]
+            _check_array(checked)
             deps = {d for spec in checked if spec.after for d in spec.after}
             saved = {i: State(s) for i, s in self._journal.states(deps).items()} if deps else {}
         except SubmitError as exc:
@@ -237,28 +239,68 @@ class Service:
         return info
 
     def jobs(
-        self, state: str | None = None, limit: int | None = None, before: int | None = None
+        self, state: str | None = None, limit: int | None = None, before: int | None = None,
+        array: int | None = None,
     ) -> list[dict[str, Any]]:
         """Jobs newest first, ids below ``before``, at most ``limit`` (and PAGE); finished
-        jobs that left memory come from the journal."""
+        jobs that left memory come from the journal. An array's tasks are one entry (its
+        id the array's, ``tasks`` and ``counts`` by state), unless ``array`` asks for that
+        array's tasks."""
         try:
             wanted = State(state) if state else None
         except ValueError:
             raise SubmitError(f"unknown state {state!r}; use one of {', '.join(State)}") from None
         page = PAGE if limit is None else max(0, min(int(limit), PAGE))
+        if array is not None and before is None:
+            before = array + MAX_ARRAY  # an array's tasks have the ids after its own
         with self._lock:
-            found = {j.id: j.info() for j in self._board.select(wanted, page, before)}
-        if wanted is None or wanted.terminal or (wanted is State.QUEUED and self._board.cold):
-            older = self._journal.select(state, 2 * page, before)
+            found = {j.id: j.info() for j in self._board.select(wanted, page, before)
+                     if array is None or j.array == array}  # fmt: skip
+        if (wanted is None or wanted.terminal or (wanted is State.QUEUED and self._board.cold)
+                or array is not None):  # fmt: skip
+            older = self._journal.select(state, 2 * page, before, array)
             with self._lock:
                 found.update((j.id, j.info()) for j in older
                              if j.id not in found and j.id not in self._board.jobs)  # fmt: skip
         listed = [found[i] for i in sorted(found, reverse=True)[:page]]
+        if array is None and any(info["array"] is not None for info in listed):
+            listed = self._arrays_collapsed(listed)
         if any(info["state"] == State.QUEUED for info in listed):
             with self._lock:
                 for info in listed:
                     self._explained(info)
         return listed
+
+    def _arrays_collapsed(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``listed`` with each array's tasks replaced by one entry: the first task's view
+        with the array's id, ``tasks``, ``counts`` by state, and an overall state."""
+        out: list[dict[str, Any]] = []
+        first: dict[int, dict[str, Any]] = {}  # array -> its earliest task listed
+        for info in reversed(listed):
+            first.setdefault(info["array"], info)
+        for info in listed:
+            array = info["array"]
+            if array is None:
+                out.append(info)
+                continue
+            if array not in first:
+                continue
+            info = first.pop(array)
+            states = self._journal.array_states(array)
+            with self._lock:
+                for task_id in states:
+                    if (job := self._board.jobs.get(task_id)) is not None:
+                        states[task_id] = str(job.state)
+            counts = Counter(states.values())
+            order = (State.RUNNING, State.QUEUED, State.FAILED, State.CANCELLED)
+            overall = next((s for s in order if counts[s]), State.SUCCEEDED)
+            out.append({
+                **info, "id": array, "name": info["name"], "state": str(overall),
+                "array_index": None, "tasks": len(states), "counts": dict(counts),
+                "worker": None, "result": None, "error": None, "exit_code": None,
+                "reason": None,
+            })  # fmt: skip
+        return out
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         with self._lock:
@@ -268,6 +310,8 @@ class Service:
             else:
                 before = self._board.get(job_id).state
                 job = self._board.cancel(job_id)
+                if job.array is not None:
+                    self._work.notify_all()  # a task set aside at the array's cap may go
                 followers, self._board.cascaded = self._board.cascaded, []
                 ticket = self._journal.append(self._board.take_dirty(), wake=False)
         if job is None:
@@ -325,6 +369,7 @@ class Service:
         concurrency: int = 0,
         holding: tuple = (),
         version: int = 1,
+        labels: dict[str, str] | None = None,
     ) -> protocol.Registered:
         """A slave joins, or comes back with the jobs it holds (after a master restart)."""
         if version != protocol.VERSION:
@@ -336,7 +381,7 @@ class Service:
         with self._lock:
             self._warm(j for j, _ in holding.held)
             held = self._held(worker)
-            record, reply = self._board.register(worker, holding)
+            record, reply = self._board.register(worker, holding, labels)
             lost = self._requeued(held)
             record.host, record.pid, record.concurrency = host, pid, concurrency
             # the roster is saved before the slave gets work: after a crash, a restarted
@@ -374,7 +419,7 @@ class Service:
             funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
         self._progress.dispatched(jobs, worker)
         # protocol.Lease's fields, as plain tuples (see protocol: per-job messages)
-        leases = [(j.id, j.lease, j.kind, j.payload, j.timeout) for j in jobs]
+        leases = [(j.id, j.lease, j.kind, j.payload, j.timeout, j.priority) for j in jobs]
         return protocol.Leased(leases, funcs)
 
     def _reserve_leases(self) -> None:
@@ -410,6 +455,8 @@ class Service:
             give_back = self._board.give_back(worker)
             if finished:
                 self._route(finished)
+            if any(j.array is not None for j in (*finished, *retried)):
+                self._work.notify_all()  # a task set aside at its array's cap may go now
             retries = [(j.label, j.failures, j.retries, j.not_before) for j in retried]
         for label, n, of, at in retries:
             log.warning("job %s failed on %s; retry %d of %d in %.1fs", label, worker, n, of,
@@ -678,11 +725,11 @@ class Service:
             span = self._board.cold_span()
         if span is None:
             return
-        first, last = span
-        rows = self._journal.queued_between(first, last, REFILL)
+        first, last, priority = span
+        rows = self._journal.queued_between(first, last, REFILL, priority)
         complete_to = rows[-1].id if len(rows) == REFILL else last
         with self._lock:
-            if self._board.refill(first, complete_to, rows):
+            if self._board.refill(first, complete_to, rows, priority):
                 self._work.notify_all()
 
     def _cascaded(self) -> list[Job]:
@@ -724,6 +771,19 @@ class Service:
                     woke = True
         if woke:
             self._done.notify_all()
+
+
+def _check_array(specs: list[JobSpec]) -> None:
+    """The tasks of one submit call's array agree on their cap, and are not too many."""
+    tasks = [spec.array for spec in specs if spec.array is not None]
+    if not tasks:
+        return
+    if len(tasks) > MAX_ARRAY:
+        raise SubmitError(f"an array has at most {MAX_ARRAY:,} tasks, got {len(tasks):,}; "
+                          "split it into several arrays")  # fmt: skip
+    if len({cap for _, cap in tasks}) > 1:
+        raise SubmitError("the tasks of one array must share one cap (max_running); "
+                          "submit with scheduler.Client.submit_array")  # fmt: skip
 
 
 def _rules(older_than: float | None, keep: int | None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Generic, TypeVar
 
 from .errors import ConfigError
+from .job import parse_labels
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Settings:
     worker_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     )
+    worker_labels: dict[str, str] = field(default_factory=dict)  # gpu=1,zone=a
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     heartbeat_seconds: float | None = None  # default: a third of lease_seconds
     max_attempts: int = 3
@@ -108,6 +110,7 @@ _VARS = {
     "SCHEDULER_STATE_DIR": ("state_dir", "str"),
     "SCHEDULER_CONCURRENCY": ("concurrency", "posint"),
     "SCHEDULER_WORKER_NAME": ("worker_name", "str"),
+    "SCHEDULER_WORKER_LABELS": ("worker_labels", "labels"),
     "SCHEDULER_LEASE_SECONDS": ("lease_seconds", "posfloat"),
     "SCHEDULER_HEARTBEAT_SECONDS": ("heartbeat_seconds", "posfloat"),
     "SCHEDULER_MAX_ATTEMPTS": ("max_attempts", "posint"),
@@ -182,6 +185,11 @@ def _convert(name: str, kind: str, raw: str) -> object:
         return parse_duration(raw, name, " or 0/off for no age limit") or None
     if kind == "address":
         return parse_address(raw, name)
+    if kind == "labels":
+        try:
+            return parse_labels(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     if kind == "optaddress":
         return parse_address(raw, name) if raw.strip() else None
     try:

@@ -115,7 +115,8 @@ class Worker:
     def _register(self) -> None:
         info = Registered(*self.link.call("register", self.name, socket.gethostname(),
                                           os.getpid(), self.concurrency,
-                                          tuple(self.holding()), VERSION))  # fmt: skip
+                                          tuple(self.holding()), VERSION,
+                                          self.settings.worker_labels or None))  # fmt: skip
         self.heartbeat_seconds = self.settings.heartbeat_seconds or info.heartbeat_seconds
         log.info("slave %s connected to master %s:%d with %d processes", self.name,
                  *self.settings.master, self.concurrency)  # fmt: skip
@@ -173,10 +174,15 @@ class Worker:
     # -- fetching ------------------------------------------------------------
 
     def _room(self) -> tuple[int, int]:
-        """(free places, the fewest worth a round trip to the master)."""
-        prefetch = self.concurrency
+        """(free places, the fewest worth a round trip to the master).
+
+        Beyond its slots, a slave holds about TARGET_BATCH_SECONDS of work per slot, and
+        none when jobs are longer (or not yet timed): a job held here waits behind the
+        runs before it, and a job of higher priority submitted meanwhile would wait
+        behind it too."""
+        prefetch = 0
         if self._avg > 0:
-            prefetch = math.ceil(self.concurrency * TARGET_BATCH_SECONDS / self._avg)
+            prefetch = int(self.concurrency * TARGET_BATCH_SECONDS / self._avg)
         target = self.concurrency + min(MAX_PREFETCH, prefetch)
         return target - len(self._queue) - len(self._running), max(1, target // 2)
 
@@ -238,6 +244,11 @@ class Worker:
                 self._ref(lease)
             if not self._draining.is_set():
                 self._queue.extend(leases)
+                if any(x.priority for x in leases) or self._queue and self._queue[0].priority:
+                    # highest priority first, in the order they came within one (stable)
+                    ordered = sorted(self._queue, key=lambda x: -x.priority)
+                    self._queue.clear()
+                    self._queue.extend(ordered)
                 self._cond.notify_all()
                 return
         if leases:

@@ -26,6 +26,14 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def hold_ahead(client: Client, n: int = 10) -> None:
+    """Run ``n`` short jobs: a slave holds work ahead of its slots (prefetches) only once
+    it has seen that its jobs are short. For tests of what happens to prefetched jobs.
+    (10 ms each: shorter ones would be sent to the job process in batches.)"""
+    handles = [client.submit_shell(["sleep", "0.01"]) for _ in range(n)]
+    assert [h.get(timeout=30) for h in handles] == [""] * n
+
+
 class Proc:
     """A child process whose stderr goes to a file the test can read."""
 

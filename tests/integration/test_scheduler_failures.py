@@ -15,7 +15,7 @@ import pytest
 from scheduler import AuthError, Client, JobFailed
 
 from . import jobs
-from .scheduler_procs import wait_until
+from .scheduler_procs import hold_ahead, wait_until
 
 cloudpickle.register_pickle_by_value(jobs)
 pytestmark = pytest.mark.integration
@@ -27,6 +27,7 @@ def test_kill9_of_a_slave_mid_job_loses_nothing(cluster, tmp_path):
     doomed = cluster.start_slave("doomed", concurrency=2)
     cluster.wait_slaves("doomed")
     with cluster.client() as client:
+        hold_ahead(client)
         handles = [client.apply_async(jobs.nap, (1.5, str(marks), f"j{i}")) for i in range(4)]
         wait_until(lambda: len(os.listdir(marks)) >= 2, what="two jobs to start")
 
@@ -107,6 +108,7 @@ def test_sigterm_drains_a_slave(cluster, tmp_path):
     slave = cluster.start_slave("drainee", SCHEDULER_GRACE_SECONDS="20")
     cluster.wait_slaves("drainee")
     with cluster.client() as client:
+        hold_ahead(client)
         first = client.apply_async(jobs.nap, (1.5, str(tmp_path), "first"))
         rest = [client.apply_async(jobs.nap, (0.1,)) for _ in range(3)]
         wait_until(lambda: list(tmp_path.glob("first-*")), what="first job to start")

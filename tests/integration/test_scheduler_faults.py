@@ -23,7 +23,7 @@ import pytest
 from scheduler import SubmitError
 
 from . import jobs
-from .scheduler_procs import Cluster, wait_until
+from .scheduler_procs import Cluster, hold_ahead, wait_until
 
 cloudpickle.register_pickle_by_value(jobs)
 pytestmark = pytest.mark.integration
@@ -87,6 +87,7 @@ def test_kill9_of_a_slave_reruns_only_what_it_held(fast, marks):
     victim = fast.start_slave("victim", concurrency=2)
     fast.wait_slaves("victim")
     with fast.client() as client:
+        hold_ahead(client)
         handles = [client.submit_shell(marked(marks, 3, f"k{i}"), shell=True) for i in range(4)]
         wait_until(lambda: len(executions(marks)) == 2, what="two jobs to start")
         started = {handles[int(tag[1:])].id for tag in executions(marks)}

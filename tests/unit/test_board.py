@@ -432,10 +432,11 @@ def read_back(board: Board, journal: dict, limit: int = 100) -> int:
     span = board.cold_span()
     if span is None:
         return 0
-    first, last = span
+    first, last, priority = span
     rows = [copy.copy(j) for i, j in sorted(journal.items())
-            if first <= i <= last and j.state is State.QUEUED][:limit]  # fmt: skip
-    return board.refill(first, rows[-1].id if len(rows) == limit else last, rows)
+            if first <= i <= last and j.state is State.QUEUED
+            and j.priority == priority][:limit]  # fmt: skip
+    return board.refill(first, rows[-1].id if len(rows) == limit else last, rows, priority)
 
 
 def test_beyond_the_window_queued_jobs_wait_cold_and_come_back_in_order():

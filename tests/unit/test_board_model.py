@@ -68,6 +68,12 @@ WINDOW = 3  # queued job records kept in memory; the others wait cold, in the jo
 REFILL = 2  # cold jobs read back at a time
 NAMES = ("s0", "s1", "s2")
 SETTLE_ROUNDS = 60  # rounds of "everybody works a bit" in which all jobs must finish
+GPU = {"gpu": "1"}
+
+
+def labels(name: str) -> dict[str, str]:
+    """Slaves with an even number carry gpu=1 (s0, s2, ...)."""
+    return GPU if int(name[1:]) % 2 == 0 else {}
 
 Key = tuple[int, int]  # (job id, lease)
 
@@ -101,7 +107,11 @@ EVENTS: dict[str, tuple[int, tuple[st.SearchStrategy, ...]]] = {
     # n, attempts (slave deaths), retries (failed runs tried again, after a backoff)
     "submit": (2, (st.integers(1, 3), st.sampled_from([None, None, 1, 2]),
                    st.sampled_from([0, 0, 1, 2]),
-                   st.sampled_from([0, 0, 1, 2]))),  # fmt: skip  # ..., after the last k
+                   st.sampled_from([0, 0, 1, 2]),  # after the last k accepted
+                   st.sampled_from([0, 0, 0, 1, 2, -1]),  # priority
+                   st.sampled_from([None, None, "gpu"]),  # requires gpu=1
+                   st.sampled_from([None, None, 0, 1, 2]))),  # an array with this cap
+    # fmt: skip
     "cancel": (1, (st.integers(0, 64),)),  # which job (modulo)
     "tick": (3, (
         st.sampled_from([0.5, LEASE / 3, LEASE + 0.5, LEASE + RECONNECT_SECONDS + 0.5]),
@@ -263,8 +273,11 @@ class BoardModel(RuleBasedStateMachine):
         rows = list(self.journal.values())
         finished = sorted((j for j in rows if j.state.terminal), key=lambda j: -j.id)
         queued = sorted((j for j in rows if j.state is State.QUEUED and not j.after),
-                        key=lambda j: j.id)  # fmt: skip
-        cold = (queued[WINDOW].id, queued[-1].id) if len(queued) > WINDOW else None
+                        key=lambda j: (-j.priority, j.id))  # fmt: skip
+        cold_by: dict[int, list[int]] = {}  # what Journal.load leaves cold, by priority
+        for job in queued[WINDOW:]:
+            cold_by.setdefault(job.priority, []).append(job.id)
+        cold = tuple((min(ids), max(ids), p) for p, ids in sorted(cold_by.items(), reverse=True))
         waiting = [j for j in rows if j.state is State.QUEUED and j.after]  # all loaded
         loaded = [j for j in rows if j.state is State.RUNNING] + queued[:WINDOW] + waiting
         loaded += finished[:KEEP_LOADED]
@@ -345,12 +358,13 @@ class BoardModel(RuleBasedStateMachine):
         span = self.board.cold_span()
         if span is None:
             return
-        first, last = span
+        first, last, priority = span
         rows = sorted((j for j in self.journal.values()
-                       if first <= j.id <= last and j.state is State.QUEUED),
+                       if first <= j.id <= last and j.state is State.QUEUED and not j.after
+                       and j.priority == priority),
                       key=lambda j: j.id)[:REFILL]  # fmt: skip
         complete_to = rows[-1].id if len(rows) == REFILL else last
-        self.board.refill(first, complete_to, [copy.copy(j) for j in rows])
+        self.board.refill(first, complete_to, [copy.copy(j) for j in rows], priority)
 
     def _cold(self) -> set[int]:
         """Accepted jobs waiting cold: neither in memory nor evicted."""
@@ -359,7 +373,7 @@ class BoardModel(RuleBasedStateMachine):
     def _register(self, s: Slave) -> None:
         holding = s.holding()
         self._warm_claims(j for j, _ in holding.held)
-        worker, reply = self.board.register(s.name, holding)
+        worker, reply = self.board.register(s.name, holding, labels(s.name))
         worker.concurrency = 2  # what the service records from the call
         # the service saves the roster (and what changed) before it replies
         self._save(tick=True)
@@ -451,6 +465,8 @@ class BoardModel(RuleBasedStateMachine):
         assert s.heard is not None, f"{s.name} handed jobs while the model says it is unknown"
         self._heard(s)
         keys = [(j.id, j.lease) for j in jobs]
+        if not retry:
+            self._check_order(s, jobs)
         if retry:
             assert s.last_lease_call is not None
             assert set(keys) <= set(s.last_lease_call[1]), (keys, s.last_lease_call)
@@ -467,6 +483,26 @@ class BoardModel(RuleBasedStateMachine):
             if keys:  # the call a retry with the same seq repeats (an empty one: a new call)
                 s.last_lease_call = (seq, keys)
         return keys
+
+    def _check_order(self, s: Slave, handed: list[Job]) -> None:
+        """Jobs go to slaves that carry the labels they require, highest priority first:
+        no job left in line that this slave could run now ranks above one it got."""
+        for job in handed:
+            assert not job.requires or labels(s.name) == GPU, f"{s.name} got {self._where(job.id)}"
+        if not handed:
+            return
+        lowest = min(j.priority for j in handed)
+        running = Counter(j.array for j in self.board.jobs.values()
+                          if j.state is State.RUNNING and j.array is not None)  # fmt: skip
+        for job in self.board.jobs.values():
+            if (job.state is State.QUEUED and job.not_before is None
+                    and not self.board.waits_for(job.id) and not self.board.is_cold(job.id)
+                    and (not job.requires or labels(s.name) == GPU)
+                    and not (job.array_cap and running[job.array] >= job.array_cap)):  # fmt: skip
+                assert job.priority <= lowest, (
+                    f"{s.name} got priority {lowest}, {self._where(job.id)} "
+                    f"(priority {job.priority}) left in line"
+                )
 
     def _take_in(self, s: Slave, seq: int, keys: list[Key]) -> None:
         s.fetched = max(s.fetched, seq)
@@ -624,10 +660,16 @@ class BoardModel(RuleBasedStateMachine):
         else:
             getattr(self, kind)(*args)
 
-    def submit(self, n: int, attempts: int | None, retries: int = 0, after: int = 0) -> None:
+    def submit(
+        self, n: int, attempts: int | None, retries: int = 0, after: int = 0, priority: int = 0,
+        requires: str | None = None, cap: int | None = None,
+    ) -> None:
         deps = tuple(sorted(self.accepted)[-after:]) if after and self.accepted else None
         specs = [JobSpec("shell", (["true"], False), max_attempts=attempts, retries=retries,
-                         retry_backoff=LEASE / 4, after=deps) for _ in range(n)]  # fmt: skip
+                         retry_backoff=LEASE / 4, after=deps, priority=priority or None,
+                         requires=GPU if requires else None,
+                         array=None if cap is None else (i, cap))
+                 for i in range(n)]  # fmt: skip
         jobs = self.board.submit(specs, publish=False)
         if deps:  # what the service does: states of those not in memory from the journal
             known = {d: self.journal[d].state for d in deps if d not in self.board.jobs}
@@ -820,7 +862,8 @@ class BoardModel(RuleBasedStateMachine):
         """Heal everything, let the live slaves work; every job must finish."""
         for s in self.slaves.values():
             s.partitioned = False
-        if not any(s.working and not s.draining for s in self.slaves.values()):
+        while not any(s.working and not s.draining and labels(s.name)
+                      for s in self.slaves.values()):  # fmt: skip
             fresh = Slave(f"s{len(self.slaves)}", last_call=self.now)
             self.slaves[fresh.name] = fresh
         for _ in range(SETTLE_ROUNDS):
@@ -924,6 +967,17 @@ class BoardModel(RuleBasedStateMachine):
             assert (
                 not now.terminal or now in (state, State.CANCELLED) or (job_id in self.tainted)
             ), f"clients saw {state}, now {self._where(job_id)}"
+        # the board counts each array's running tasks right; at most its cap run at once
+        # (unless one was held by a dead or silent slave: then two runs may overlap)
+        running = Counter(j.array for j in jobs.values()
+                          if j.state is State.RUNNING and j.array is not None)  # fmt: skip
+        assert +board._running_in == +running, (dict(board._running_in), dict(running))
+        for array, n in running.items():
+            tasks = [j for j in jobs.values() if j.array == array]
+            cap = tasks[0].array_cap
+            assert not cap or n <= cap or any(j.id in self.tainted for j in tasks), (
+                f"array {array}: {n} tasks running, cap {cap}"
+            )
         # a running job is held by a worker the board knows: it can always be requeued
         for job in jobs.values():
             if job.state is State.RUNNING:

@@ -91,7 +91,7 @@ def test_a_journal_of_another_format_is_refused_clearly(tmp_path):
     db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB)")
     db.commit()
     db.close()
-    with pytest.raises(JournalError, match="has format 0, this master reads format 3"):
+    with pytest.raises(JournalError, match="has format 0, this master reads format 4"):
         Journal(tmp_path)
 
 
