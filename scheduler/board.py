@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import heapq
-import math
 import random
 import time
 from collections import Counter, deque
@@ -161,7 +160,8 @@ class Board:
         self._queue: deque[int] = deque()
         self._lines: dict[tuple[int, tuple | None], deque[int]] = {MAIN: self._queue}
         self._running_in: Counter[int] = Counter()  # array id -> its tasks running
-        self._capped: dict[int, deque[int]] = {}  # array id -> tasks set aside at its cap
+        # array id -> tasks set aside at its cap: a heap of ids (the earliest goes on first)
+        self._capped: dict[int, list[int]] = {}
         self._set_aside = 0  # how many jobs _capped holds (stale ones included)
         self.queue_window = queue_window
         self.retries = retries  # the default of jobs that do not say
@@ -294,15 +294,17 @@ class Board:
                 return best.popleft()
         raise IndexError("no job in line")
 
-    def _top_priority(self) -> float:
-        return max((p for (p, _), line in self._lines.items() if line), default=-math.inf)
+    def _in_line_from(self, priority: int) -> int:
+        """Queued jobs in memory that go before cold ones of ``priority``."""
+        return self._set_aside + sum(len(line) for (p, _), line in self._lines.items()
+                                     if p >= priority)  # fmt: skip
 
     def _capped_out(self, job: Job) -> bool:
         """Whether ``job``'s array has its cap of tasks running: then it is set aside
         (in order) until one of them ends."""
         if self._running_in[job.array] < job.array_cap:  # type: ignore[index]
             return False
-        self._capped.setdefault(job.array, deque()).append(job.id)  # type: ignore[arg-type]
+        heapq.heappush(self._capped.setdefault(job.array, []), job.id)  # type: ignore[arg-type]
         self._set_aside += 1
         return True
 
@@ -316,7 +318,7 @@ class Board:
             del self._running_in[array]
         aside = self._capped.get(array)
         while aside:
-            job_id = aside.popleft()
+            job_id = heapq.heappop(aside)
             self._set_aside -= 1
             task = self.jobs.get(job_id)
             if task is not None and task.state is State.QUEUED:
@@ -342,12 +344,13 @@ class Board:
 
     def cold_span(self) -> tuple[int, int, int] | None:
         """(first id, last id, priority) of the next cold range to read back: the earliest
-        of the highest priority, when the queue in memory runs low, or at once when it
-        ranks above everything in memory (then the window is exceeded by a refill)."""
+        of the highest priority, once fewer than half a window of jobs in memory go before
+        it (lower priorities in memory do not count: a refill may then exceed the window
+        by up to half)."""
         if not self.cold:
             return None
         head = max(self.cold, key=lambda c: c[4])  # the first of the highest
-        if self.in_line() >= self.queue_window // 2 and head[4] <= self._top_priority():
+        if self._in_line_from(head[4]) >= self.queue_window // 2:
             return None
         return head[0], head[1], head[4]
 
@@ -361,7 +364,8 @@ class Board:
         if head is None:
             return 0  # the cold queue changed meanwhile; the next tick reads again
         upto = min(head[1], last)
-        room = max(self.queue_window - self.in_line(), max(1, self.queue_window // 10))
+        room = max(self.queue_window - self.in_line(),
+                   self.queue_window // 2 - self._in_line_from(priority))  # fmt: skip
         queued = 0
         for row in rows:
             if row.id > upto:

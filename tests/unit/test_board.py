@@ -643,3 +643,115 @@ def test_a_restored_master_keeps_jobs_waiting_for_others():
                      Journaled(3, {"queued": 2, "succeeded": 1}, 3, 0, dep_states={1: "succeeded"}))
     assert restored.waits_for(c.id) == {b.id}
     assert [j.id for j in take(restored, "w1", 5)] == [b.id]
+
+
+# -- priorities, arrays, placement -------------------------------------------------------
+
+
+def test_higher_priority_goes_first_and_fifo_within_one(board):
+    low = board.submit([shell("low") for _ in range(3)])
+    high = board.submit([shell("high", priority=5) for _ in range(2)])
+    mid = board.submit([shell("mid", priority=1)])
+    got = take(board, "w", 10)
+    assert [j.id for j in got] == [j.id for j in [*high, *mid, *low]]
+
+
+def test_a_requeued_job_goes_first_within_its_priority_only(board):
+    (low,) = board.submit([shell("low")])
+    (high,) = board.submit([shell("high", priority=3)])
+    (first,) = take(board, "w", 1)
+    assert first is high
+    board.release("w", [(high.id, high.lease)])  # handed back: first in its own line
+    board.submit([shell("high again", priority=3)])
+    assert [j.id for j in board.lease("w", 3)] == [high.id, high.id + 1, low.id]
+
+
+def test_a_job_runs_only_on_a_slave_with_the_labels_it_requires(board):
+    (gpu,) = board.submit([shell("train", requires={"gpu": "1"})])
+    (plain,) = board.submit([shell("plain")])
+    board.register("cpu")
+    board.register("big", labels={"gpu": "1", "zone": "a"})
+    assert board.why_pending(gpu.id) == "next in line for a free slot"
+    assert board.lease("cpu", 5) == [plain]
+    assert board.lease("big", 5) == [gpu]
+
+
+def test_a_job_no_connected_slave_can_run_says_so(board):
+    (job,) = board.submit([shell("train", requires={"gpu": "1", "zone": "b"})])
+    board.register("cpu", labels={"zone": "b"})
+    assert board.lease("cpu", 1) == []
+    assert board.why_pending(job.id) == "no slave with gpu=1,zone=b connected"
+    board.register("gpu", labels={"gpu": "1", "zone": "b"})
+    assert board.lease("gpu", 1) == [job]
+
+
+def test_an_array_runs_at_most_its_cap_and_the_rest_follow_in_order(board):
+    tasks = board.submit([shell("t", array=(i, 2)) for i in range(5)])
+    assert {t.array for t in tasks} == {tasks[0].id} and [t.array_index for t in tasks] == [
+        0, 1, 2, 3, 4]  # fmt: skip
+    (other,) = board.submit([shell("other")])
+    got = take(board, "w", 10)
+    assert got == [tasks[0], tasks[1], other]  # the cap: two; the others are not held up
+    assert board.why_pending(tasks[2].id) == f"array {tasks[0].id} has 2 task(s) running, its cap"
+    board.complete("w", [ok(tasks[0])])
+    assert board.lease("w", 10) == [tasks[2]]
+    board.cancel(tasks[3].id)  # a task set aside may be cancelled
+    board.complete("w", [ok(tasks[1])])
+    assert board.lease("w", 10) == [tasks[4]]
+    board.complete("w", [Outcome(tasks[2].id, tasks[2].lease, False, exit_code=1)])
+    board.complete("w", [ok(tasks[4])])
+    assert board.in_line() == 0 and not board._capped and not board._running_in
+
+
+def test_an_array_cap_counts_runs_that_end_any_way(board, clock):
+    tasks = board.submit([shell("t", array=(i, 1)) for i in range(4)])
+    board.register("a")
+    board.register("b")
+    (first,) = board.lease("a", 5)
+    assert board.lease("b", 5) == []  # the cap: one at a time
+    board.release("a", [(first.id, first.lease)])  # handed back
+    (again,) = board.lease("b", 5)
+    assert again is first
+    board.cancel(first.id)  # cancelled while running
+    (second,) = board.lease("a", 5)
+    assert second is tasks[1]
+    clock.now += 31  # a: silent past its lease: the run is requeued
+    board.seen("b")
+    board.expire()
+    assert [j.id for j in board.lease("b", 5)] == [tasks[1].id]
+
+
+def test_a_cold_job_of_higher_priority_is_read_back_at_once(clock):
+    board = Board(clock=clock, queue_window=4)
+    journal = {}
+    low = board.submit([shell("low") for _ in range(6)], publish=False)
+    journal.update(saved(board, low))
+    board.publish(low)  # 4 in memory, 2 cold
+    assert board.cold_span() is None  # the memory is well filled with its own priority
+    high = board.submit([shell("high", priority=9) for _ in range(2)], publish=False)
+    journal.update(saved(board, high))
+    board.publish(high)  # the window is full: they wait cold, at their own priority
+    assert all(board.is_cold(j.id) for j in high)
+    assert board.cold_span() == (high[0].id, high[-1].id, 9)  # read back now, not later
+    assert read_back(board, journal) == 2
+    board.register("w")
+    assert [j.id for j in board.lease("w", 3)] == [high[0].id, high[1].id, low[0].id]
+
+
+def test_restored_priorities_and_arrays_keep_their_order_and_cap(clock):
+    board = Board(clock=clock)
+    tasks = board.submit([shell("t", array=(i, 1)) for i in range(3)])
+    board.submit([shell("urgent", priority=2)])
+    board.register("w")
+    running = board.lease("w", 1)  # the urgent one
+    assert running[0].priority == 2
+    (task,) = board.lease("w", 5)  # one task: the cap
+    assert task is tasks[0]
+    rows = [copy.copy(j) for j in board.jobs.values()]
+    again = Board(clock=clock)
+    assert again.restore(rows) == 2
+    again.register("w", Holding(((running[0].id, running[0].lease), (task.id, task.lease))))
+    clock.now += RECONNECT_SECONDS + 31
+    assert again.lease("w", 5) == []  # tasks[0] still runs: the cap holds after a restart
+    again.complete("w", [ok(task)])
+    assert [j.id for j in again.lease("w", 5)] == [tasks[1].id]

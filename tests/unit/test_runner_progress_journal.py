@@ -211,3 +211,46 @@ def test_a_failed_write_is_retried_and_an_abandoned_entry_is_never_written(tmp_p
     assert journal.fetch(a.id) is not None and journal.fetch(b.id) is None
     assert journal.failing is None
     journal.close()
+
+
+def test_a_journal_of_format_3_is_upgraded_and_keeps_priority_placement_and_arrays(tmp_path):
+    from scheduler import journal as journal_module
+
+    schema = journal_module._SCHEMA + journal_module._SCHEMA_V2 + journal_module._SCHEMA_V3
+    old_journal(tmp_path, schema, 3)
+    journal = Journal(tmp_path)
+    (old,), _, _ = journal.load(10)
+    assert (old.priority, old.requires, old.array, old.array_cap) == (0, None, None, 0)
+    board = Board()
+    board.restore([old])
+    new = board.submit([
+        JobSpec("shell", (["a"], False), priority=-3, requires={"gpu": "1"}),
+        *(JobSpec("shell", (["t"], False), array=(i, 2)) for i in (7, 8)),
+    ])  # fmt: skip
+    journal.wait(journal.append(board.take_dirty()))
+    journal.close()
+    again = {j.id: j for j in Journal(tmp_path).load(10)[0]}
+    assert [(again[j.id].priority, again[j.id].requires) for j in new] == [
+        (-3, {"gpu": "1"}), (0, None), (0, None)]  # fmt: skip
+    assert [(again[j.id].array, again[j.id].array_index, again[j.id].array_cap)
+            for j in new[1:]] == [(new[1].id, 7, 2), (new[1].id, 8, 2)]  # fmt: skip
+
+
+def test_the_queue_window_loads_the_highest_priorities_and_leaves_the_rest_cold(tmp_path):
+    journal = Journal(tmp_path)
+    board = Board()
+    jobs = board.submit([JobSpec("shell", (["x"], False), priority=p) for p in (0, 5, 0, 5, 1, 0)])
+    journal.wait(journal.append(board.take_dirty()))
+    loaded, _, stored = journal.load(10, queue_window=3)
+    # ids 1..6 with priorities 0 5 0 5 1 0: in line 2, 4 (priority 5), then 5 (1); cold:
+    # priority 0's 1..6 (1, 3, 6)
+    assert [j.id for j in loaded] == [2, 4, 5]
+    assert stored.cold == ((1, 6, 0),)
+    assert [j.id for j in journal.queued_between(1, 6, 10, priority=0)] == [1, 3, 6]
+    again = Board(queue_window=3)
+    again.restore(loaded, stored)
+    again.register("w")
+    assert [j.id for j in again.lease("w", 10)] == [2, 4, 5]
+    assert again.cold_span() == (1, 6, 0)
+    journal.close()
+    assert len(jobs) == 6
