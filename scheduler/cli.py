@@ -258,6 +258,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         more = f" (+{len(w['running']) - 10})" if len(w["running"]) > 10 else ""
         flag = " draining" if w["draining"] else ""
         flag += "" if w.get("connected", True) else " not back since the master restarted"
+        if w.get("labels"):
+            flag += " [" + ",".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) + "]"
         beat = now - w["last_heartbeat"]
         print(f"  {w['name']:<24} {w['concurrency']:>3} procs  heartbeat {beat:.1f}s ago"
               f"{flag}  running {running}{more}")  # fmt: skip

@@ -131,6 +131,7 @@ def test_jobs_run_only_where_their_labels_are_and_say_when_nowhere(cluster):
     with cluster.client() as client:
         shown = {w["name"]: w["labels"] for w in client.status()["workers"]}
         assert shown == {"gpu-box": {"gpu": "1", "zone": "a"}, "cpu-box": {}}
+        assert "[gpu=1,zone=a]" in cli(cluster, "status").stdout
         gpu = [client.submit_shell(["sh", "-c", "echo $SCHEDULER_WORKER_NAME"],
                                    requires={"gpu": "1"}) for _ in range(6)]  # fmt: skip
         assert [h.get(timeout=30).strip() for h in gpu] == ["gpu-box"] * 6
