@@ -50,6 +50,7 @@ bench: deps
 	$(PY) -m bench.tls $(if $(QUICK),--quick)
 	$(PY) -m bench.retention
 	$(PY) -m bench.chain
+	$(PY) -m bench.arrays $(if $(QUICK),--quick)
 	$(PY) -m bench.deployctl
 
 # ---- images and test bed (owned by the images/test-bed work) ----
