@@ -25,6 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
+from scheduler.job import MAX_PRIORITY
+
 from . import build as builder
 from . import chaos, cluster, config, identity, jobs, keyfile, render, shipping, ssh, watch
 from .context import Context, session
@@ -390,18 +392,33 @@ def submit(
         help="seconds before the first retry, doubled each time")] = None,
     after: Annotated[str | None, typer.Option(
         help="job ids (12,13) that must succeed first; cancelled if one fails")] = None,
+    priority: Annotated[int | None, typer.Option(
+        min=-MAX_PRIORITY, max=MAX_PRIORITY, help="higher runs first (default 0)")] = None,
+    requires: Annotated[str | None, typer.Option(
+        help="labels a worker must carry, e.g. gpu=1,zone=a (hosts[].labels)")] = None,
+    array: Annotated[str | None, typer.Option(
+        help="one job per index, e.g. 1-1000%50 (at most 50 at once), 0-99:2, 1,3,5-7; "
+             "{} in the command is the index, also in $SCHEDULER_ARRAY_INDEX")] = None,
 ) -> None:  # fmt: skip
-    """Submit a shell job (submit -- CMD ARGS) or one per line of --file."""
+    """Submit a shell job (submit -- CMD ARGS), one per line of --file, or an array of one
+    command (submit --array 1-10 -- CMD {})."""
     with _session() as ctx:
         if bool(command) == bool(file):
             raise DeployError("submit", "give a command after -- or --file, not both or neither",
                               "e.g. deployctl submit --wait -- echo hello")  # fmt: skip
+        if array is not None and file:
+            raise DeployError("submit", "--array runs one command, not a --file",
+                              "e.g. deployctl submit --array 1-10 -- echo {}")  # fmt: skip
+        tasks = jobs.Array.parse(array) if array is not None else None
+        options = jobs.JobOptions(
+            retries=retries, retry_backoff=retry_backoff,
+            after=jobs.parse_ids(after) if after else None, priority=priority,
+            requires=jobs.parse_requires(requires) if requires is not None else None,
+        )  # fmt: skip
         commands: list[jobs.Command] = (
             list(jobs.read_commands(file)) if file else [list(command or [])])  # fmt: skip
         with _progress(wait) as progress:
-            deps = jobs.parse_ids(after) if after else None
-            done = jobs.submit(ctx, commands, wait, progress, timeout, retries, retry_backoff,
-                               deps)  # fmt: skip
+            done = jobs.submit(ctx, commands, wait, progress, timeout, options, tasks)
         _out(render.jobs_text(done) if wait else " ".join(str(j["id"]) for j in done))
 
 
@@ -426,11 +443,13 @@ def _progress(show: bool) -> Iterator[jobs.Progress | None]:
 @command(app, name="jobs")
 def jobs_cmd(
     state: Annotated[str | None, typer.Option(help="queued, running, succeeded, ...")] = None,
+    array: Annotated[int | None, typer.Option(
+        metavar="ID", help="that array's tasks (listed otherwise as one line)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
 ) -> None:  # fmt: skip
-    """The master's jobs."""
+    """The master's jobs, newest first; an array as one line."""
     with _session() as ctx:
-        found = jobs.jobs(ctx, state)
+        found = jobs.jobs(ctx, state, array)
         _out(json.dumps(found, indent=2, default=str) if json_ else render.jobs_text(found))
 
 
@@ -540,6 +559,8 @@ def hosts_list() -> None:
         rows = [[h.name, h.address,
                  "local engine" if h.ssh is None else f"ssh {h.ssh.user}@{h.ssh.address}",
                  "-" if h.capacity is None else h.capacity,
-                 "master" if h.name == cfg.master.host else "", h.docker_host or "-"]
+                 "master" if h.name == cfg.master.host else "", h.docker_host or "-",
+                 h.labels_text or "-"]
                 for h in cfg.hosts]  # fmt: skip
-        _out(render.table(["HOST", "ADDRESS", "REACHED BY", "CAPACITY", "ROLE", "DOCKER"], rows))
+        _out(render.table(["HOST", "ADDRESS", "REACHED BY", "CAPACITY", "ROLE", "DOCKER",
+                           "LABELS"], rows))  # fmt: skip

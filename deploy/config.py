@@ -15,18 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler.job import parse_labels
 from scheduler.settings import DEFAULT_GRACE_SECONDS, DEFAULT_PORT
 
 from .errors import ConfigError
 
 DEFAULT_INVENTORY = "cluster.toml"
 LOCAL = "localhost"
+LABELS_VAR = "SCHEDULER_WORKER_LABELS"  # a worker's labels (hosts[].labels), as gpu=1,zone=a
 # Variables the kit sets itself on every container; [env] may not override them.
 RESERVED_ENV = frozenset({
     "SCHEDULER_AUTHKEY", "SCHEDULER_MASTER", "SCHEDULER_BIND", "SCHEDULER_STATE_DIR",
     "SCHEDULER_WORKER_NAME", "SCHEDULER_CONCURRENCY", "SCHEDULER_GRACE_SECONDS",
     "SCHEDULER_TLS_CA", "SCHEDULER_TLS_CERT", "SCHEDULER_TLS_KEY", "SCHEDULER_TLS_CRL",
-    "SCHEDULER_AUTHKEY_FILE",
+    "SCHEDULER_AUTHKEY_FILE", LABELS_VAR,
 })  # fmt: skip
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -63,10 +65,20 @@ class Host:
     capacity: int | None  # max worker containers here; None = no limit; 0 = none
     ssh: SSHTarget | None
     docker_host: str | None  # engine socket: local URL, or remote socket path over SSH
+    labels: tuple[tuple[str, str], ...] = ()  # its workers' labels, sorted; jobs require them
 
     @property
     def local(self) -> bool:
         return self.ssh is None
+
+    @property
+    def labels_text(self) -> str:
+        return labels_text(dict(self.labels))
+
+
+def labels_text(labels: Mapping[str, str] | None) -> str:
+    """``gpu=1,zone=a``, as SCHEDULER_WORKER_LABELS and --requires write them ("" if none)."""
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -268,7 +280,8 @@ def _show(value: Any) -> str:
 
 
 _SSH_KEYS = {"user", "port", "identity_file", "known_hosts", "connect_timeout"}
-_HOST_KEYS = _SSH_KEYS - {"connect_timeout"} | {"name", "address", "capacity", "docker_host"}
+_HOST_KEYS = _SSH_KEYS - {"connect_timeout"} | {"name", "address", "capacity", "docker_host",
+                                                 "labels"}  # fmt: skip
 
 
 def from_mapping(
@@ -361,13 +374,47 @@ def _host(
     capacity = r.number(entry, path, "capacity", None, 0, 1000)
     docker_host = r.get(entry, path, "docker_host", str, None)
     address = r.get(entry, path, "address", str, None)
+    labels = _labels(r, entry, path, name)
     if name == LOCAL:
         if set(entry) & (_SSH_KEYS - {"connect_timeout"}):
             r.problems.append(f"{path}: localhost uses this machine's engine, not SSH; "
                               "drop user/port/identity_file/known_hosts")  # fmt: skip
-        return Host(name, address or "127.0.0.1", capacity, None, docker_host)
+        return Host(name, address or "127.0.0.1", capacity, None, docker_host, labels)
     target = _ssh_target(r, entry, path, address or name.split(":")[0], ssh_t, environ, ssh_lookup)
-    return Host(name, address or target.hostname, capacity, target, docker_host)
+    return Host(name, address or target.hostname, capacity, target, docker_host, labels)
+
+
+def _labels(r: _Reader, entry: Mapping[str, Any], path: str, name: str
+            ) -> tuple[tuple[str, str], ...]:  # fmt: skip
+    """``labels = "gpu=1,zone=a"`` or ``labels = { gpu = 1, zone = "a" }``, by the scheduler's
+    own rule (``scheduler.job.parse_labels``, as the slave reads SCHEDULER_WORKER_LABELS)."""
+    value = entry.get("labels")
+    if value is None:
+        return ()
+    where = f"{path}.labels (host {name})"
+    table = 'e.g. labels = { gpu = "1", zone = "a" }'
+    if isinstance(value, dict):
+        if any(not isinstance(v, str | int) or isinstance(v, bool) for v in value.values()):
+            r.problems.append(f"{where}: expected strings or whole numbers, {table}")
+            return ()
+        given = {k: str(v) for k, v in value.items()}
+        text = ",".join(f"{k}={v}" for k, v in given.items())
+    elif isinstance(value, str):
+        given, text = None, value
+    else:
+        r.problems.append(f'{where}: expected a table or a string like "gpu=1,zone=a", '
+                          f"got {_show(value)}")  # fmt: skip
+        return ()
+    try:
+        labels = parse_labels(text)
+    except ValueError as exc:
+        r.problems.append(f"{where}: {exc}")
+        return ()
+    if given is not None and labels != given:  # a ',' '=' or space in a key or value
+        r.problems.append(f"{where}: keys and values take letters, digits and _.:/- only, "
+                          f"{table}")  # fmt: skip
+        return ()
+    return tuple(sorted(labels.items()))
 
 
 def _ssh_target(
@@ -454,7 +501,8 @@ def _env(r: _Reader, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         if not _ENV_NAME.match(key):
             r.problems.append(f"env.{key}: not a valid variable name")
         elif key in RESERVED_ENV:
-            r.problems.append(f"env.{key}: set by deployctl itself; use the inventory's own keys")
+            own = "hosts[].labels" if key == LABELS_VAR else "the inventory's own keys"
+            r.problems.append(f"env.{key}: set by deployctl itself; use {own}")
         elif not isinstance(value, str | int | float) or isinstance(value, bool):
             r.problems.append(f"env.{key}: expected a string or number, got {_show(value)}")
         else:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scheduler import jobsfile
 from scheduler.errors import SchedulerError, UnknownJob
+from scheduler.job import parse_array, parse_labels
 
 from .context import Context
 from .errors import DeployError, JobsFailed, MasterError
@@ -41,19 +43,68 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def parse_requires(text: str) -> dict[str, str]:
+    """``gpu=1,zone=a`` -> the labels a worker must carry, by the scheduler's rule."""
+    try:
+        labels = parse_labels(text)
+    except ValueError as exc:
+        raise DeployError("submit", f"--requires: {exc}", "e.g. --requires gpu=1") from None
+    if not labels:
+        raise DeployError("submit", f"--requires names no label: {text!r}",
+                          "e.g. --requires gpu=1,zone=a")  # fmt: skip
+    return labels
+
+
+@dataclass(frozen=True)
+class Array:
+    """``--array 1-1000%50``: one task per index, at most ``cap`` running at once."""
+
+    indices: list[int]
+    cap: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Array:
+        try:
+            return cls(*parse_array(text))
+        except ValueError as exc:
+            raise DeployError("submit", f"--array: {exc}", "e.g. --array 1-100%10") from None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every submitted job carries, as the scheduler's ``submit_shell`` takes it:
+    ``retries`` and ``retry_backoff`` (a failed job runs again after a doubling wait),
+    ``after`` (ids that must succeed first), ``priority`` (higher runs first) and
+    ``requires`` (labels a worker must carry)."""
+
+    retries: int | None = None
+    retry_backoff: float | None = None
+    after: Sequence[int] | None = None
+    priority: int | None = None
+    requires: dict[str, str] | None = None
+
+
 def submit(
     ctx: Context, commands: Sequence[Command], wait: bool, progress: Progress | None = None,
-    timeout: float | None = None, retries: int | None = None,
-    retry_backoff: float | None = None, after: Sequence[int] | None = None,
+    timeout: float | None = None, options: JobOptions | None = None, array: Array | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Submit ``commands`` (a string runs in /bin/sh, a list as argv); with ``wait``, follow
-    them to the end and raise if any failed. ``retries``, ``retry_backoff``: as the
-    scheduler's (a failed job runs again, after a doubling wait)."""
+    """Submit ``commands`` (a string runs in /bin/sh, a list as argv), or with ``array`` the
+    one command once per index (``{}`` in it replaced by the index); with ``wait``, follow
+    them to the end and raise if any failed."""
+    options = options or JobOptions()
+    given: dict[str, Any] = {"retries": options.retries, "retry_backoff": options.retry_backoff,
+                             "after": options.after, "priority": options.priority,
+                             "requires": options.requires}  # fmt: skip
     with ctx.master.use(ctx.key(create=False)) as c:
-        handles = [c.submit_shell(cmd if isinstance(cmd, str) else list(cmd),
-                                  shell=isinstance(cmd, str), retries=retries,
-                                  retry_backoff=retry_backoff, after=after)
-                   for cmd in commands]  # fmt: skip
+        if array is not None:
+            (cmd,) = commands
+            handles = c.submit_array(cmd if isinstance(cmd, str) else list(cmd), array.indices,
+                                     max_running=array.cap, shell=isinstance(cmd, str),
+                                     **given)  # fmt: skip
+        else:
+            handles = [c.submit_shell(cmd if isinstance(cmd, str) else list(cmd),
+                                      shell=isinstance(cmd, str), **given)
+                       for cmd in commands]  # fmt: skip
         c.flush()
         ids = [h.id for h in handles]
         if not wait:
@@ -79,9 +130,12 @@ def submit(
     return done
 
 
-def jobs(ctx: Context, state: str | None) -> list[dict[str, Any]]:
+def jobs(ctx: Context, state: str | None, array: int | None = None) -> list[dict[str, Any]]:
+    """The newest jobs (an array as one entry), or with ``array`` that array's tasks."""
     with ctx.master.use(ctx.key(create=False)) as c:
-        return list(c.jobs(state=state))
+        if array is None:
+            return list(c.jobs(state=state))
+        return list(c.jobs(state=state, limit=None, array=array))
 
 
 def job(ctx: Context, job_id: int) -> dict[str, Any]:

@@ -6,11 +6,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .config import labels_text
 from .observed import ContainerRow, Status, stamp_seconds
 from .planner import Action, Create, Remove, RemoveVolume, Start
 from .shipplan import Ship
 from .specs import TLS_DIR, UNBUILT
 from .tlsplan import UNISSUED, Issue
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -97,8 +100,8 @@ def status_json(status: Status, now: float) -> dict[str, Any]:
             "version": r.version,
         } for r in hs.containers]  # fmt: skip
         hosts.append({"name": hs.host.name, "address": hs.host.address,
-                      "reachable": hs.error is None, "error": hs.error,
-                      "containers": containers})  # fmt: skip
+                      "labels": dict(hs.host.labels), "reachable": hs.error is None,
+                      "error": hs.error, "containers": containers})  # fmt: skip
     view = status.master or {}
     return {
         "cluster": status.cluster,
@@ -126,25 +129,28 @@ def status_text(status: Status, now: float) -> str:
         parts.append(f"master: {status.master_error}")
         return "\n".join(parts)
     counts = status.master.get("counts", {})
-    parts.append(
-        "jobs: "
-        + "  ".join(
-            f"{k} {counts.get(k, 0)}"
-            for k in ("queued", "running", "succeeded", "failed", "cancelled")
-        )
-    )
+    parts.append("jobs: " + "  ".join(f"{k} {counts.get(k, 0)}" for k in STATES))
     workers = [[w["name"], w.get("concurrency", "-"), "draining" if w.get("draining") else "ready",
+                labels_text(w.get("labels")) or "-",
                 " ".join(str(j) for j in w.get("running") or ()) or "-"]
                for w in status.master.get("workers", [])]  # fmt: skip
-    parts.append(table(["WORKER", "SLOTS", "STATE", "RUNNING JOBS"], workers))
+    parts.append(table(["WORKER", "SLOTS", "STATE", "LABELS", "RUNNING JOBS"], workers))
     return "\n".join(parts)
 
 
 def jobs_text(jobs: Sequence[dict[str, Any]]) -> str:
     rows = [[j["id"], j["state"], j.get("worker") or "-", j.get("attempts", "-"),
              "-" if j.get("exit_code") is None else j["exit_code"], _clip(j.get("command", ""))]
-            for j in jobs]  # fmt: skip
+            if "tasks" not in j else _array_row(j) for j in jobs]  # fmt: skip
     return table(["ID", "STATE", "WORKER", "TRIES", "EXIT", "COMMAND"], rows)
+
+
+def _array_row(array: dict[str, Any]) -> list[object]:
+    """An array as the master lists it, one line for its tasks: how many in each state."""
+    counts = ", ".join(f"{array['counts'][s]} {s}" for s in STATES if array["counts"].get(s))
+    cap = f", at most {array['max_running']} at once" if array.get("max_running") else ""
+    return [array["id"], array["state"], "-", "-", "-",
+            f"array of {array['tasks']}: {counts}{cap} (--array {array['id']})"]  # fmt: skip
 
 
 def job_text(job: dict[str, Any], now: float, tail: int = 40) -> str:
@@ -164,6 +170,14 @@ def job_text(job: dict[str, Any], now: float, tail: int = 40) -> str:
         ("exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),
         ("error", (job.get("error") or "-").rstrip()),
     ]  # fmt: skip
+    # only what a job has: why it waits (queued), and where and when it may run
+    array, cap = job.get("array"), job.get("max_running")
+    rows[2:2] = [("waiting", job["reason"])] if job.get("reason") else []
+    rows[4:4] = [(k, v) for k, v in (
+        ("priority", job.get("priority")), ("requires", labels_text(job.get("requires"))),
+        ("array", None if array is None else f"{array}, index {job.get('array_index')}"
+         + (f", at most {cap} at once" if cap else "")),
+    ) if v]  # fmt: skip
     lines = [f"{key:<12} {value}" for key, value in rows]
     for stream in ("stdout", "stderr"):
         body = (job.get(stream) or "").rstrip("\n").splitlines()

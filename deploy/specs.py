@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .config import Config
+from .config import LABELS_VAR, Config
 from .keyfile import Secret
 
 LABEL = "deployctl"
@@ -149,12 +149,15 @@ def worker_spec(
     tls: TLSMount | None = None,
 ) -> ContainerSpec:  # fmt: skip
     name = worker_name(config.cluster, index)
+    # only where the host has labels: an unlabelled host's workers keep the digest they had
+    labels = config.host(host).labels_text
     env: dict[str, str | Secret] = {
         **({} if tls else {"SCHEDULER_AUTHKEY": key}),
         "SCHEDULER_MASTER": config.master.advertise,
         "SCHEDULER_CONCURRENCY": str(config.workers.concurrency),
         "SCHEDULER_WORKER_NAME": name,
         "SCHEDULER_GRACE_SECONDS": f"{config.workers.grace_seconds:g}",
+        **({LABELS_VAR: labels} if labels else {}),
         **dict(config.env),
         **(tls.env() if tls else {}),
     }

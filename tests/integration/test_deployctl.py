@@ -111,17 +111,25 @@ OUR_IMAGES = ("scheduler-master:", "scheduler-slave:", "scheduler-base:", "wtest
               "wtest-slave:")  # fmt: skip
 
 
+def remove_everywhere(testbed: Testbed, label: str) -> None:
+    """Remove a cluster's containers and volumes from every host of the bed."""
+    for host in testbed.hosts:
+        with host_engine(testbed, host.name) as client:
+            remove_cluster(client, label)
+
+
 def _wipe(bed: Bed, images: bool) -> None:
-    for host in bed.testbed.hosts:
+    remove_everywhere(bed.testbed, LABEL)
+    if not images:
+        return
+    for host in bed.testbed.hosts:  # make the engines empty of our images: `up` ships them
         with bed.engine(host.name) as client:
-            remove_cluster(client, LABEL)
-            if images:  # make the engines empty of our images, so `up` has to ship them
-                for image in client.images.list():
-                    if any(t.startswith(OUR_IMAGES) for t in image.tags):
-                        try:
-                            client.images.remove(image.id, force=True)
-                        except docker.errors.APIError:
-                            pass  # in use by another test's container: it stays
+            for image in client.images.list():
+                if any(t.startswith(OUR_IMAGES) for t in image.tags):
+                    try:
+                        client.images.remove(image.id, force=True)
+                    except docker.errors.APIError:
+                        pass  # in use by another test's container: it stays
 
 
 @pytest.fixture(scope="module")

@@ -58,3 +58,45 @@ def test_an_invalid_inventory_is_one_error_line_and_exit_2(home: Path) -> None:
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("deployctl ")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--array", "1-x", "--", "echo", "{}"],
+     "error: submit: --array: bad array range '1-x' in '1-x': write e.g. 1-1000%50, 0-9, "
+     "1,3,5-7 or 0-99:2 (FIRST-LAST[:STEP], then %CAP); e.g. --array 1-100%10"),
+    (["--array", "1-4%0", "--", "echo", "{}"],
+     "error: submit: --array: bad array cap '0' in '1-4%0': after % give a whole number >= 1 "
+     "(at most that many tasks run at once); e.g. --array 1-100%10"),
+    (["--array", "1-4", "--file", "jobs.txt"],
+     "error: submit: --array runs one command, not a --file; e.g. deployctl submit --array "
+     "1-10 -- echo {}"),
+    (["--requires", "gpu", "--", "true"],
+     "error: submit: --requires: bad label 'gpu': write KEY=VALUE pairs separated by commas, "
+     "e.g. gpu=1,zone=a (letters, digits and _.:/- only); e.g. --requires gpu=1"),
+    (["--requires", " , ", "--", "true"],
+     "error: submit: --requires names no label: ' , '; e.g. --requires gpu=1,zone=a"),
+])  # fmt: skip
+def test_a_bad_array_or_requires_is_one_line_before_anything_connects(
+    home: Path, args: list[str], line: str
+) -> None:  # fmt: skip
+    (home / "jobs.txt").write_text("true\n")
+    # h1 resolves to an address nothing listens on: reaching it would fail differently
+    result = CliRunner().invoke(app, ["submit", "--hosts", "h1", *args])
+    assert (result.exit_code, result.stdout) == (1, ""), result.output
+    assert result.stderr.splitlines() == [line]
+
+
+def test_a_priority_out_of_range_is_a_usage_error(home: Path) -> None:
+    result = CliRunner().invoke(app, ["submit", "--hosts", "h1", "--priority", "1000001", "--",
+                                      "true"])  # fmt: skip
+    assert result.exit_code == 2 and "--priority" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_hosts_list_shows_each_hosts_labels(home: Path) -> None:
+    (home / "cluster.toml").write_text('[[hosts]]\nname = "h1"\nlabels = "zone=a,gpu=1"\n'
+                                       '[[hosts]]\nname = "h2"\n')  # fmt: skip
+    result = CliRunner().invoke(app, ["hosts", "list"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0][-1] == "LABELS" and rows[1][-1] == "gpu=1,zone=a" and rows[2][-1] == "-"

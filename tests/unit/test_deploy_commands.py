@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import stat
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,26 @@ def test_worker_spec_is_exact_data() -> None:
                                    "deployctl.version")} == {
         "deployctl.cluster": "demo", "deployctl.role": "worker", "deployctl.index": "7",
         "deployctl.version": "bbbbbbbbbbbb"}  # fmt: skip
+
+
+def test_a_hosts_labels_reach_its_workers_environment_and_the_plan() -> None:
+    def cfg(labels: object) -> config.Config:
+        hosts = [{"name": "h1"}, {"name": "h2", **({"labels": labels} if labels else {})}]
+        return config.from_mapping({"cluster": {"name": "demo"}, "hosts": hosts}, {"HOME": "/h"},
+                                   lambda p: lambda a: {}, Path("/inv"))  # fmt: skip
+
+    labelled, plain = cfg({"zone": "a", "gpu": 1}), cfg(None)
+    on_h2 = dict(specs.worker_spec(labelled, IMAGES, KEY, "h2", 2).env)
+    assert on_h2["SCHEDULER_WORKER_LABELS"] == "gpu=1,zone=a"
+    on_h1 = specs.worker_spec(labelled, IMAGES, KEY, "h1", 1)
+    assert "SCHEDULER_WORKER_LABELS" not in dict(on_h1.env)
+    # a host without labels: its workers are what they were before labels existed
+    assert on_h1.digest == specs.worker_spec(plain, IMAGES, KEY, "h1", 1).digest
+    assert "SCHEDULER_WORKER_LABELS" not in dict(specs.master_spec(labelled, IMAGES, KEY).env)
+    lines = render.plan(plan_up(labelled, IMAGES, KEY, [], 2, {})).splitlines()
+    assert [line.startswith("h2: ") for line in lines if "SCHEDULER_WORKER_LABELS" in line] == [
+        True]  # fmt: skip
+    assert " SCHEDULER_WORKER_LABELS=gpu=1,zone=a " in lines[-1]
 
 
 def test_master_spec_has_its_volume_and_binds_wide_only_for_remote_hosts() -> None:
@@ -170,3 +193,55 @@ def test_verify_report_text_ends_with_the_verdict() -> None:
     assert text == ["jobs submitted  10 x 3 s", "lost            0",
                     "verdict: nothing lost, nothing run twice on a healthy worker"]  # fmt: skip
     assert render.verify_text({"rows": rows, "ok": False}).endswith("run twice on a healthy worker")
+
+
+class _Handle:
+    def __init__(self, job_id: int) -> None:
+        self.id = job_id
+
+
+class _Client:
+    """The scheduler client as jobs.submit uses it: records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object, dict[str, object]]] = []
+
+    def submit_shell(self, command: object, **kwargs: object) -> _Handle:
+        self.calls.append(("shell", command, kwargs))
+        return _Handle(len(self.calls))
+
+    def submit_array(self, command: object, indices: list[int], **kwargs: object
+                     ) -> list[_Handle]:  # fmt: skip
+        self.calls.append(("array", command, {"indices": indices, **kwargs}))
+        return [_Handle(100 + i) for i in range(len(indices))]
+
+    def flush(self) -> None:
+        pass
+
+
+class _Link:
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+
+    @contextlib.contextmanager
+    def use(self, key: object) -> Iterator[_Client]:
+        yield self.client
+
+
+def test_submit_hands_priority_requires_and_the_array_to_the_client() -> None:
+    from deploy import jobs
+
+    client = _Client()
+    ctx = types.SimpleNamespace(master=_Link(client), key=lambda create: KEY)
+    options = jobs.JobOptions(priority=5, requires=jobs.parse_requires("gpu=1"), after=[3])
+    done = jobs.submit(ctx, [["echo", "{}"]], False, options=options,  # type: ignore[arg-type]
+                       array=jobs.Array.parse("1-3%2"))  # fmt: skip
+    assert [j["id"] for j in done] == [100, 101, 102]
+    jobs.submit(ctx, ["echo a | wc -c"], False, options=options)  # type: ignore[arg-type]
+    shared = {"retries": None, "retry_backoff": None, "after": [3], "priority": 5,
+              "requires": {"gpu": "1"}}  # fmt: skip
+    assert client.calls == [
+        ("array", ["echo", "{}"], {"indices": [1, 2, 3], "max_running": 2, "shell": False,
+                                   **shared}),
+        ("shell", "echo a | wc -c", {"shell": True, **shared}),
+    ]  # fmt: skip

@@ -219,3 +219,45 @@ def test_defaults_shared_with_the_scheduler_come_from_its_settings() -> None:
     cfg = load({"hosts": [{"name": "h1"}]})
     assert cfg.master.port == DEFAULT_PORT
     assert cfg.workers.grace_seconds == DEFAULT_GRACE_SECONDS
+
+
+def test_host_labels_as_a_table_or_a_string_read_as_the_slave_reads_them() -> None:
+    from scheduler.job import parse_labels
+
+    cfg = load({"hosts": [{"name": "a", "labels": {"zone": "a", "gpu": 1}},
+                          {"name": "b", "labels": "zone=a, gpu=1"}, {"name": "c"},
+                          {"name": "localhost", "labels": "gpu=2"}],
+                "master": {"advertise": "10.1.1.1"}})  # fmt: skip
+    a, b, c, local = cfg.hosts
+    assert a.labels == b.labels == (("gpu", "1"), ("zone", "a"))
+    assert a.labels_text == "gpu=1,zone=a" and parse_labels(a.labels_text) == dict(a.labels)
+    assert c.labels == () and c.labels_text == ""
+    assert local.labels == (("gpu", "2"),)
+
+
+def test_bad_host_labels_name_the_host_and_what_to_write() -> None:
+    found = problems({"hosts": [
+        {"name": "a", "labels": "gpu"},
+        {"name": "b", "labels": {"gpu": True}},
+        {"name": "c", "labels": ["gpu=1"]},
+        {"name": "d", "labels": {"gpu,zone": "1"}},
+        {"name": "e", "labels": {"gpu ": "1"}},
+        {"name": "f", "labels": {"gpu": ""}},
+        {"name": "g", "labels": ",".join(f"k{i}=v" for i in range(65))},
+    ], "env": {"SCHEDULER_WORKER_LABELS": "gpu=1"}})  # fmt: skip
+    assert found == [
+        "hosts[0].labels (host a): bad label 'gpu': write KEY=VALUE pairs separated by commas, "
+        "e.g. gpu=1,zone=a (letters, digits and _.:/- only)",
+        'hosts[1].labels (host b): expected strings or whole numbers, e.g. labels = '
+        '{ gpu = "1", zone = "a" }',
+        'hosts[2].labels (host c): expected a table or a string like "gpu=1,zone=a", '
+        "got list ['gpu=1']",
+        "hosts[3].labels (host d): bad label 'gpu': write KEY=VALUE pairs separated by commas, "
+        "e.g. gpu=1,zone=a (letters, digits and _.:/- only)",
+        "hosts[4].labels (host e): keys and values take letters, digits and _.:/- only, "
+        'e.g. labels = { gpu = "1", zone = "a" }',
+        "hosts[5].labels (host f): bad label 'gpu=': write KEY=VALUE pairs separated by commas, "
+        "e.g. gpu=1,zone=a (letters, digits and _.:/- only)",
+        "hosts[6].labels (host g): at most 64 labels, got 65",
+        "env.SCHEDULER_WORKER_LABELS: set by deployctl itself; use hosts[].labels",
+    ]

@@ -65,6 +65,29 @@ def test_job_text_of_a_queued_and_a_running_job() -> None:
     assert "running for  5.0m" in running
 
 
+def test_job_text_says_why_a_job_waits_and_where_it_may_run() -> None:
+    text = render.job_text(a_job(state="queued", reason="no connected slave has gpu=2",
+                                 priority=5, requires={"zone": "a", "gpu": "2"}, array=40,
+                                 array_index=3, max_running=2), NOW)  # fmt: skip
+    assert text.splitlines()[1:7] == [
+        "state        queued", "waiting      no connected slave has gpu=2",
+        "command      make all", "priority     5", "requires     gpu=2,zone=a",
+        "array        40, index 3, at most 2 at once"]  # fmt: skip
+    plain = render.job_text(a_job(priority=0, requires={}, array=None, array_index=None), NOW)
+    assert not {"waiting", "priority", "requires", "array"} & {
+        line.split()[0] for line in plain.splitlines()}  # fmt: skip
+
+
+def test_jobs_text_shows_an_array_as_one_line_of_counts() -> None:
+    array = a_job(id=40, state="running", tasks=6, max_running=2, array=40,
+                  counts={"succeeded": 3, "running": 2, "queued": 1})  # fmt: skip
+    rows = render.jobs_text([array, a_job()]).splitlines()
+    assert rows[1].split(None, 5) == ["40", "running", "-", "-", "-",
+                                      "array of 6: 1 queued, 2 running, 3 succeeded, at most 2 "
+                                      "at once (--array 40)"]  # fmt: skip
+    assert rows[2].split()[:2] == ["42", "failed"]
+
+
 def test_the_progress_bar_shows_done_of_total_rate_and_eta() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, color_system=None)
@@ -128,3 +151,21 @@ def test_bad_arguments_exit_2() -> None:
     assert CliRunner().invoke(app, ["job", "seven"]).exit_code == 2
     assert CliRunner().invoke(app, ["dashboard", "--port", "70000"]).exit_code == 2
     assert CliRunner().invoke(app, ["top", "--interval", "0"]).exit_code == 2
+
+
+def test_status_shows_each_workers_labels_and_each_hosts_in_json() -> None:
+    from deploy.observed import HostStatus, Status
+
+    cfg = config.from_mapping({"cluster": {"name": "demo"}, "hosts": [
+        {"name": "h1"}, {"name": "h2", "labels": {"gpu": "1"}}]}, {"HOME": "/h"},
+        lambda p: lambda a: {}, Path("/inv"))  # fmt: skip
+    workers = [{"name": "demo-worker-1", "concurrency": 2, "running": [7]},
+               {"name": "demo-worker-2", "concurrency": 2, "labels": {"zone": "a", "gpu": "1"}}]
+    view = Status("demo", tuple(HostStatus(h, (), None) for h in cfg.hosts),
+                  {"counts": {}, "workers": workers}, None)  # fmt: skip
+    rows = [line.split() for line in render.status_text(view, NOW).splitlines()[-3:]]
+    assert rows == [["WORKER", "SLOTS", "STATE", "LABELS", "RUNNING", "JOBS"],
+                    ["demo-worker-1", "2", "ready", "-", "7"],
+                    ["demo-worker-2", "2", "ready", "gpu=1,zone=a", "-"]]  # fmt: skip
+    shown = render.status_json(view, NOW)
+    assert [h["labels"] for h in shown["hosts"]] == [{}, {"gpu": "1"}]

@@ -145,6 +145,23 @@ def test_changed_image_or_key_replaces_containers_in_place() -> None:
     assert len([a for a in rekeyed if isinstance(a, Create)]) == 4  # master too
 
 
+def test_changed_host_labels_replace_that_hosts_workers_only() -> None:
+    def labelled(h2: object) -> config.Config:
+        return make_config([{"name": "h1"}, {"name": "h2", "labels": h2}, {"name": "h3"}])
+
+    world = run(plan_up(labelled("gpu=1"), IMAGES, KEY, [], 6, {}), [])
+    assert plan_up(labelled({"gpu": "1"}), IMAGES, KEY, world, 6, {}) == []  # same labels
+    actions = plan_up(labelled("gpu=1,zone=b"), IMAGES, KEY, world, 6, {})
+    assert [(type(a).__name__, a.host) for a in actions] == [
+        ("Remove", "h2"), ("Remove", "h2"), ("Create", "h2"), ("Create", "h2")]  # fmt: skip
+    assert {a.reason for a in actions if isinstance(a, Remove)} == {"outdated, replaced"}
+    world = run(actions, world)
+    assert workers_by_host(world) == {"h1": [1, 2], "h2": [3, 4], "h3": [5, 6]}
+    assert plan_up(labelled("zone=b,gpu=1"), IMAGES, KEY, world, 6, {}) == []  # order: same
+    unlabelled = plan_up(THREE, IMAGES, KEY, world, 6, {})  # labels dropped: replaced again
+    assert {a.host for a in unlabelled} == {"h2"} and len(unlabelled) == 4
+
+
 def test_unreachable_hosts_are_left_alone_and_not_compensated() -> None:
     actions = plan_up(THREE, IMAGES, KEY, [], 6, {}, reachable={"h1", "h3"})
     assert sorted({a.host for a in actions}) == ["h1", "h3"]
