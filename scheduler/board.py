@@ -177,7 +177,9 @@ class Board:
         # cold queued jobs: [first id, last id, session, counted in func_refs, priority],
         # in submission order within a priority
         self.cold: deque[list] = deque()
+        self._ranked = False  # a job with a priority other than 0 was seen
         self._cold_at: Counter[int] = Counter()  # priority -> how many cold ranges
+        self._cold_tail: dict[int, list] = {}  # priority -> its last cold range
         self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
         self.awaited: set[str] = set()  # slaves to come back before anything is handed out
         self.hold_until = 0.0
@@ -208,8 +210,7 @@ class Board:
         running, back_by, waiting = 0, self.clock() + RECONNECT_SECONDS, []
         self.awaited = set(stored.slaves)
         self.hold_until = back_by + self.lease_seconds
-        # queued jobs in the order they go in line: highest priority first, then by id
-        jobs.sort(key=lambda j: (-j.priority if j.state is State.QUEUED else 0, j.id))
+        ready = []  # queued jobs that go in line (or cold) once all are in
         for job in jobs:
             self.jobs[job.id] = job
             if job.kind == "python" and not job.state.terminal:
@@ -233,16 +234,21 @@ class Board:
             elif job.state is State.QUEUED and job.not_before is not None:
                 heapq.heappush(self._delayed, (job.not_before, job.id))  # backing off
             elif job.state is State.QUEUED:
-                if self._cold_at[job.priority] or self.in_line() >= self.queue_window:
-                    del self.jobs[job.id]
-                    if job.kind == "python":
-                        self.func_refs[job.payload[0]] -= 1
-                    self._chill(job.id, None, counted=False, priority=job.priority)
-                else:
-                    self._line(job).append(job.id)
+                ready.append(job)
             elif job.state.terminal:
                 self._finished.append(job.id)
                 self.finished_total += 1
+        ready.sort(key=lambda j: (-j.priority, j.id))  # the order they go in line
+        chilled = set()
+        for job in ready:
+            if self._cold_at[job.priority] or self.in_line() >= self.queue_window:
+                chilled.add(job.id)
+                del self.jobs[job.id]
+                if job.kind == "python":
+                    self.func_refs[job.payload[0]] -= 1
+                self._chill(job.id, None, counted=False, priority=job.priority)
+            else:
+                self._line(job).append(job.id)
         for first, last, priority in stored.cold:
             self._chill(first, None, counted=False, last=last, priority=priority)
         # what they come after: here, or in the journal (gone from it: it had succeeded,
@@ -250,9 +256,12 @@ class Board:
         known = {i: State(s) for i, s in stored.dep_states.items()}
         for job in waiting:
             after = job.after or ()
-            self.depend(job, after, {d: known.get(d, State.SUCCEEDED) for d in after})
+            self.depend(job, after, {
+                d: State.QUEUED if d in chilled else known.get(d, State.SUCCEEDED)
+                for d in after
+            })  # fmt: skip
             if job.state is State.QUEUED and job.id not in self._waiting_on:
-                self._line(job).append(job.id)
+                self._in_line(job)
         return running
 
     # -- the lines -------------------------------------------------------------
@@ -261,11 +270,20 @@ class Board:
         """The line a queued job waits in: one per (priority, labels it requires)."""
         if not job.priority and job.requires is None:
             return self._queue
+        self._ranked = self._ranked or job.priority != 0
         key = (job.priority, tuple(sorted(job.requires.items())) if job.requires else None)
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = deque()
         return line
+
+    def _in_line(self, job: Job) -> None:
+        """A job that waited for others goes in line (or, backing off after a failed run,
+        in line when its wait ends)."""
+        if job.not_before is not None:
+            heapq.heappush(self._delayed, (job.not_before, job.id))
+        else:
+            self._line(job).append(job.id)
 
     def in_line(self) -> int:
         """Queued jobs kept in memory and not waiting for others (some may be stale)."""
@@ -273,19 +291,19 @@ class Board:
             return len(self._queue) + self._set_aside
         return sum(map(len, self._lines.values())) + self._set_aside
 
-    def _order_for(self, worker: Worker) -> list[list[deque[int]]]:
+    def _order_for(self, worker: Worker) -> list[tuple[int, list[deque[int]]]]:
         """The lines ``worker`` may take from, grouped by priority, highest first."""
         groups: dict[int, list[deque[int]]] = {}
         for (priority, requires), line in self._lines.items():
             if line and (requires is None or worker.can_run(dict(requires))):
                 groups.setdefault(priority, []).append(line)
-        return [groups[p] for p in sorted(groups, reverse=True)]
+        return [(p, groups[p]) for p in sorted(groups, reverse=True)]
 
     @staticmethod
-    def _pop(order: list[list[deque[int]]]) -> int:
+    def _pop(order: list[tuple[int, list[deque[int]]]]) -> int:
         """The next job id from the first group with one (earliest submitted within a
         group: by id); IndexError when there is none."""
-        for group in order:
+        for _, group in order:
             best = None
             for line in group:
                 if line and (best is None or line[0] < best[0]):
@@ -295,9 +313,12 @@ class Board:
         raise IndexError("no job in line")
 
     def _in_line_from(self, priority: int) -> int:
-        """Queued jobs in memory that go before cold ones of ``priority``."""
-        return self._set_aside + sum(len(line) for (p, _), line in self._lines.items()
-                                     if p >= priority)  # fmt: skip
+        """Queued jobs in line in memory that go before cold ones of ``priority`` (array
+        tasks set aside at their cap do not: others may run meanwhile)."""
+        return sum(len(line) for (p, _), line in self._lines.items() if p >= priority)
+
+    def _at_cap(self, job: Job) -> bool:
+        return job.array is not None and 0 < job.array_cap <= self._running_in[job.array]
 
     def _capped_out(self, job: Job) -> bool:
         """Whether ``job``'s array has its cap of tasks running: then it is set aside
@@ -316,6 +337,11 @@ class Board:
         self._running_in[array] -= 1
         if self._running_in[array] <= 0:
             del self._running_in[array]
+        self._let_next(array)
+
+    def _let_next(self, array: int) -> None:
+        """The earliest task of ``array`` set aside at its cap goes back in line (the next
+        lease sets it aside again if the cap is still reached)."""
         aside = self._capped.get(array)
         while aside:
             job_id = heapq.heappop(aside)
@@ -333,13 +359,15 @@ class Board:
         self, first: int, session: object, counted: bool, last: int | None = None,
         priority: int = 0,
     ) -> None:
+        # the last range of this priority grows, though other priorities' ids lie between
+        # (they are read back by priority); a new session starts a new range
         last = first if last is None else last
-        tail = self.cold[-1] if self.cold else None
-        if (tail is not None and tail[1] + 1 == first and tail[2] == session
-                and tail[3] == counted and tail[4] == priority):  # fmt: skip
+        tail = self._cold_tail.get(priority)
+        if tail is not None and tail[2] == session and tail[3] == counted:
             tail[1] = last
         else:
-            self.cold.append([first, last, session, counted, priority])
+            tail = self._cold_tail[priority] = [first, last, session, counted, priority]
+            self.cold.append(tail)
             self._cold_at[priority] += 1
 
     def cold_span(self) -> tuple[int, int, int] | None:
@@ -399,11 +427,15 @@ class Board:
         if upto >= head[1]:
             self.cold.remove(head)
             self._cold_at[priority] -= 1
+            if self._cold_tail.get(priority) is head:
+                del self._cold_tail[priority]
         else:
             head[0] = upto + 1
         return queued
 
     def is_cold(self, job_id: int) -> bool:
+        if job_id in self.jobs:  # (ranges of other priorities may span its id)
+            return job_id in self._warmed
         return any(first <= job_id <= last for first, last, *_ in self.cold)
 
     def warm(self, job: Job) -> Job:
@@ -515,7 +547,7 @@ class Board:
                     unmet.discard(dep.id)
                     if not unmet:
                         del self._waiting_on[job_id]
-                        self._line(job).append(job_id)
+                        self._in_line(job)
                     continue
                 del self._waiting_on[job_id]
                 self._finish(job, State.CANCELLED, error=f"job {dep.id} it comes after {dep.state}",
@@ -643,8 +675,8 @@ class Board:
                 job = jobs.get(take())
             except IndexError:
                 break
-            if job is None or job.state is not State.QUEUED:
-                continue  # cancelled (and maybe evicted) while waiting; removed lazily
+            if job is None or job.state is not State.QUEUED or job.not_before is not None:
+                continue  # cancelled (maybe evicted), or backing off: removed lazily
             if job.array is not None:
                 if job.array_cap and self._capped_out(job):
                     continue
@@ -670,6 +702,23 @@ class Board:
             self.hungry.add(name)
         return handed
 
+    def yield_to(self, name: str) -> int | None:
+        """A priority waiting in line that ``name`` could run while it holds jobs of lower
+        priority ahead of its slots: it should hand back its unstarted jobs below it
+        (None: nothing to hand back). Prefetching must not make a job of higher priority
+        wait behind the slave's queue."""
+        if not self._ranked:
+            return None  # every job ever seen has priority 0
+        worker = self.workers.get(name)
+        if worker is None or len(worker.held) <= max(1, worker.concurrency):
+            return None
+        order = self._order_for(worker)
+        if not order:
+            return None
+        top, jobs = order[0][0], self.jobs
+        held = (jobs.get(i) for i in worker.held)
+        return top if any(j is not None and j.priority < top for j in held) else None
+
     def give_back(self, name: str) -> int:
         """How many prefetched jobs ``name`` should hand back for idle workers (work stealing).
 
@@ -677,8 +726,11 @@ class Board:
         others may sit idle while it holds a queue. Half of its surplus goes back.
         """
         worker = self.workers.get(name)
-        if worker is None or any(self._lines.values()) or not (self.hungry - {name}):
+        hungry = [w for n in self.hungry - {name} if (w := self.workers.get(n)) is not None]
+        if worker is None or not hungry:
             return 0
+        if len(self._lines) == 1 and self._queue or any(self._order_for(w) for w in hungry):
+            return 0  # they can take from the queue
         surplus = self._ahead(worker)
         return (surplus + 1) // 2 if surplus > 0 else 0
 
@@ -725,7 +777,8 @@ class Board:
         job.not_before = now + delay * self._rng.uniform(0.5, 1.0)
         self.counts[job.state] -= 1
         self.counts[State.QUEUED] += 1
-        self._left_running(job)
+        if job.state is State.RUNNING:  # (or queued: requeued from the lease it reports)
+            self._left_running(job)
         job.state, job.worker, job.started = State.QUEUED, None, None
         job.error = job.exit_code = job.stdout = job.stderr = None  # in its history now
         self.dirty.add(job.id)
@@ -805,7 +858,13 @@ class Board:
             job = self.jobs.get(job_id)
             if job is not None and _reported(job, worker.name, lease):
                 continue  # its outcome is in; the slave forgets it once told so
-            if job is not None and self.owns(worker.name, job, lease):
+            if (job is not None and job.state is State.QUEUED and job_id in worker.waiting
+                    and (job.id in self._waiting_on or self._at_cap(job))):  # fmt: skip
+                # handed out by an earlier master once what it comes after succeeded (or a
+                # task of its array ended), which this one has not heard yet: not started,
+                # so it waits here again rather than be adopted
+                drop.append((job_id, lease))
+            elif job is not None and self.owns(worker.name, job, lease):
                 self._adopt(worker, job, lease)
             else:
                 drop.append((job_id, lease))
@@ -833,6 +892,7 @@ class Board:
             if job.array is not None:
                 self._running_in[job.array] += 1
             job.state, job.started = State.RUNNING, self.clock()
+            job.not_before = None  # an earlier master let it run: its backoff is over
             job.attempts = max(job.attempts, 1)
         job.worker, job.lease = worker.name, lease
         worker.held[job.id] = lease
@@ -993,6 +1053,8 @@ class Board:
             self.func_refs[job.payload[0]] -= 1
         if job.state is State.RUNNING:
             self._left_running(job)
+        elif job.array is not None and job.array in self._capped:
+            self._let_next(job.array)  # it may have been the one let go to run next
         job.state, job.error = state, error
         job.ended = self.clock() if now is None else now
         self.dirty.add(job.id)

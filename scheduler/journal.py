@@ -213,12 +213,14 @@ class Journal:
     def _check_schema(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'")
+        # each in one transaction with the new version: a crash half-way changes nothing
+        done = f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         if version == 0 and tables.fetchone()[0] == 0:
-            self._db.executescript(_SCHEMA + _SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4)
+            self._db.executescript("BEGIN;" + _SCHEMA + _SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4 + done)
         elif version in (1, 2):  # 0.1 and 0.2: add the tables and columns, keep every job
-            self._db.executescript(_SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4)
+            self._db.executescript("BEGIN;" + _SCHEMA_V2 + _SCHEMA_V3 + _SCHEMA_V4 + done)
         elif version == 3:
-            self._db.executescript(_SCHEMA_V4)
+            self._db.executescript("BEGIN;" + _SCHEMA_V4 + done)
         elif version != SCHEMA_VERSION:
             self._db.close()
             raise JournalError(

@@ -141,6 +141,7 @@ class Reply(NamedTuple):
     cancelled: tuple[int, ...] = ()
     give_back: int = 0
     exit: bool = False  # `scheduler verify` asked this slave to die as if killed
+    yield_to: int | None = None  # hand back unstarted jobs of lower priority than this
 
 
 class Reported(NamedTuple):
@@ -157,6 +158,7 @@ class Reported(NamedTuple):
     leases: tuple[tuple, ...] = ()  # Lease fields as plain tuples
     funcs: dict[str, bytes] = {}  # never mutated
     known: bool = True
+    yield_to: int | None = None  # as in Reply
 
 
 class Registered(NamedTuple):

@@ -251,14 +251,19 @@ class Service:
         except ValueError:
             raise SubmitError(f"unknown state {state!r}; use one of {', '.join(State)}") from None
         page = PAGE if limit is None else max(0, min(int(limit), PAGE))
-        if array is not None and before is None:
-            before = array + MAX_ARRAY  # an array's tasks have the ids after its own
+        if array is not None:  # every task is in the journal; memory has the latest state
+            listed: list[dict[str, Any]] = []
+            while len(listed) < page and (rows := self._journal.select(None, page, before, array)):
+                with self._lock:
+                    infos = [(self._board.jobs.get(r.id) or r).info() for r in rows]
+                    listed += [self._explained(i) for i in infos
+                               if wanted is None or i["state"] == wanted]  # fmt: skip
+                before = rows[-1].id
+            return listed[:page]
         with self._lock:
-            found = {j.id: j.info() for j in self._board.select(wanted, page, before)
-                     if array is None or j.array == array}  # fmt: skip
-        if (wanted is None or wanted.terminal or (wanted is State.QUEUED and self._board.cold)
-                or array is not None):  # fmt: skip
-            older = self._journal.select(state, 2 * page, before, array)
+            found = {j.id: j.info() for j in self._board.select(wanted, page, before)}
+        if wanted is None or wanted.terminal or (wanted is State.QUEUED and self._board.cold):
+            older = self._journal.select(state, 2 * page, before)
             with self._lock:
                 found.update((j.id, j.info()) for j in older
                              if j.id not in found and j.id not in self._board.jobs)  # fmt: skip
@@ -453,6 +458,7 @@ class Service:
             followers = self._cascaded()  # cancelled: a job they come after failed
             ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
+            yield_to = self._board.yield_to(worker)
             if finished:
                 self._route(finished)
             if any(j.array is not None for j in (*finished, *retried)):
@@ -474,13 +480,14 @@ class Service:
             with self._lock:
                 self._board.schedule(retried)
         if lease is None:
-            return protocol.Reported(len(finished), rejected, give_back)
+            return protocol.Reported(len(finished), rejected, give_back, yield_to=yield_to)
         try:
             leases, funcs = self.lease(worker, *lease)
             known = True
         except UnknownWorker:
             leases, funcs, known = [], {}, False
-        return protocol.Reported(len(finished), rejected, give_back, tuple(leases), funcs, known)
+        return protocol.Reported(len(finished), rejected, give_back, tuple(leases), funcs, known,
+                                 yield_to)  # fmt: skip
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
         with self._lock:
@@ -504,7 +511,8 @@ class Service:
             lost = self._requeued(held)
             if reply.known:
                 reply = reply._replace(
-                    give_back=self._board.give_back(worker), exit=worker in self._doomed
+                    give_back=self._board.give_back(worker), exit=worker in self._doomed,
+                    yield_to=self._board.yield_to(worker),
                 )
             self._work.notify_all()
         self._metrics.requeued(lost, "lost_in_transit")

@@ -244,7 +244,7 @@ class Worker:
                 self._ref(lease)
             if not self._draining.is_set():
                 self._queue.extend(leases)
-                if any(x.priority for x in leases) or self._queue and self._queue[0].priority:
+                if any(x.priority for x in self._queue):
                     # highest priority first, in the order they came within one (stable)
                     ordered = sorted(self._queue, key=lambda x: -x.priority)
                     self._queue.clear()
@@ -452,7 +452,7 @@ class Worker:
                 self._sending -= 1
                 self._reporting.difference_update((o.job_id, o.lease) for o in batch)
         if reply:
-            self._give_back(reply.give_back)
+            self._give_back(reply.give_back, reply.yield_to)
         return reply
 
     def _report(self, batch: list[Outcome], ask: tuple | None) -> Reported | None:
@@ -508,18 +508,27 @@ class Worker:
             logging.shutdown()
             os._exit(137)
         self._drop(reply.drop, set(reply.cancelled))
-        if reply.give_back:
-            self._give_back(reply.give_back)
+        self._give_back(reply.give_back, reply.yield_to)
 
-    def _give_back(self, n: int) -> None:
-        """Hand the last ``n`` unstarted jobs back to the master for idle slaves."""
+    def _give_back(self, n: int, below: int | None = None) -> None:
+        """Hand the last ``n`` unstarted jobs back to the master for idle slaves, and
+        every unstarted job of lower priority than ``below`` (a job of that priority
+        waits at the master: it must not wait behind them)."""
+        if not n and below is None:
+            return
         with self._cond:
             back = [self._queue.pop() for _ in range(min(n, len(self._queue)))]
+            if below is not None and any(x.priority < below for x in self._queue):
+                back += [x for x in self._queue if x.priority < below]
+                kept = [x for x in self._queue if x.priority >= below]
+                self._queue.clear()
+                self._queue.extend(kept)
             for lease in back:
                 self._unref(lease)
         if back:
             self._call_quietly("release", self.name, [(b.job_id, b.lease) for b in back])
-            log.info("slave %s handed %d queued job(s) to idle slaves", self.name, len(back))
+            why = "to idle slaves" if below is None else f"for priority {below} work"
+            log.info("slave %s handed back %d queued job(s) %s", self.name, len(back), why)
 
     def _drop(self, drops: tuple[tuple[int, int], ...], cancelled: set[int]) -> None:
         """Stop runs the master no longer counts as ours; never report them."""

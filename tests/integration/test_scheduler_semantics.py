@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .scheduler_procs import Cluster, wait_until
+from .scheduler_procs import Cluster, hold_ahead, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +59,15 @@ def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, env=cluster.env(), timeout=60)
 
 
-def test_a_high_priority_job_waits_for_one_run_per_slot_not_for_the_queue(cluster, marks):
+@pytest.mark.parametrize("held_ahead", [False, True], ids=["fresh", "after-short-jobs"])
+def test_a_high_priority_job_waits_for_one_run_per_slot_not_for_the_queue(
+    cluster, marks, held_ahead
+):
     cluster.start_slave("s1", concurrency=2)
     cluster.wait_slaves("s1")
     with cluster.client() as client:
+        if held_ahead:  # its jobs were short so far: it leases the long ones ahead too
+            hold_ahead(client)
         low = [client.submit_shell(marked(marks, 0.4, f"low{i}"), shell=True) for i in range(30)]
         wait_until(lambda: len(runs(marks)) >= 2, what="the low-priority queue to start")
         done = cli(cluster, "submit", "--priority", "10", "--shell", "--",

@@ -755,3 +755,75 @@ def test_restored_priorities_and_arrays_keep_their_order_and_cap(clock):
     assert again.lease("w", 5) == []  # tasks[0] still runs: the cap holds after a restart
     again.complete("w", [ok(task)])
     assert [j.id for j in again.lease("w", 5)] == [tasks[1].id]
+
+
+def test_a_slave_holding_lower_priority_work_ahead_is_told_to_hand_it_back(board):
+    board.register("w")
+    board.workers["w"].concurrency = 1
+    low = board.submit([shell("low") for _ in range(4)])
+    assert board.lease("w", 4) == low  # one runs, three are held ahead
+    assert board.yield_to("w") is None  # nothing of higher priority waits
+    (urgent,) = board.submit([shell("urgent", priority=3)])
+    assert board.yield_to("w") == 3  # its unstarted jobs below 3 should come back
+    board.register("gpu-less", labels={})
+    (gpu,) = board.submit([shell("g", priority=9, requires={"gpu": "1"})])
+    assert board.yield_to("w") == 3  # it cannot run the gpu job: that one does not count
+    board.release("w", [(j.id, j.lease) for j in low[1:]])
+    assert board.yield_to("w") is None  # it holds no more than its slot
+    assert board.lease("w", 5)[0] is urgent and gpu.state is State.QUEUED
+
+
+def test_cancelling_the_task_let_go_at_the_cap_lets_the_next_go(board):
+    tasks = board.submit([shell("t", array=(i, 1)) for i in range(3)])
+    (first,) = take(board, "w", 5)
+    board.complete("w", [ok(first)])  # tasks[1] goes in line...
+    board.cancel(tasks[1].id)  # ... and is cancelled before any slave takes it
+    assert board.lease("w", 5) == [tasks[2]]
+
+
+def test_a_failure_reported_for_a_requeued_run_keeps_the_array_count(board, clock):
+    tasks = board.submit([shell("t", array=(i, 2), retries=1) for i in range(3)])
+    (first,) = take(board, "w", 1)
+    (second,) = take(board, "v", 1)
+    clock.now += 31
+    board.seen("v")
+    board.expire()  # w went silent: its run is requeued
+    board.complete("w", [Outcome(first.id, first.lease, False, exit_code=1)])  # late, failed
+    assert first.state is State.QUEUED and first.not_before is not None
+    assert board._running_in == {tasks[0].id: 1}  # the second task, still running on v
+    assert board.lease("v", 5) == [tasks[2]]  # not the one backing off
+    board.schedule(board.retried)  # (once the failure is saved)
+    clock.now += 3600
+    board.release_due()
+    assert board.lease("v", 5) == []  # the cap: two run
+    board.complete("v", [ok(second)])
+    assert board.lease("v", 5) == [first]
+
+
+def test_mixed_priorities_going_cold_make_one_range_per_priority(clock):
+    board = Board(clock=clock, queue_window=2)
+    jobs = board.submit([shell("x", priority=i % 2) for i in range(20)], publish=False)
+    journal = saved(board, jobs)
+    board.publish(jobs)
+    assert sorted(c[4] for c in board.cold) == [0, 1]
+    assert board.cold_span() is None  # job 2 (priority 1) is in line: enough for now
+    board.register("w")
+    handed = []
+    while len(handed) < 20:
+        read_back(board, journal)
+        handed += board.lease("w", 1)
+    assert [j.priority for j in handed] == [1] * 10 + [0] * 10
+    assert [j.id for j in handed] == sorted(j.id for j in handed if j.priority) + sorted(
+        j.id for j in handed if not j.priority)  # fmt: skip
+
+
+def test_an_idle_slave_gets_work_back_though_jobs_for_others_wait(board):
+    board.register("busy")
+    board.register("idle")
+    board.workers["busy"].concurrency = 1
+    board.workers["busy"].avg_seconds = 10.0  # long jobs: worth moving
+    board.submit([shell("long") for _ in range(5)])
+    assert len(board.lease("busy", 5)) == 5
+    board.submit([shell("g", requires={"gpu": "1"})])  # nobody here can run it
+    assert board.lease("idle", 5) == []
+    assert board.give_back("busy") == 2

@@ -968,10 +968,14 @@ class BoardModel(RuleBasedStateMachine):
                 not now.terminal or now in (state, State.CANCELLED) or (job_id in self.tainted)
             ), f"clients saw {state}, now {self._where(job_id)}"
         # the board counts each array's running tasks right; at most its cap run at once
-        # (unless one was held by a dead or silent slave: then two runs may overlap)
+        # under leases of this master (runs adopted after a restart, started or finished
+        # and not yet reported, count but may overlap), unless one was held by a dead or
+        # silent slave: then two runs may overlap
         running = Counter(j.array for j in jobs.values()
                           if j.state is State.RUNNING and j.array is not None)  # fmt: skip
         assert +board._running_in == +running, (dict(board._running_in), dict(running))
+        running = Counter(j.array for j in jobs.values() if j.state is State.RUNNING
+                          and j.array is not None and j.lease >= board.first_lease)  # fmt: skip
         for array, n in running.items():
             tasks = [j for j in jobs.values() if j.array == array]
             cap = tasks[0].array_cap
