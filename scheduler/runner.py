@@ -157,13 +157,18 @@ def _pump(stream: Any, tail: Tail) -> None:
 
 FUNC_CACHE = 256
 RESULT_GAP = 0.001  # seconds: a child running a batch reports at least this often
+BATCH_BREAK = 0.05  # a call this long in a batch (of calls expected to be tiny) ends it
+STOPPED = "stopped"  # the child ran part of a batch: the rest goes back unstarted
 
 
 def _child_main(conn: Any, limit: int, result_limit: int) -> None:
     """A slot's child process: run batches of calls, sending results in order.
 
     Results go back in small groups (at most RESULT_GAP apart) rather than one message
-    each: for tiny jobs the message, not the job, is the cost. Function bodies are kept
+    each: for tiny jobs the message, not the job, is the cost. A call that takes
+    BATCH_BREAK or longer ends its batch (STOPPED): batches are made of jobs that were
+    tiny so far, and the rest must not wait behind long ones where no other slot, and
+    no job of higher priority, can get at them. Function bodies are kept
     in a FUNC_CACHE-long LRU that the parent mirrors step for step (``_touch``), so the
     parent knows which bodies to send without asking.
     """
@@ -184,9 +189,13 @@ def _child_main(conn: Any, limit: int, result_limit: int) -> None:
         results, sent, last = [], time.monotonic(), len(calls) - 1
         for i, (digest, args_blob) in enumerate(calls):
             results.append(_call(bodies, loaded, digest, args_blob, limit, result_limit))
-            if i == last or time.monotonic() - sent >= RESULT_GAP:
+            long = results[-1][5] >= BATCH_BREAK
+            if i == last or long or time.monotonic() - sent >= RESULT_GAP:
                 conn.send(results)
                 results, sent = [], time.monotonic()
+            if long and i < last:
+                conn.send(STOPPED)
+                break
 
 
 def _touch(lru: OrderedDict[str, Any], digest: str, value: Any) -> list[str]:
@@ -354,6 +363,8 @@ class PythonSlot:
             while i < len(batch):
                 self.current = batch[i] if len(batch) == 1 else None  # cancel kills singles only
                 results = self._wait(batch[i], abort)
+                if isinstance(results, str):  # STOPPED: the rest was not started
+                    return batch[i:]
                 for ok, blob, error, out, err, took, code in results or ():
                     lease = batch[i]
                     done(Outcome(lease.job_id, lease.lease, ok, blob, error, code, out, err, took))
@@ -366,8 +377,9 @@ class PythonSlot:
             self.current = None
             abort.arm(None)
 
-    def _wait(self, lease: Lease, abort: Abort) -> list[tuple] | None:
-        """The next group of results, or None if the child died (killed, crashed, timed out)."""
+    def _wait(self, lease: Lease, abort: Abort) -> list[tuple] | str | None:
+        """The next group of results, STOPPED, or None if the child died (killed, crashed,
+        timed out)."""
         self._started = time.monotonic()
         # poll() builds a selector each call: only pay for it when there is a deadline
         self._timed_out = lease.timeout is not None and not self._ready(lease.timeout)
@@ -375,7 +387,7 @@ class PythonSlot:
             self.kill()
             return None
         try:
-            results: list[tuple] = self._conn.recv()
+            results: list[tuple] | str = self._conn.recv()
             return results
         except (EOFError, OSError):
             return None

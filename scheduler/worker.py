@@ -354,15 +354,20 @@ class Worker:
             free, worth = self._room()
             if free >= worth and not self._drained:
                 self._has_room.notify()
-            # nothing else to do or to send: report it ourselves, no hand-off
-            direct = (not void and not abort.requeue and not self._running
-                      and not self._queue and not self._sending
-                      and self._results.empty())  # fmt: skip
+            # nothing else to do or to send: report it ourselves, no hand-off; and after
+            # a long job too (the round trip is small beside it): the slot then hears what
+            # the master says (hand back jobs held ahead for higher priority work) before
+            # it takes the next job held here
+            idle = (not self._running and not self._queue and not self._sending
+                    and self._results.empty())  # fmt: skip
+            direct = not void and not abort.requeue and (
+                idle or outcome.duration >= TARGET_BATCH_SECONDS)
             if direct:
                 self._sending += 1
                 self._direct += 1
             # ... and ask for the next work in the same call
-            fuse = direct and not self._fetching and not self._draining.is_set() and free > 0
+            fuse = (direct and idle and not self._fetching and not self._draining.is_set()
+                    and free > 0)  # fmt: skip
             if fuse:
                 self._fetching = True
                 self._seq += 1

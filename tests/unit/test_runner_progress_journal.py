@@ -254,3 +254,27 @@ def test_the_queue_window_loads_the_highest_priorities_and_leaves_the_rest_cold(
     assert again.cold_span() == (1, 6, 0)
     journal.close()
     assert len(jobs) == 6
+
+
+def test_a_long_call_ends_its_batch_and_the_rest_comes_back_unstarted():
+    """Batches are made of calls that were tiny so far; one that is long (BATCH_BREAK)
+    must not hold the rest in the child, where no other slot or priority can get at them."""
+    import pickle
+    import time as clock
+
+    from scheduler.protocol import Lease
+    from scheduler.runner import BATCH_BREAK, Abort, PythonSlot
+
+    digest, body = "sleep", pickle.dumps(clock.sleep)
+    batch = [Lease(i, i, "python", (digest, pickle.dumps(((s,), {}))), None)
+             for i, s in enumerate([0.0, BATCH_BREAK * 2, 0.0, 0.0], 1)]  # fmt: skip
+    slot = PythonSlot(1024, 1 << 20)
+    try:
+        done: list = []
+        rest = slot.run(batch, {digest: body}, Abort(), done.append)
+        assert [o.job_id for o in done] == [1, 2] and all(o.ok for o in done)
+        assert [x.job_id for x in rest] == [3, 4]
+        assert slot.run(rest, {digest: body}, Abort(), done.append) == []  # in step still
+        assert [o.job_id for o in done] == [1, 2, 3, 4]
+    finally:
+        slot.close()
