@@ -18,9 +18,14 @@ The rules it enforces:
   slave does not claim, was lost in transit and goes back to the queue.
 * An outcome is applied only from the slave that holds the job's lease, once.
 * At most ``queue_window`` queued jobs are kept in memory as records; the others wait
-  *cold*, in the journal only, as id ranges in submission order, and are read back in
-  chunks (``cold_span``/``refill``) as the queue in memory drains. A million queued jobs
-  cost the master a few ranges, not a million records.
+  *cold*, in the journal only, as id ranges in submission order (one range per priority
+  and client session), and are read back in chunks (``cold_span``/``refill``) as the
+  queue in memory drains. A million queued jobs cost the master a few ranges, not a
+  million records. Jobs of a higher priority than those in memory are read back at once,
+  up to a window of them (memory then holds up to two windows); array tasks waiting at
+  their array's cap are kept too.
+* Jobs go out highest priority first, first come first served within one, each only to a
+  slave with the labels it requires, and never more of an array at once than its cap.
 * After a master restart, running jobs stay running: their slaves get ``lease_seconds``
   (and a reconnect allowance) to come back and claim them. And no job is handed out
   until the slaves the journal knew have registered again (or, for one that does not,
@@ -373,8 +378,8 @@ class Board:
     def cold_span(self) -> tuple[int, int, int] | None:
         """(first id, last id, priority) of the next cold range to read back: the earliest
         of the highest priority, once fewer than half a window of jobs in memory go before
-        it (lower priorities in memory do not count: a refill may then exceed the window
-        by up to half)."""
+        it (lower priorities in memory do not count: the refill may then take memory up
+        to two windows)."""
         if not self.cold:
             return None
         head = max(self.cold, key=lambda c: c[4])  # the first of the highest
@@ -392,8 +397,9 @@ class Board:
         if head is None:
             return 0  # the cold queue changed meanwhile; the next tick reads again
         upto = min(head[1], last)
-        room = max(self.queue_window - self.in_line(),
-                   self.queue_window // 2 - self._in_line_from(priority))  # fmt: skip
+        # room for a window of jobs of this priority or higher: those of lower priority
+        # in memory do not take it (memory then holds up to two windows)
+        room = self.queue_window - self._in_line_from(priority)
         queued = 0
         for row in rows:
             if row.id > upto:

@@ -119,3 +119,23 @@ def test_queued_jobs_in_listings_and_lookups_say_why_they_wait(journal):
     assert "reason" not in svc.get(1)  # running: nothing to explain
     listed = {j["id"]: j.get("reason") for j in svc.jobs()}
     assert listed[1] is None and listed[3].startswith("waiting in the journal")
+
+
+def test_urgent_jobs_beyond_the_window_come_first_and_a_restart_keeps_it_so(journal):
+    svc = Service(Board(queue_window=4), journal, {}, Progress(time.time))
+    svc.submit([shell("true", f"low{i}") for i in range(8)])
+    urgent_first, _ = svc.submit([JobSpec("shell", (["true"], False), f"urgent{i}", priority=9)
+                                  for i in range(3)])  # fmt: skip
+    assert svc.status()["in_memory"] == 4  # the urgent ones wait cold, at their priority
+    svc.tick()  # ... and are read back at once (with the SQLite journal, by priority)
+    svc.register("w", version=VERSION)
+    got = [Lease._make(t) for t in svc.lease("w", 4).leases]
+    assert [x.job_id for x in got] == [urgent_first, urgent_first + 1, urgent_first + 2, 1]
+    assert [x.priority for x in got] == [9, 9, 9, 0]
+    # a restarted master loads the highest priorities first
+    svc.submit([JobSpec("shell", (["true"], False), "late", priority=5)])
+    svc.tick()  # (what runs is saved as running by the periodic write)
+    journal.wait(journal.append([]))  # (which the journal's thread makes: in order)
+    jobs, _, stored = journal.load(10, queue_window=2)
+    assert [j.id for j in jobs if j.state is State.QUEUED] == [urgent_first + 3, 2]
+    assert stored.cold == ((3, 8, 0),)
