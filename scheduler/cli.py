@@ -186,6 +186,13 @@ def cmd_job(args: argparse.Namespace) -> int:
     ]
     if info.get("reason"):
         rows.insert(2, ("waiting", info["reason"]))
+    if info.get("priority"):
+        rows.insert(3, ("priority", str(info["priority"])))
+    if info.get("requires"):
+        rows.insert(3, ("requires", ",".join(f"{k}={v}" for k, v in info["requires"].items())))
+    if info.get("array") is not None:
+        cap = f", at most {info['max_running']} at once" if info.get("max_running") else ""
+        rows.insert(3, ("array", f"{info['array']}, index {info['array_index']}{cap}"))
     for key, value in rows:
         print(f"{key:<12} {value}")
     for n, run in enumerate(info.get("history") or (), 1):  # the failed runs tried again

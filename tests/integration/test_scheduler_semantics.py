@@ -108,6 +108,8 @@ def test_an_array_runs_every_index_at_most_cap_at_once(cluster, marks):
     assert f"8 tasks: 8 succeeded, at most 2 at once (--array {first})" in listing.stdout
     (entry,) = json.loads(cli(cluster, "jobs", "--json").stdout)
     assert (entry["id"], entry["tasks"], entry["counts"]) == (first, 8, {"succeeded": 8})
+    shown = cli(cluster, "job", str(ids[2])).stdout
+    assert f"array        {first}, index 3, at most 2 at once" in shown
     tasks = json.loads(cli(cluster, "jobs", "--array", str(first), "--json").stdout)
     assert sorted(t["array_index"] for t in tasks) == list(range(1, 9))
     bad = cli(cluster, "submit", "--array", "1-8%0", "--", "true")
@@ -140,8 +142,10 @@ def test_jobs_run_only_where_their_labels_are_and_say_when_nowhere(cluster):
         gpu = [client.submit_shell(["sh", "-c", "echo $SCHEDULER_WORKER_NAME"],
                                    requires={"gpu": "1"}) for _ in range(6)]  # fmt: skip
         assert [h.get(timeout=30).strip() for h in gpu] == ["gpu-box"] * 6
-        tpu = cli(cluster, "submit", "--requires", "tpu=1", "--", "echo", "tpu")
+        tpu = cli(cluster, "submit", "--requires", "tpu=1", "--priority", "3", "--", "echo", "tpu")
         tpu_id = int(tpu.stdout)
+        shown = cli(cluster, "job", str(tpu_id)).stdout
+        assert "requires     tpu=1" in shown and "priority     3" in shown
         wait_until(lambda: client.job(tpu_id).get("reason") == "no slave with tpu=1 connected",
                    what="the reason")  # fmt: skip
         assert "waiting: no slave with tpu=1 connected" in cli(cluster, "jobs").stdout
