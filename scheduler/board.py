@@ -183,8 +183,7 @@ class Board:
         # in submission order within a priority
         self.cold: deque[list] = deque()
         self._ranked = False  # a job with a priority other than 0 was seen
-        self._cold_at: Counter[int] = Counter()  # priority -> how many cold ranges
-        self._cold_tail: dict[int, list] = {}  # priority -> its last cold range
+        self._cold_tail: dict[int, list] = {}  # priority -> its last cold range (if any)
         self._warmed: set[int] = set()  # cold jobs loaded early (watched, cancelled)
         self.awaited: set[str] = set()  # slaves to come back before anything is handed out
         self.hold_until = 0.0
@@ -246,7 +245,7 @@ class Board:
         ready.sort(key=lambda j: (-j.priority, j.id))  # the order they go in line
         chilled = set()
         for job in ready:
-            if self._cold_at[job.priority] or self.in_line() >= self.queue_window:
+            if job.priority in self._cold_tail or self.in_line() >= self.queue_window:
                 chilled.add(job.id)
                 del self.jobs[job.id]
                 if job.kind == "python":
@@ -266,7 +265,7 @@ class Board:
                 for d in after
             })  # fmt: skip
             if job.state is State.QUEUED and job.id not in self._waiting_on:
-                self._in_line(job)
+                self._enter_line(job)
         return running
 
     # -- the lines -------------------------------------------------------------
@@ -282,7 +281,7 @@ class Board:
             line = self._lines[key] = deque()
         return line
 
-    def _in_line(self, job: Job) -> None:
+    def _enter_line(self, job: Job) -> None:
         """A job that waited for others goes in line (or, backing off after a failed run,
         in line when its wait ends)."""
         if job.not_before is not None:
@@ -328,7 +327,7 @@ class Board:
     def _capped_out(self, job: Job) -> bool:
         """Whether ``job``'s array has its cap of tasks running: then it is set aside
         (in order) until one of them ends."""
-        if self._running_in[job.array] < job.array_cap:  # type: ignore[index]
+        if not self._at_cap(job):
             return False
         heapq.heappush(self._capped.setdefault(job.array, []), job.id)  # type: ignore[arg-type]
         self._set_aside += 1
@@ -373,7 +372,6 @@ class Board:
         else:
             tail = self._cold_tail[priority] = [first, last, session, counted, priority]
             self.cold.append(tail)
-            self._cold_at[priority] += 1
 
     def cold_span(self) -> tuple[int, int, int] | None:
         """(first id, last id, priority) of the next cold range to read back: the earliest
@@ -432,9 +430,12 @@ class Board:
                 self._warmed.discard(i)
         if upto >= head[1]:
             self.cold.remove(head)
-            self._cold_at[priority] -= 1
-            if self._cold_tail.get(priority) is head:
-                del self._cold_tail[priority]
+            if self._cold_tail.get(priority) is head:  # (read back in order: the last)
+                rest = [c for c in self.cold if c[4] == priority]
+                if rest:
+                    self._cold_tail[priority] = rest[-1]
+                else:
+                    del self._cold_tail[priority]
         else:
             head[0] = upto + 1
         return queued
@@ -553,7 +554,7 @@ class Board:
                     unmet.discard(dep.id)
                     if not unmet:
                         del self._waiting_on[job_id]
-                        self._in_line(job)
+                        self._enter_line(job)
                     continue
                 del self._waiting_on[job_id]
                 self._finish(job, State.CANCELLED, error=f"job {dep.id} it comes after {dep.state}",
@@ -567,13 +568,13 @@ class Board:
         Beyond ``queue_window`` queued in memory, saved jobs go cold (see above); jobs
         waiting for others stay in memory, out of line."""
         queue, window, in_line = self._queue, self.queue_window, self.in_line()
-        waiting, cold_at = self._waiting_on, self._cold_at
+        waiting, cold_tail = self._waiting_on, self._cold_tail
         for job in jobs:
             if job.state is not State.QUEUED or job.id in waiting:
                 continue
             # a job goes cold behind the cold ones of its priority (first come, first
             # served), or when the window is full (see cold_span for higher priorities)
-            if job.journaled and (in_line >= window or cold_at[job.priority]):
+            if job.journaled and (in_line >= window or job.priority in cold_tail):
                 del self.jobs[job.id]
                 self._chill(job.id, job.session, counted=True, priority=job.priority)
             else:
@@ -684,7 +685,7 @@ class Board:
             if job is None or job.state is not State.QUEUED or job.not_before is not None:
                 continue  # cancelled (maybe evicted), or backing off: removed lazily
             if job.array is not None:
-                if job.array_cap and self._capped_out(job):
+                if self._capped_out(job):
                     continue
                 self._running_in[job.array] += 1
             job.state, job.worker, job.lease = State.RUNNING, name, self._next_lease
@@ -992,18 +993,14 @@ class Board:
             if not ready:
                 return f"no slave with {wanted} connected"
             wanted = f" on slaves with {wanted}"
-        if job is not None and job.array is not None and job.array_cap and (
-            self._running_in[job.array] >= job.array_cap
-        ):
+        if job is not None and self._at_cap(job):
             return f"array {job.array} has {job.array_cap} task(s) running, its cap"
         if self.is_cold(job_id):
             return (f"waiting in the journal, behind the {self.in_line():,} queued jobs "
                     "the master keeps in memory")  # fmt: skip
         slots = sum(max(1, w.concurrency) for w in ready)
         busy = sum(len(w.held) - len(w.waiting.intersection(w.held)) for w in ready)
-        ahead = 0 if job is None else sum(
-            len(line) for (p, _), line in self._lines.items() if p > job.priority
-        )  # fmt: skip
+        ahead = 0 if job is None else self._in_line_from(job.priority + 1)
         if busy >= slots and ahead:
             return f"all {slots} slot(s){wanted} busy; behind {ahead:,} job(s) of higher priority"
         if busy >= slots:

@@ -300,7 +300,7 @@ class Service:
             order = (State.RUNNING, State.QUEUED, State.FAILED, State.CANCELLED)
             overall = next((s for s in order if counts[s]), State.SUCCEEDED)
             out.append({
-                **info, "id": array, "name": info["name"], "state": str(overall),
+                **info, "id": array, "state": str(overall),
                 "array_index": None, "tasks": len(states), "counts": dict(counts),
                 "worker": None, "result": None, "error": None, "exit_code": None,
                 "reason": None,
