@@ -99,7 +99,10 @@ class Worker:
         fetcher = threading.Thread(target=self._fetch_loop, name="fetcher", daemon=True)
         fetcher.start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        self._stop.wait()
+        # never an endless wait: a signal the kernel hands to another thread only sets a
+        # flag that the main thread (which runs Python's handlers) sees when it next runs
+        while not self._stop.wait(0.5):
+            pass
         self._drain(threads, reporter, fetcher)
         return 0
 
