@@ -43,10 +43,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import UnknownJob, UnknownWorker
-from .job import DEFAULT_BACKOFF, Job, JobSpec, State
+from .job import DEFAULT_BACKOFF, Job, State
 from .protocol import Holding, Lease, Outcome, Reply
 
 QUEUE_WINDOW = 100_000  # queued job records kept in memory; the rest wait in the journal
@@ -464,8 +464,9 @@ class Board:
 
     # -- clients -------------------------------------------------------------
 
-    def submit(self, specs: list[JobSpec], publish: bool = True) -> list[Job]:
-        """Create queued jobs. With ``publish=False`` no slave gets them until ``publish``."""
+    def submit(self, specs: list[tuple[Any, ...]], publish: bool = True) -> list[Job]:
+        """Create queued jobs from specs as job.validate returns them (JobSpec's fields, in
+        order). With ``publish=False`` no slave gets them until ``publish``."""
         now, first, default_attempts = self.clock(), self._next_id, self.max_attempts
         retries, backoff = self.retries, self.retry_backoff
         new = [

@@ -439,7 +439,7 @@ class Client:
                 self._send(batch, funcs)
 
     def _send(self, batch: list[tuple[JobSpec, AsyncResult]], funcs: dict[str, bytes]) -> None:
-        specs = [spec for spec, _ in batch]
+        specs = [tuple(spec) for spec, _ in batch]  # plain tuples: see protocol
         try:
             # never retried: a lost reply may mean the jobs are in, and twice is worse
             first, count = Submitted(*self._link.call("submit", specs, funcs, self._session,

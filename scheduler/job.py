@@ -10,7 +10,7 @@ from typing import Any
 from .errors import SubmitError
 from .protocol import JobSpec
 
-__all__ = ["Job", "JobSpec", "State", "parse_array", "parse_labels", "validate"]
+__all__ = ["AFTER", "ARRAY", "Job", "JobSpec", "State", "parse_array", "parse_labels", "validate"]
 
 
 class State(enum.StrEnum):
@@ -91,10 +91,21 @@ def parse_array(text: str) -> tuple[list[int], int | None]:
     return indices, cap
 
 
-def validate(spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None) -> JobSpec:
-    """Check a spec from the wire; raise SubmitError with a message a user can act on."""
-    if (  # the common case, a plain Python call (apply_async, map), checked in one go
-        type(spec) is JobSpec
+AFTER = JobSpec._fields.index("after")  # positions in a spec as validate() returns it
+ARRAY = JobSpec._fields.index("array")
+
+
+def validate(
+    spec: Any, known: dict[str, bytes], sent: dict[str, bytes] | None = None
+) -> tuple[Any, ...]:
+    """Check a spec from the wire; raise SubmitError with a message a user can act on.
+
+    Returns a JobSpec, or for the common plain Python call the very tuple that came (a
+    JobSpec's fields in order): read what it returns by position (``spec[AFTER]``)."""
+    if (  # the common case, a plain Python call (apply_async, map), checked in one go;
+        # it stays the plain tuple it came as (read by position, see protocol)
+        (type(spec) is tuple or type(spec) is JobSpec)
+        and len(spec) == len(JobSpec._fields)
         and spec[0] == "python"
         and spec[3] is None
         and spec[4] is None

@@ -180,6 +180,7 @@ class _Entry:
     meta: list[tuple] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
     roster: list[tuple[str, bool]] = field(default_factory=list)  # (slave, registered)
+    unattended: bool = True  # appended with wake=True: nobody waits for it, the writer writes it
 
 
 class Journal:
@@ -196,7 +197,11 @@ class Journal:
         # lookups of jobs evicted from memory run beside the writer (WAL allows it)
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._read_lock = threading.Lock()
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # a commit (or a failed write): waiters look
+        # the writer thread waits apart, woken only for what nobody waits for (wake=True,
+        # retries, closing): a wake-up of it at every commit cost two context switches
+        self._kick = threading.Condition(lock)
         self._pending: list[_Entry] = []
         self._in_flight: list[_Entry] = []
         self._queued_seq = 0
@@ -399,10 +404,10 @@ class Journal:
             self._queued_seq += 1
             self._pending.append(_Entry(
                 self._queued_seq, new, fresh, plain, changed, done, list((funcs or {}).items()),
-                list((meta or {}).items()), list(marks or ()), list(roster or ()),
+                list((meta or {}).items()), list(marks or ()), list(roster or ()), wake,
             ))  # fmt: skip
             if wake:
-                self._cond.notify_all()
+                self._kick.notify()
             return self._queued_seq
 
     @property
@@ -448,6 +453,7 @@ class Journal:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._kick.notify()
         self._thread.join()
         self._reader.close()
         self._db.close()
@@ -456,7 +462,7 @@ class Journal:
         with self._cond:
             while True:
                 while (not self._pending or self._writing) and not self._closing:
-                    if (not self._cond.wait(1.0) and self._error is not None
+                    if (not self._kick.wait(1.0) and self._error is not None
                             and not self._pending and not self._writing):  # fmt: skip
                         # nothing to write, but a failure to clear: probe with an empty one
                         self._pending.append(_Entry(self._queued_seq))
@@ -470,7 +476,7 @@ class Journal:
                     return
                 if not self._write_locked():
                     delay = RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS)) - 1]
-                    self._cond.wait_for(lambda: self._closing, timeout=delay)
+                    self._kick.wait_for(lambda: self._closing, timeout=delay)
 
     def _write_locked(self) -> bool:
         """Write every pending entry in one transaction; True if it committed.
@@ -493,6 +499,7 @@ class Journal:
             self._cond.acquire()
         self._writing = False
         self._cond.notify_all()
+        self._kick_if_unattended()
         if error is not None:
             self._failures += 1
             if self._error is None:
@@ -509,6 +516,12 @@ class Journal:
         if self.on_commit is not None and written:
             self.on_commit(took)
         return True
+
+    def _kick_if_unattended(self) -> None:
+        """After a write: wake the writer thread if what is left needs it (nobody waits
+        for it, or a write failed and must be retried). Under ``_cond``."""
+        if self._error is not None or any(e.unattended for e in self._pending):
+            self._kick.notify()
 
     def _write(self, entries: list[_Entry]) -> None:
         db = self._db
@@ -707,6 +720,7 @@ class Journal:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+                self._kick_if_unattended()
         return deleted
 
 

@@ -9,10 +9,11 @@ another version at connect (``ping`` says it), each with one line.
 
 Slaves import this module, never the master's board or job records.
 
-The three messages that travel once per job (Lease, Outcome, Done) go over the wire as
-plain tuples of their fields and are named again on arrival (``Lease._make(t)``): pickle
-spends ten times longer on a named tuple than on a plain one, which was about 2.5 us of
-the master's CPU per job.
+The four messages that travel once per job (JobSpec, Lease, Outcome, Done) go over the
+wire as plain tuples of their fields and are named again on arrival (``Lease._make(t)``):
+pickle spends ten times longer on a named tuple than on a plain one, which was about 2.5 us
+of the master's CPU per job. The master reads a plain Python call's spec by position
+(``job.validate``), without naming it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .errors import (
     SubmitError,
     UnknownWorker,
 )
-from .job import MAX_ARRAY, Job, JobSpec, State, validate
+from .job import AFTER, ARRAY, MAX_ARRAY, Job, State, validate
 from .journal import LEASE_BLOCK, Journal, Pruned, safe_text
 from .metrics import NoMetrics
 from .progress import Progress
@@ -48,6 +48,17 @@ def _outcome(job: Job) -> tuple:
     """protocol.Done's fields, as a plain tuple (see protocol: per-job messages)."""
     result = (job.stdout or "") if job.kind == "shell" else job.result
     return (job.id, str(job.state), result, job.error, job.exit_code)
+
+
+_OUTCOME_FIELDS = len(Outcome._fields)
+
+
+def _named(out: tuple) -> Outcome:
+    """An outcome as it came (a plain tuple, see protocol), named; a short one (of a
+    slave that leaves trailing defaults out) too."""
+    if type(out) is Outcome:
+        return out
+    return Outcome._make(out) if len(out) == _OUTCOME_FIELDS else Outcome(*out)
 
 
 def _clean(out: Outcome) -> Outcome:
@@ -121,7 +132,7 @@ class Service:
                 raise SubmitError("submit takes a list of job specs; use scheduler.Client")
             checked = [validate(spec, self._funcs, funcs) for spec in specs]
             _check_array(checked)
-            deps = {d for spec in checked if spec.after for d in spec.after}
+            deps = {d for spec in checked if spec[AFTER] for d in spec[AFTER]}
             saved = {i: State(s) for i, s in self._journal.states(deps).items()} if deps else {}
         except SubmitError as exc:
             log.warning("submit refused: %s", exc)
@@ -147,8 +158,8 @@ class Service:
                     job.session = session
             if deps:
                 for job, spec in zip(jobs, checked, strict=True):
-                    if spec.after:
-                        self._board.depend(job, spec.after, known)
+                    if spec[AFTER]:
+                        self._board.depend(job, spec[AFTER], known)
             ticket = self._journal.append(self._board.take_dirty(), new_funcs, wake=False)
         try:
             self._journal.wait(ticket, give_up=True)
@@ -450,7 +461,7 @@ class Service:
         asks for its next work in the same call (one round trip, and the long-poll starts
         while the journal writes).
         """
-        outs = [_clean(o if type(o) is Outcome else Outcome(*o)) for o in outcomes]
+        outs = [_clean(_named(o)) for o in outcomes]
         with self._lock:
             self._warm(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
@@ -781,9 +792,9 @@ class Service:
             self._done.notify_all()
 
 
-def _check_array(specs: list[JobSpec]) -> None:
+def _check_array(specs: list[tuple[Any, ...]]) -> None:
     """The tasks of one submit call's array agree on their cap, and are not too many."""
-    tasks = [spec.array for spec in specs if spec.array is not None]
+    tasks = [spec[ARRAY] for spec in specs if spec[ARRAY] is not None]
     if not tasks:
         return
     if len(tasks) > MAX_ARRAY:

@@ -120,3 +120,19 @@ def test_a_misspelled_variable_gets_one_warning_with_the_closest_name(caplog):
 def test_the_http_address_can_be_turned_off():
     assert load({"SCHEDULER_AUTHKEY": KEY}).http == ("127.0.0.1", 8889)
     assert load({"SCHEDULER_AUTHKEY": KEY, "SCHEDULER_HTTP": ""}).http is None
+
+
+def test_a_plain_python_call_is_taken_as_the_tuple_it_came_as():
+    """The common spec travels as a plain tuple (protocol: per-job messages) and is read
+    by position, never named again; anything else is still checked field by field."""
+    from scheduler.job import AFTER, ARRAY, validate
+
+    spec = ("python", ("d1", b"args"), "f", None, None, None, None, None, None, None, None,
+            None)  # fmt: skip
+    assert validate(spec, {"d1": b"body"}) is spec
+    assert spec[AFTER] is None and spec[ARRAY] is None
+    with pytest.raises(SubmitError, match="not sent with it"):
+        validate(spec, {})
+    late = spec[:AFTER] + ((3, 1, 3),) + spec[AFTER + 1 :]
+    checked = validate(late, {"d1": b"body"})
+    assert checked is not late and checked[AFTER] == (1, 3)  # the slow path: sorted, unique

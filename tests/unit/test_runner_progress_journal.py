@@ -278,3 +278,51 @@ def test_a_long_call_ends_its_batch_and_the_rest_comes_back_unstarted():
         assert [o.job_id for o in done] == [1, 2, 3, 4]
     finally:
         slot.close()
+
+
+def test_the_writer_thread_wakes_only_for_what_nobody_waits_for(tmp_path):
+    """Commits a caller waits for are written in the caller's thread and wake nobody else
+    (a wake-up of the writer thread at each was two context switches per commit); an entry
+    nobody waits for, appended while another thread writes, is written once that write ends."""
+    import threading
+    import time
+
+    journal = Journal(tmp_path)
+    board = Board()
+    kicks = []
+    notify = journal._kick.notify
+    journal._kick.notify = lambda n=1: (kicks.append(n), notify(n))  # type: ignore[method-assign]
+    writers: list[str] = []
+    journal.on_commit = lambda took: writers.append(threading.current_thread().name)
+    for i in range(20):
+        board.submit([JobSpec("shell", ([f"job{i}"], False))])
+        journal.wait(journal.append(board.take_dirty(), wake=False))
+    assert kicks == [] and writers == ["MainThread"] * 20
+
+    inside, release = threading.Event(), threading.Event()
+    write = journal._write
+
+    def slow_write(entries):
+        inside.set()
+        release.wait(10)
+        write(entries)
+
+    journal._write = slow_write  # type: ignore[method-assign]
+    board.submit([JobSpec("shell", (["slow"], False))])
+    slow = journal.append(board.take_dirty(), wake=False)
+    waiter = threading.Thread(target=journal.wait, args=(slow,), name="waiter")
+    waiter.start()
+    assert inside.wait(10)
+    journal._write = write  # type: ignore[method-assign]
+    (late,) = board.submit([JobSpec("shell", (["unattended"], False))])
+    unattended = journal.append(board.take_dirty())  # wake=True: the writer thread's
+    kicked = len(kicks)
+    release.set()
+    waiter.join(10)
+    assert len(kicks) > kicked  # the inline write ending handed the rest to the writer
+    deadline = time.monotonic() + 10
+    while not journal.saved(unattended) and time.monotonic() < deadline:
+        time.sleep(0.01)  # not wait(): that would write it in this thread
+    assert journal.fetch(late.id) is not None
+    assert writers[-2:] == ["waiter", "journal"]
+    journal.close()
