@@ -231,6 +231,8 @@ class Board:
                 worker.held[job.id] = job.lease
                 worker.batch[job.id] = 0
                 running += 1
+                if job.after:  # what it comes after may be unfinished here: see _requeue
+                    waiting.append(job)
             elif job.state is State.RUNNING:  # no slave on record: nobody can claim it
                 self._requeue(job, counted=False)
             elif job.state is State.QUEUED and job.after:
@@ -527,6 +529,7 @@ class Board:
         for dep in after:
             state = jobs[dep].state if dep in jobs else known[dep]
             if state in (State.FAILED, State.CANCELLED):
+                self._drop_run(job)
                 self._finish(job, State.CANCELLED, error=f"job {dep} it comes after {state}")
                 self.cascaded.append(job)
                 self._cascade(job)
@@ -548,16 +551,19 @@ class Board:
         while todo:
             dep = todo.pop()
             for job_id in self._dependents.pop(dep.id, ()):
+                # (queued, or running: handed out by an earlier master, see _requeue)
                 job, unmet = self.jobs.get(job_id), self._waiting_on.get(job_id)
-                if job is None or unmet is None or job.state is not State.QUEUED:
+                if job is None or unmet is None:
                     continue
                 if dep.state is State.SUCCEEDED:
                     unmet.discard(dep.id)
                     if not unmet:
                         del self._waiting_on[job_id]
-                        self._enter_line(job)
+                        if job.state is State.QUEUED:
+                            self._enter_line(job)
                     continue
                 del self._waiting_on[job_id]
+                self._drop_run(job)
                 self._finish(job, State.CANCELLED, error=f"job {dep.id} it comes after {dep.state}",
                              cascade=False)  # fmt: skip
                 self.cascaded.append(job)
@@ -606,11 +612,16 @@ class Board:
         and kills the run.
         """
         job = self.get(job_id)
-        if job.state is State.RUNNING and job.worker in self.workers:
-            self.workers[job.worker].let_go(job.id)
+        self._drop_run(job)
         if not job.state.terminal:
             self._finish(job, State.CANCELLED, error="cancelled by request")
         return job
+
+    def _drop_run(self, job: Job) -> None:
+        """A running job is cancelled: its slave no longer holds it, and is told to drop
+        it (see _reconcile)."""
+        if job.state is State.RUNNING and job.worker in self.workers:
+            self.workers[job.worker].let_go(job.id)
 
     # -- slaves --------------------------------------------------------------
 
@@ -797,7 +808,9 @@ class Board:
         before: a crash that lost the failure would let the retry run beside a slave
         that still holds the failed run's outcome (and reports it to the next master)."""
         for job in jobs:
-            if job.state is State.QUEUED and job.not_before is not None:
+            # (one still waiting for others, see _requeue: once they succeeded, _cascade)
+            if (job.state is State.QUEUED and job.not_before is not None
+                    and job.id not in self._waiting_on):  # fmt: skip
                 heapq.heappush(self._delayed, (job.not_before, job.id))
 
     def release_due(self) -> int:
@@ -1044,7 +1057,11 @@ class Board:
         if job.state is State.RUNNING:
             self._left_running(job)
         job.state, job.started = State.QUEUED, None
-        self._line(job).appendleft(job.id)  # it waited once already; run it next
+        # a run an earlier master handed out (adopted, or restored running) may still wait
+        # for others here: that master saw them succeed, which this one has not heard, and
+        # may never (an outcome lost with its slave runs again): it runs after them again
+        if job.id not in self._waiting_on:
+            self._line(job).appendleft(job.id)  # it waited once already; run it next
         self.dirty.add(job.id)
 
     def _finish(

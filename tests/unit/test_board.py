@@ -645,6 +645,68 @@ def test_a_restored_master_keeps_jobs_waiting_for_others():
     assert [j.id for j in take(restored, "w1", 5)] == [b.id]
 
 
+def adopted_before_what_it_comes_after(clock, claim_a: bool = True) -> Board:
+    """An earlier master saw a (job 1) succeed on w1 and handed w1 b (job 2), which comes
+    after a, then died before saving either: the next one adopts w1's run of b (and of a,
+    if w1 claims its outcome) while b still waits for a."""
+    board = Board(clock=clock, lease_seconds=30)
+    (a,) = board.submit([shell("a")])
+    b = after(board, a.id)
+    saved = [copy.copy(a), copy.copy(b)]  # the journal: a queued, b waiting for it
+    take(board, "w1", 1)
+    board.complete("w1", [ok(a)])  # not saved yet, nor acknowledged
+    assert board.lease("w1", 1) == [b]
+    restored = Board(clock=clock, lease_seconds=30, first_lease=b.lease + 100)
+    restored.restore(saved, Journaled(2, {"queued": 2}, 2, 0, ("w1",)))
+    restored.register("w1", claims(a, b) if claim_a else claims(b))
+    assert restored.jobs[b.id].state is State.RUNNING and restored.waits_for(b.id) == {a.id}
+    return restored
+
+
+def test_an_adopted_run_of_a_waiting_job_that_is_lost_waits_again(clock):
+    """w1 dies: a's outcome is lost with it, and b runs again only after a, not beside it."""
+    board = adopted_before_what_it_comes_after(clock)
+    clock.now += 31
+    board.register("w2")
+    assert {j.id for j in board.expire()} == {1, 2}
+    assert [j.id for j in board.lease("w2", 5)] == [1]
+    assert board.why_pending(2) == "waiting for job 1"
+    board.complete("w2", [ok(board.jobs[1])])
+    assert [j.id for j in board.lease("w2", 5)] == [2]
+
+
+def test_a_job_restored_running_waits_again_if_its_slave_does_not_come_back(clock):
+    """The master dies again: its journal has b running on w1 (adopted), and a not
+    finished; w1 never comes back."""
+    board = adopted_before_what_it_comes_after(clock)
+    restored = Board(clock=clock, lease_seconds=30, first_lease=board.first_lease + 100)
+    restored.restore([copy.copy(j) for j in board.take_dirty()],
+                     Journaled(2, {"running": 2}, 2, 0, ("w1",)))  # fmt: skip
+    clock.now += RECONNECT_SECONDS + 31
+    restored.register("w2")
+    assert {j.id for j in restored.expire()} == {1, 2}
+    assert [j.id for j in restored.lease("w2", 5)] == [1]
+
+
+def test_an_adopted_run_of_a_waiting_job_follows_what_it_comes_after(clock):
+    """While w1's run of b goes on, a runs again (its outcome was lost) and finishes: if
+    a succeeded, b no longer waits for it (its run handed back, b goes in line); if a
+    failed, b is cancelled, and w1 told to drop it."""
+    for good in (True, False):
+        board = adopted_before_what_it_comes_after(clock, claim_a=False)
+        (again,) = take(board, "w2", 5)
+        assert again.id == 1
+        board.complete("w2", [Outcome(1, again.lease, good, exit_code=0 if good else 1)])
+        b = board.jobs[2]
+        if good:
+            assert board.waits_for(b.id) == set()
+            board.release("w1", [(b.id, b.lease)])
+            assert board.lease("w2", 5) == [b]
+        else:
+            assert b.state is State.CANCELLED and b.error == "job 1 it comes after failed"
+            assert board.heartbeat("w1", claims(b)).cancelled == (b.id,)
+
+
 # -- priorities, arrays, placement -------------------------------------------------------
 
 
