@@ -2,6 +2,8 @@
 
 Every public method here is callable by clients and slaves (see transport.EXPOSED).
 Slaves and clients long-poll: ``lease`` waits for work, ``collect`` waits for outcomes.
+A waiting poll holds no thread: it is parked here, and the call that brings its work or
+outcome answers it (transport.answer_later), so a job crosses no thread of the master.
 
 Durability: ``submit`` returns once its jobs are in the journal (no slave sees them
 before); an outcome is acknowledged to its slave, and passed on to clients, once it is
@@ -10,10 +12,11 @@ in the journal; a cancel returns once it is saved.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,10 +35,11 @@ from .journal import LEASE_BLOCK, Journal, Pruned, safe_text
 from .metrics import NoMetrics
 from .progress import Progress
 from .settings import format_duration
+from .transport import DEFERRED, answer_later
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT = 30.0  # longest a long-poll may block, so dead peers' threads come back
+MAX_WAIT = 30.0  # longest a long-poll may wait (the tick ends those whose time is up)
 SESSION_IDLE = 600.0  # outboxes nobody collected from for this long are dropped
 PAGE = 1000  # most jobs one `jobs` call returns
 REFILL = 20_000  # cold queued jobs read back from the journal at a time (see Board.refill)
@@ -72,6 +76,45 @@ def _clean(out: Outcome) -> Outcome:
                         stderr=safe_text(out.stderr))  # fmt: skip
 
 
+class _Inline:
+    """The answer to a long-poll made in-process (tests, the master itself): the caller
+    waits for it, as a remote caller waits for its reply."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def __call__(self, value: Any) -> None:
+        self.value = value
+        self._ready.set()
+
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+        self._ready.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._ready.wait(timeout)
+
+    def result(self) -> Any:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Poll:
+    """A long-poll parked in the master: a slave's ``lease`` (``key``: its name, ``n`` and
+    ``seq`` as it asked) or a client's ``collect`` (``key``: its session). ``finish`` sends
+    what settles it (leases, or None for a slave the master forgot; outcomes)."""
+
+    __slots__ = ("key", "n", "seq", "deadline", "finish")
+
+    def __init__(self, key: str, deadline: float, finish: Callable[[Any], None],
+                 n: int = 0, seq: int | None = None) -> None:  # fmt: skip
+        self.key, self.deadline, self.finish, self.n, self.seq = key, deadline, finish, n, seq
+
+
 class Service:
     def __init__(
         self,
@@ -95,8 +138,12 @@ class Service:
         self._clock = clock
         self._heartbeat = heartbeat_seconds or max(0.2, board.lease_seconds / 3)
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._done = threading.Condition(self._lock)
+        # Long-polls wait here, not in threads: whoever brings work (submit, a requeue, a
+        # tick) or an outcome (report) settles them under the lock, and sends the answers
+        # once it let go of the lock (_flush): the job crosses no thread of the master.
+        self._leasing: dict[str, _Poll] = {}  # slave -> its lease (one at a time), oldest first
+        self._collecting: dict[str, _Poll] = {}  # session -> its collect
+        self._outgoing: deque[Callable[[], None]] = deque()  # answers to send, in order
         self._outboxes: dict[str, list[tuple]] = {}  # session -> not yet collected
         self._session_seen: dict[str, float] = {}
         self._closing = False
@@ -175,8 +222,9 @@ class Service:
                 ) from None
         with self._lock:
             self._board.publish(jobs)
-            self._work.notify_all()
+            self._serve_leases()
             gone = self._cascaded()
+        self._flush()
         self._metrics.submitted(len(jobs))
         self._metrics.finished(gone, ran=False)
         if not jobs:
@@ -211,25 +259,29 @@ class Service:
                     others = job.session if isinstance(job.session, tuple) else (job.session,)
                     job.session = tuple({*others, session})
             if box:
-                self._done.notify_all()
-            return found
+                self._serve_collect(session)
+        self._flush()
+        return found
 
     def collect(self, session: str, timeout: float = 1.0) -> list[tuple] | None:
         """Outcomes finished for ``session`` since the last call; None if the session is unknown."""
-        deadline = self._clock() + min(max(timeout, 0.0), MAX_WAIT)
+        wait = min(max(timeout, 0.0), MAX_WAIT)
+        answer = answer_later() or _Inline()
         with self._lock:
-            while True:
-                box = self._outboxes.get(session)
-                if box is None:
-                    return None
-                self._session_seen[session] = self._clock()
-                if box:
-                    self._outboxes[session] = []
-                    return box
-                remaining = deadline - self._clock()
-                if remaining <= 0 or self._closing:
-                    return []
-                self._done.wait(remaining)
+            box = self._outboxes.get(session)
+            if box is None:
+                return None
+            now = self._clock()
+            self._session_seen[session] = now
+            if box or wait <= 0 or self._closing:
+                self._outboxes[session] = []
+                return box
+            old = self._collecting.pop(session, None)  # a client asks once at a time
+            if old is not None:
+                self._outgoing.append(functools.partial(old.finish, []))
+            poll = self._collecting[session] = _Poll(session, now + wait, answer)
+        self._flush()
+        return self._answered(answer, poll, wait)
 
     def get(self, job_id: int, with_result: bool = False) -> dict[str, Any]:
         with self._lock:
@@ -327,15 +379,17 @@ class Service:
                 before = self._board.get(job_id).state
                 job = self._board.cancel(job_id)
                 if job.array is not None:
-                    self._work.notify_all()  # a task set aside at the array's cap may go
+                    self._serve_leases()  # a task set aside at the array's cap may go
                 followers, self._board.cascaded = self._board.cascaded, []
                 ticket = self._journal.append(self._board.take_dirty(), wake=False)
+        self._flush()
         if job is None:
             return self.get(job_id)  # finished long ago, or unknown (raises)
         self._journal.wait(ticket)
         if job.state is State.CANCELLED and before is not State.CANCELLED:
             with self._lock:
                 self._route([job, *followers])
+            self._flush()
             self._metrics.finished([job, *followers], ran=False)
             after = f"; so were {len(followers)} job(s) after it" if followers else ""
             log.info("job %s cancelled (was %s)%s", job.label, before, after)
@@ -404,8 +458,9 @@ class Service:
             # master must know every slave that may run a job the journal never saw
             roster, self._board.roster = self._board.roster, []
             ticket = self._journal.append(self._board.take_dirty(), roster=roster, wake=False)
-            self._work.notify_all()
+            self._serve_leases()
             kept = len(record.held)
+        self._flush()
         self._journal.wait(ticket)
         log.info("slave %s registered from %s (pid %s, %s processes%s)", worker, host, pid,
                  concurrency, f"; kept its {kept} running job(s)" if kept else "")  # fmt: skip
@@ -417,26 +472,121 @@ class Service:
         self, worker: str, n: int, wait: float = 0.0, seq: int | None = None
     ) -> protocol.Leased:
         """Hand out up to ``n`` jobs, waiting up to ``wait`` seconds for the first one."""
-        deadline = self._clock() + min(max(wait, 0.0), MAX_WAIT)
-        n = max(0, int(n))
+        answer = answer_later() or _Inline()
+
+        def finish(leased: protocol.Leased | None) -> None:
+            if leased is None:
+                answer.fail(UnknownWorker(worker))
+            else:
+                answer(leased)
+
+        return self._lease(worker, n, wait, seq, answer, finish)
+
+    def _lease(
+        self, worker: str, n: int, wait: float, seq: int | None, answer: Any,
+        finish: Callable[[protocol.Leased | None], None],
+    ) -> Any:
+        """``lease``, answered through ``finish``: now, or once work comes or ``wait`` ends
+        (parked: returns DEFERRED over the wire; in-process the caller waits here)."""
+        n, wait = max(0, int(n)), min(max(wait, 0.0), MAX_WAIT)
         with self._lock:
-            while True:
-                if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
-                    self._reserve_leases()
-                jobs = [] if self._closing else self._board.lease(worker, n, seq)
-                remaining = deadline - self._clock()
-                record = self._board.workers.get(worker)
-                if record is None:
-                    raise UnknownWorker(worker)
-                if jobs or remaining <= 0 or self._closing or record.draining:
-                    break
-                self._work.wait(remaining)
-            digests = {j.payload[0] for j in jobs if j.kind == "python"}
-            funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
-        self._progress.dispatched(jobs, worker)
+            now = self._clock()
+            poll = _Poll(worker, now + wait, finish, n, seq)
+            if not self._settle_lease(poll, now):
+                # a slave asks once at a time: one parked before is of a connection it lost
+                old = self._leasing.pop(worker, None)
+                if old is not None:
+                    self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
+                self._leasing[worker] = poll
+        self._flush()
+        return self._answered(answer, poll, wait)
+
+    def _settle_lease(self, poll: _Poll, now: float) -> bool:
+        """Give a parked (or new) lease what it may have now; True if that settles it (jobs,
+        its time is up, the slave drains or is unknown, the master stops). Under the lock;
+        the answer goes out with _flush."""
+        if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
+            self._reserve_leases()
+        worker = poll.key
+        jobs = [] if self._closing else self._board.lease(worker, poll.n, poll.seq)
+        record = self._board.workers.get(worker)
+        if record is None:
+            self._outgoing.append(functools.partial(poll.finish, None))
+            return True
+        if not (jobs or now >= poll.deadline or self._closing or record.draining):
+            return False
+        digests = {j.payload[0] for j in jobs if j.kind == "python"}
+        funcs = {d: self._funcs.get(d) or self._journal.func(d) or b"" for d in digests}
         # protocol.Lease's fields, as plain tuples (see protocol: per-job messages)
         leases = [(j.id, j.lease, j.kind, j.payload, j.timeout, j.priority) for j in jobs]
-        return protocol.Leased(leases, funcs)
+        self._outgoing.append(functools.partial(self._dispatch, jobs, worker, poll.finish,
+                                                protocol.Leased(leases, funcs)))  # fmt: skip
+        return True
+
+    def _dispatch(self, jobs: list[Job], worker: str, finish: Callable[[Any], None],
+                  leased: protocol.Leased) -> None:  # fmt: skip
+        self._progress.dispatched(jobs, worker)
+        finish(leased)
+
+    def _serve_leases(self) -> None:
+        """Settle the parked leases that can be now. Under the lock (then _flush)."""
+        if not self._leasing:
+            return
+        now = self._clock()
+        for key, poll in list(self._leasing.items()):
+            if self._settle_lease(poll, now):
+                del self._leasing[key]
+
+    def _serve_collect(self, session: str) -> None:
+        """Answer ``session``'s parked collect with its outbox, if it has one parked."""
+        poll = self._collecting.pop(session, None)
+        if poll is not None:
+            box = self._outboxes.get(session)  # None: the session was dropped (as collect)
+            if box:
+                self._outboxes[session] = []
+            self._outgoing.append(functools.partial(poll.finish, box))
+
+    def _expire_polls(self) -> None:
+        """Answer the long-polls whose time is up (empty), or all when closing. Under the lock."""
+        now = self._clock()
+        for session, poll in list(self._collecting.items()):
+            if now >= poll.deadline or self._closing:
+                del self._collecting[session]
+                self._outgoing.append(functools.partial(poll.finish, []))
+        for key, poll in list(self._leasing.items()):
+            if (now >= poll.deadline or self._closing) and self._settle_lease(poll, now):
+                del self._leasing[key]
+
+    def _flush(self) -> None:
+        """Send the answers settled under the lock; never under it (a peer that does not
+        read must not stall the master)."""
+        out = self._outgoing
+        while True:
+            try:
+                send = out.popleft()
+            except IndexError:
+                return
+            try:
+                send()
+            except Exception:  # a bug in one answer must not keep the others
+                log.exception("answering a long-poll failed")
+
+    def _answered(self, answer: Any, poll: _Poll, wait: float) -> Any:
+        """What a long-poll call returns: DEFERRED over the wire; in-process, its answer,
+        after waiting for it here (at most ``wait``, then it is settled as it stands)."""
+        if not isinstance(answer, _Inline):
+            return DEFERRED
+        if not answer.wait(wait):
+            with self._lock:
+                now = max(self._clock(), poll.deadline)
+                if self._collecting.get(poll.key) is poll:
+                    self._serve_collect(poll.key)
+                elif self._leasing.get(poll.key) is poll:
+                    del self._leasing[poll.key]
+                    poll.deadline = now
+                    self._settle_lease(poll, now)
+            self._flush()
+        return answer.result()
 
     def _reserve_leases(self) -> None:
         """Reserve the next block of lease numbers in the journal, half a block ahead.
@@ -473,7 +623,7 @@ class Service:
             if finished:
                 self._route(finished)
             if any(j.array is not None for j in (*finished, *retried)):
-                self._work.notify_all()  # a task set aside at its array's cap may go now
+                self._serve_leases()  # a task set aside at its array's cap may go now
             retries = [(j.label, j.failures, j.retries, j.not_before) for j in retried]
         for label, n, of, at in retries:
             log.warning("job %s failed on %s; retry %d of %d in %.1fs", label, worker, n, of,
@@ -486,27 +636,32 @@ class Service:
         self._progress.finished(finished, worker)
         self._metrics.finished(finished)
         self._metrics.finished(followers, ran=False)
+        self._flush()  # the clients' outcomes, before the journal is waited for
         self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
         if retried:  # their failures are saved: the retries may go in line
             with self._lock:
                 self._board.schedule(retried)
+        done = len(finished)
         if lease is None:
-            return protocol.Reported(len(finished), rejected, give_back, yield_to=yield_to)
-        try:
-            leases, funcs = self.lease(worker, *lease)
-            known = True
-        except UnknownWorker:
-            leases, funcs, known = [], {}, False
-        return protocol.Reported(len(finished), rejected, give_back, tuple(leases), funcs, known,
-                                 yield_to)  # fmt: skip
+            return protocol.Reported(done, rejected, give_back, yield_to=yield_to)
+        answer = answer_later() or _Inline()
+
+        def finish(leased: protocol.Leased | None) -> None:
+            leases, funcs = leased if leased is not None else ([], {})
+            answer(protocol.Reported(done, rejected, give_back, tuple(leases), funcs,
+                                     leased is not None, yield_to))  # fmt: skip
+
+        n, wait, seq = (*lease, None)[:3]  # (n, wait) from a slave that leaves seq out
+        return self._lease(worker, n, wait, seq, answer, finish)
 
     def release(self, worker: str, leases: list[tuple[int, int]]) -> int:
         with self._lock:
             back = self._board.release(worker, leases)
             if back:
-                self._work.notify_all()
+                self._serve_leases()
             record = self._board.workers.get(worker)
             why = "drain" if record is not None and record.draining else "handed_back"
+        self._flush()
         if back:
             log.info("slave %s handed back %d job(s)", worker, len(back))
             self._metrics.requeued(len(back), why)
@@ -525,7 +680,8 @@ class Service:
                     give_back=self._board.give_back(worker), exit=worker in self._doomed,
                     yield_to=self._board.yield_to(worker),
                 )
-            self._work.notify_all()
+            self._serve_leases()
+        self._flush()
         self._metrics.requeued(lost, "lost_in_transit")
         self._log_drops(worker, reply)
         return tuple(reply)
@@ -533,7 +689,8 @@ class Service:
     def goodbye(self, worker: str) -> None:
         with self._lock:
             back = self._board.forget(worker)
-            self._work.notify_all()
+            self._serve_leases()
+        self._flush()
         self._metrics.requeued(len(back), "slave_left")
         log.info("slave %s left%s", worker, f"; {len(back)} job(s) back in the queue" if back
                  else "")  # fmt: skip
@@ -571,14 +728,15 @@ class Service:
         with self._lock:
             held_back = bool(self._board.awaited)
             if self._board.release_due():  # backoffs that ended: the jobs go first in line
-                self._work.notify_all()
+                self._serve_leases()
             changed = self._board.expire()
             back = [j.label for j in changed if j.state is State.QUEUED]
             gone = [j for j in changed if j.state.terminal]
             gone += self._board.cascaded  # cancelled: a job they come after failed
             self._board.cascaded = []
             if changed or (held_back and not self._board.holding_back()):
-                self._work.notify_all()
+                self._serve_leases()
+            self._expire_polls()
             roster, self._board.roster = self._board.roster, []
             ticket = self._journal.append(self._board.take_dirty(started=True), roster=roster)
             self._saved_marks.append((ticket, self._board.finished_total))
@@ -592,6 +750,7 @@ class Service:
                 del self._session_seen[session], self._outboxes[session]
             if len(self._funcs) > 64:
                 self._purge_funcs()
+        self._flush()
         if back:
             self._progress.requeued(back, "its slave stopped answering")
             self._metrics.requeued(len(back), "slave_death")
@@ -599,6 +758,7 @@ class Service:
             self._journal.wait(ticket)
             with self._lock:
                 self._route(gone)
+            self._flush()
             self._progress.finished(gone)
             self._metrics.finished(gone, ran=False)
         self._refill()
@@ -625,10 +785,10 @@ class Service:
         """Refuse new work, wake every long-poll, stop pruning, write the last changes."""
         with self._lock:
             self._closing = True
-            self._work.notify_all()
-            self._done.notify_all()
+            self._expire_polls()
             ticket = self._journal.append(self._board.take_dirty(started=True))
             counts, total = dict(self._board.counts), self._board.total
+        self._flush()
         self._prune_due.set()
         if self._retainer is not None:
             self._retainer.join(timeout=10.0)  # a pass stops at its next chunk
@@ -749,7 +909,8 @@ class Service:
         complete_to = rows[-1].id if len(rows) == REFILL else last
         with self._lock:
             if self._board.refill(first, complete_to, rows, priority):
-                self._work.notify_all()
+                self._serve_leases()
+        self._flush()
 
     def _cascaded(self) -> list[Job]:
         """Jobs cancelled since the board was last asked because a job they come after
@@ -776,8 +937,10 @@ class Service:
             log.info("slave %s told to drop %d run(s) whose lease went elsewhere", worker, stale)
 
     def _route(self, jobs: Iterable[Job]) -> None:
-        woke = False
-        outboxes = self._outboxes
+        """Outcomes to the outboxes of the clients waiting for them; a parked collect of
+        one is answered (by _flush). Under the lock."""
+        ready = set()
+        outboxes, collecting = self._outboxes, self._collecting
         for job in jobs:
             session = job.session
             if session is None:
@@ -787,9 +950,10 @@ class Service:
                 box = outboxes.get(one)
                 if box is not None:
                     box.append(_outcome(job))
-                    woke = True
-        if woke:
-            self._done.notify_all()
+                    if one in collecting:
+                        ready.add(one)
+        for one in ready:
+            self._serve_collect(one)
 
 
 def _check_array(specs: list[tuple[Any, ...]]) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -40,6 +41,51 @@ TLS_HANDSHAKE_SECONDS = HANDSHAKE_SECONDS - 1.0
 MAX_UNAUTHENTICATED = 64  # connections in their handshake at once; more are closed at once
 REFUSAL_LOG_SECONDS = 60.0  # refused connections are logged at most this often, counted
 SchedulerProxy = managers.MakeProxyType("SchedulerProxy", EXPOSED)  # type: ignore[attr-defined]
+
+
+# -- answering a call later, from another thread -------------------------------------------
+
+DEFERRED: Any = object()  # what a service method returns when it answers later (Answer)
+_serving = threading.local()  # the Answer of the call this thread is serving
+
+
+class Answer:
+    """The answer to one call, sent by whichever thread has it (``answer(value)``,
+    ``answer.fail(exc)``), once. A long-poll (``lease``, ``collect``) parks its Answer and
+    returns DEFERRED; the thread that has the work or the outcome sends it itself: no
+    hand-off to the waiting thread (a wake-up, and a fight for the GIL) on the path of
+    every job. A peer gone meanwhile is not an error here: its connection's thread ends."""
+
+    __slots__ = ("_send", "_lock", "sent")
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self.sent = False
+
+    def __call__(self, value: Any) -> None:
+        self._reply(("#RETURN", value))
+
+    def fail(self, exc: Exception) -> None:
+        self._reply(("#ERROR", exc))
+
+    def _reply(self, msg: tuple[str, Any]) -> None:
+        with self._lock:
+            if self.sent:
+                return
+            self.sent = True
+            try:
+                self._send(msg)
+            except Exception:  # gone, or a value that does not pickle (a bug: say so)
+                with contextlib.suppress(Exception):
+                    self._send(("#TRACEBACK", traceback.format_exc()))
+
+
+def answer_later() -> Answer | None:
+    """In a service method called over the wire: the means to answer this call from any
+    thread; the method then returns DEFERRED. None when called in-process (tests, the
+    master itself): the method answers by returning, as usual."""
+    return getattr(_serving, "answer", None)
 
 
 def _nodelay(conn: connection.Connection) -> None:
@@ -309,6 +355,50 @@ class _Server(managers.Server):
             pass
         finally:
             conn.close()
+
+    def serve_client(self, conn: connection.Connection) -> None:
+        """The stdlib's loop (requests of one connection, one at a time), but a method may
+        answer later through ``answer_later()`` (then it returns DEFERRED and nothing is
+        sent here); the connection's next request comes only after that answer. Over TLS
+        ``answer_later()`` is None: every answer is sent by this thread."""
+        recv = conn.recv
+        id_to_obj = self.id_to_obj  # type: ignore[attr-defined]
+        while not self.stop_event.is_set():  # type: ignore[attr-defined]
+            methodname = obj = None
+            answer = Answer(conn.send)
+            msg: tuple[str, Any]
+            try:
+                request = recv()
+                ident, methodname, args, kwds = request
+                obj, exposed, _ = id_to_obj[ident]  # a KeyError names id_to_obj: Link's _stale
+                if methodname not in exposed:
+                    raise AttributeError(f"method {methodname!r} of {type(obj)!r} is not "
+                                         f"in exposed={exposed!r}")  # fmt: skip
+                function = getattr(obj, methodname)
+                # not over TLS: OpenSSL allows no write to a connection while another thread
+                # reads it (this one, waiting for the next call); the call waits in place
+                _serving.answer = answer if self.tls is None else None
+                try:
+                    res = function(*args, **kwds)
+                except Exception as e:
+                    msg = ("#ERROR", e)
+                else:
+                    if res is DEFERRED:
+                        continue
+                    msg = ("#RETURN", res)
+                finally:
+                    _serving.answer = None
+            except AttributeError:  # as the stdlib: __str__, __repr__, #GETVALUE
+                try:
+                    fallback: Any = self.fallback_mapping[methodname]  # type: ignore[index]
+                    msg = ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds))
+                except Exception:
+                    msg = ("#TRACEBACK", traceback.format_exc())
+            except EOFError:
+                sys.exit(0)
+            except Exception:
+                msg = ("#TRACEBACK", traceback.format_exc())
+            answer._reply(msg)
 
     def _handle_request(self, c: connection.Connection, deadline: _Deadline) -> None:  # type: ignore[override]
         # Same as the stdlib's, except for the handshake's deadline, and that a failed one

@@ -22,10 +22,10 @@ POINTS = (
     ("scheduler.client", "Client", "_resolve", "C.resolve"),
     ("scheduler.client", "AsyncResult", "get", "C.get"),
     ("scheduler.service", "Service", "submit", "M.submit"),
-    ("scheduler.service", "Service", "lease", "M.lease"),
+    ("scheduler.service", "Service", "_dispatch", "M.dispatch"),  # a parked lease answered
     ("scheduler.service", "Service", "report", "M.report"),
     ("scheduler.service", "Service", "_route", "M.route"),
-    ("scheduler.service", "Service", "collect", "M.collect"),
+    ("scheduler.transport", "Answer", "__call__", "M.answer"),  # ... or a parked collect
     ("scheduler.journal", "Journal", "_write_locked", "M.journal"),
     ("scheduler.runner", "PythonSlot", "run", "S.slot"),
     ("scheduler.worker", "Worker", "_finish", "S.finish"),

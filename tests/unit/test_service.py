@@ -139,3 +139,130 @@ def test_urgent_jobs_beyond_the_window_come_first_and_a_restart_keeps_it_so(jour
     jobs, _, stored = journal.load(10, queue_window=2)
     assert [j.id for j in jobs if j.state is State.QUEUED] == [urgent_first + 3, 2]
     assert stored.cold == ((3, 8, 0),)
+
+
+# -- long-polls parked in the master, over real sockets ---------------------------------
+
+
+@pytest.fixture
+def served(journal):
+    """The service published on a loopback port in this process, and a way to connect."""
+    import secrets
+    import threading
+
+    from scheduler import transport
+
+    svc = make(journal)
+    key = secrets.token_bytes(16)
+    server = transport.serve(svc, ("127.0.0.1", 0), key)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = server.address
+    proxies = []
+
+    def connect(raw: bool = False):
+        if raw:  # a bare connection speaking the manager's protocol, to close at will
+            from multiprocessing import managers
+
+            conn = transport._client(address, key)
+            managers.dispatch(conn, None, "accept_connection", ("test",))
+            return conn
+        proxy = transport.connect(address, key)
+        proxies.append(proxy)
+        return proxy
+
+    yield svc, connect
+    svc.close()
+
+
+def call_in_thread(method, *args):
+    """Call ``method`` in a thread of its own; a function that waits for what it returned."""
+    import queue
+    import threading
+
+    box: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run():
+        try:
+            box.put((True, method(*args)))
+        except Exception as exc:
+            box.put((False, exc))
+
+    threading.Thread(target=run, daemon=True).start()
+
+    def result(timeout=10.0):
+        ok, value = box.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    result.box = box  # type: ignore[attr-defined]
+    return result
+
+
+def parked(svc, what: str, key: str) -> None:
+    """Wait until the master holds the long-poll of ``key`` (a slave, or a session)."""
+    polls = svc._leasing if what == "lease" else svc._collecting
+    deadline = time.monotonic() + 10
+    while key not in polls:
+        assert time.monotonic() < deadline, f"no {what} of {key} parked"
+        time.sleep(0.005)
+
+
+def test_a_parked_lease_gets_a_job_submitted_later_and_a_parked_collect_its_outcome(served):
+    """Neither call holds a thread of the master while it waits: the submit answers the
+    slave's lease, the slave's report answers the client's collect."""
+    svc, connect = served
+    slave, client = connect(), connect()
+    slave.register("w", "h", 1, 1, (), VERSION)
+    client.watch("s1", [])  # the session exists
+    lease = call_in_thread(slave.lease, "w", 1, 10.0)
+    collect = call_in_thread(client.collect, "s1", 10.0)
+    parked(svc, "lease", "w")
+    parked(svc, "collect", "s1")
+    first, count = client.submit([tuple(shell("true"))], {}, "s1")
+    leases, _ = lease()
+    (got,) = [Lease._make(t) for t in leases]
+    assert got.job_id == first and count == 1
+    slave.report("w", [(got.job_id, got.lease, True)])
+    assert [o[:2] for o in collect()] == [(first, "succeeded")]
+    assert not svc._leasing and not svc._collecting
+
+
+def test_a_slave_asking_again_ends_its_old_poll_and_a_stop_answers_every_poll(served):
+    svc, connect = served
+    old, new, client = connect(), connect(), connect()
+    old.register("w", "h", 1, 1, (), VERSION)
+    client.watch("s1", [])
+    first = call_in_thread(old.lease, "w", 1, 10.0)
+    parked(svc, "lease", "w")
+    second = call_in_thread(new.lease, "w", 1, 10.0)
+    assert first(timeout=5).leases == []  # at once: that connection is the slave's old one
+    collect = call_in_thread(client.collect, "s1", 10.0)
+    parked(svc, "collect", "s1")
+    svc.close()
+    assert second(timeout=5).leases == [] and collect(timeout=5) == []
+
+
+def test_a_poll_ends_empty_when_its_time_is_up_and_one_of_a_vanished_peer_is_harmless(served):
+    svc, connect = served
+    slave, gone, client = connect(), connect(), connect()
+    slave.register("w", "h", 1, 1, (), VERSION)
+    gone.register("x", "h", 1, 1, (), VERSION)
+    client.watch("s1", [])
+    started = time.monotonic()
+    short = call_in_thread(slave.lease, "w", 1, 0.3)
+    parked(svc, "lease", "w")
+    for _ in range(20):  # the master's ticks end it
+        svc.tick()
+        time.sleep(0.05)
+    assert short().leases == [] and time.monotonic() - started >= 0.3
+    raw = connect(raw=True)
+    raw.send((gone._token.id, "lease", ("x", 1, 10.0), {}))
+    parked(svc, "lease", "x")
+    raw.close()  # the slave's connection is gone with its call parked
+    first, _ = client.submit([tuple(shell("true"))], {}, "s1")  # answers x's poll: lost
+    assert svc._board.jobs[first].worker == "x"  # handed to x, whose slave never got it
+    svc.heartbeat("x", ((), (), 1, False))  # x says it holds nothing: back in line
+    assert svc._board.jobs[first].state is State.QUEUED
+    again = call_in_thread(slave.lease, "w", 1, 10.0)
+    assert [Lease._make(t).job_id for t in again().leases] == [first]
