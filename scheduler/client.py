@@ -202,7 +202,9 @@ class Client:
         _check_protocol(self._link.call("ping", retry=False), self.address)
         self.batch_size = batch_size
         self._session = uuid.uuid4().hex
-        self._lock = threading.Condition()
+        lock = threading.RLock()
+        self._lock = threading.Condition(lock)  # the collector waits here for jobs sent
+        self._to_flush = threading.Condition(lock)  # the flusher waits here for a buffer
         self._done = threading.Condition()  # AsyncResult.wait() waits on this
         self._submit_lock = threading.Lock()
         self._buffer: list[tuple[JobSpec, AsyncResult]] = []
@@ -481,7 +483,7 @@ class Client:
             self._buffer.append((spec, handle))
             waiting = len(self._buffer)
             if waiting == 1:
-                self._lock.notify_all()  # wake the flusher
+                self._to_flush.notify()
         if waiting >= self.batch_size:
             self.flush()
         return handle
@@ -588,7 +590,7 @@ class Client:
         while True:
             with self._lock:
                 while not self._buffer and not self._closed:
-                    self._lock.wait()
+                    self._to_flush.wait()
                 if self._closed:
                     return
             time.sleep(FLUSH_DELAY)  # let a burst fill the batch
@@ -601,8 +603,8 @@ class Client:
         link = Link(self.address, self._authkey, stopping=lambda: self._closed,
                     patience=RECONNECT_PATIENCE, environ=self._environ)  # fmt: skip
         while True:
-            with self._lock:
-                while not self._pending and not self._buffer and not self._closed:
+            with self._lock:  # woken once jobs are sent (not when buffered: see _to_flush)
+                while not self._pending and not self._closed:
                     self._lock.wait()
                 if self._closed:
                     return
@@ -645,6 +647,7 @@ class Client:
             with self._lock:
                 self._closed = True
                 self._lock.notify_all()
+                self._to_flush.notify_all()
 
     def __enter__(self) -> Client:
         return self
