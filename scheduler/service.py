@@ -491,12 +491,12 @@ class Service:
         n, wait = max(0, int(n)), min(max(wait, 0.0), MAX_WAIT)
         with self._lock:
             now = self._clock()
+            # a slave asks once at a time: one parked before is of a connection it lost
+            old = self._leasing.pop(worker, None)
+            if old is not None:
+                self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
             poll = _Poll(worker, now + wait, finish, n, seq)
             if not self._settle_lease(poll, now):
-                # a slave asks once at a time: one parked before is of a connection it lost
-                old = self._leasing.pop(worker, None)
-                if old is not None:
-                    self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
                 self._leasing[worker] = poll
         self._flush()
         return self._answered(answer, poll, wait)
@@ -505,14 +505,14 @@ class Service:
         """Give a parked (or new) lease what it may have now; True if that settles it (jobs,
         its time is up, the slave drains or is unknown, the master stops). Under the lock;
         the answer goes out with _flush."""
-        if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
-            self._reserve_leases()
         worker = poll.key
-        jobs = [] if self._closing else self._board.lease(worker, poll.n, poll.seq)
         record = self._board.workers.get(worker)
-        if record is None:
+        if record is None or not record.registered:  # gone, or expected back: unknown now
             self._outgoing.append(functools.partial(poll.finish, None))
             return True
+        if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
+            self._reserve_leases()
+        jobs = [] if self._closing else self._board.lease(worker, poll.n, poll.seq)
         if not (jobs or now >= poll.deadline or self._closing or record.draining):
             return False
         digests = {j.payload[0] for j in jobs if j.kind == "python"}
@@ -529,13 +529,23 @@ class Service:
         finish(leased)
 
     def _serve_leases(self) -> None:
-        """Settle the parked leases that can be now. Under the lock (then _flush)."""
+        """Hand what is in line to the parked leases, oldest first, while anything is in
+        line (a submit costs one poll, not one per idle slave). Under the lock (then _flush)."""
         if not self._leasing:
             return
         now = self._clock()
         for key, poll in list(self._leasing.items()):
+            if not self._board.in_line():
+                return
             if self._settle_lease(poll, now):
                 del self._leasing[key]
+
+    def _serve_lease_of(self, worker: str) -> None:
+        """Settle ``worker``'s parked lease if its own state says so now (it drains, or the
+        board forgot it), besides any work. Under the lock (then _flush)."""
+        poll = self._leasing.get(worker)
+        if poll is not None and self._settle_lease(poll, self._clock()):
+            del self._leasing[worker]
 
     def _serve_collect(self, session: str) -> None:
         """Answer ``session``'s parked collect with its outbox, if it has one parked."""
@@ -547,14 +557,20 @@ class Service:
             self._outgoing.append(functools.partial(poll.finish, box))
 
     def _expire_polls(self) -> None:
-        """Answer the long-polls whose time is up (empty), or all when closing. Under the lock."""
+        """Answer the long-polls whose time is up (empty), or all when closing, and the
+        leases of slaves that drain or were forgotten (a silent one, at expiry). Under the
+        lock; from the tick."""
         now = self._clock()
         for session, poll in list(self._collecting.items()):
             if now >= poll.deadline or self._closing:
                 del self._collecting[session]
                 self._outgoing.append(functools.partial(poll.finish, []))
+        workers = self._board.workers
         for key, poll in list(self._leasing.items()):
-            if (now >= poll.deadline or self._closing) and self._settle_lease(poll, now):
+            record = workers.get(key)
+            due = (now >= poll.deadline or self._closing or record is None
+                   or not record.registered or record.draining)  # fmt: skip
+            if due and self._settle_lease(poll, now):
                 del self._leasing[key]
 
     def _flush(self) -> None:
@@ -638,9 +654,12 @@ class Service:
         self._metrics.finished(followers, ran=False)
         self._flush()  # the clients' outcomes, before the journal is waited for
         self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
-        if retried:  # their failures are saved: the retries may go in line
-            with self._lock:
+        with self._lock:
+            if retried:  # their failures are saved: the retries may go in line
                 self._board.schedule(retried)
+            if finished and self._leasing:  # their dependents, now that their ends are saved
+                self._serve_leases()
+        self._flush()
         done = len(finished)
         if lease is None:
             return protocol.Reported(done, rejected, give_back, yield_to=yield_to)
@@ -680,7 +699,8 @@ class Service:
                     give_back=self._board.give_back(worker), exit=worker in self._doomed,
                     yield_to=self._board.yield_to(worker),
                 )
-            self._serve_leases()
+            self._serve_leases()  # jobs it no longer holds are back in line
+            self._serve_lease_of(worker)  # it drains, or is unknown
         self._flush()
         self._metrics.requeued(lost, "lost_in_transit")
         self._log_drops(worker, reply)
@@ -690,6 +710,7 @@ class Service:
         with self._lock:
             back = self._board.forget(worker)
             self._serve_leases()
+            self._serve_lease_of(worker)  # unknown now
         self._flush()
         self._metrics.requeued(len(back), "slave_left")
         log.info("slave %s left%s", worker, f"; {len(back)} job(s) back in the queue" if back
