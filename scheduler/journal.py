@@ -13,6 +13,7 @@ succeeds; meanwhile ``failing`` says why, and a caller that cannot wait (a submi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -49,12 +50,12 @@ _INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 31
 # a new job, as submitted: the changing columns keep their defaults (fewer to bind)
 _INSERT_QUEUED = f"INSERT OR REPLACE INTO jobs ({_FIXED}, state) VALUES ({', '.join('?' * 18)})"
 # ... and without retries, dependencies, priority, placement or array (most jobs): the
-# columns of format 2, fewer again
+# columns of format 2, fewer again; many rows a statement (_many, _insert_plain_rows)
 _PLAIN = "id, kind, func, args, name, labels, timeout, max_attempts, submitted, state"
-_INSERT_PLAIN = f"INSERT OR REPLACE INTO jobs ({_PLAIN}) VALUES ({', '.join('?' * 10)})"
 # a job changed without error text or output, never retried (most python jobs): fewer
 # columns to bind; its row's error/stdout/stderr/history are NULL then, as a job's never
-# go back to None once set unless it is retried (failures > 0)
+# go back to None once set unless it is retried (failures > 0); many rows a statement
+# where SQLite has UPDATE ... FROM (_update_done_rows)
 _DONE = ("state", "attempts", "worker", "lease", "started", "ended", "exit_code", "result")
 _UPDATE_DONE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _DONE)} WHERE id = ?"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING.split(', '))} WHERE id = ?"
@@ -531,14 +532,16 @@ class Journal:
                 if e.funcs:
                     db.executemany("INSERT OR IGNORE INTO funcs VALUES (?, ?)", e.funcs)
                 if e.plain:
-                    db.executemany(_INSERT_PLAIN, e.plain)
+                    _many(db, _insert_plain_rows, e.plain)
                 if e.fresh:
                     db.executemany(_INSERT_QUEUED, e.fresh)
                 if e.new:
                     db.executemany(_INSERT, e.new)
                 if e.changed:
                     db.executemany(_UPDATE, e.changed)
-                if e.done:
+                if e.done and _UPDATE_FROM:
+                    _many(db, _update_done_rows, e.done)
+                elif e.done:
                     db.executemany(_UPDATE_DONE, e.done)
                 if e.meta:
                     db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", e.meta)
@@ -722,6 +725,36 @@ class Journal:
                 self._cond.notify_all()
                 self._kick_if_unattended()
         return deleted
+
+
+_CHUNKS = (64, 16, 4, 1)  # rows per statement: few statement texts, few steps
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)  # UPDATE ... FROM came in 3.33
+
+
+def _many(db: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple]) -> None:
+    """Run ``sql(k)``, a statement of ``k`` rows, over ``rows`` in as few steps as
+    _CHUNKS allows: each step of executemany lets go of the GIL and takes it back, which
+    under load costs a context switch a row."""
+    i, n = 0, len(rows)
+    for k in _CHUNKS:
+        while n - i >= k:
+            db.execute(sql(k), [v for row in rows[i : i + k] for v in row])
+            i += k
+
+
+@functools.cache
+def _insert_plain_rows(k: int) -> str:
+    row = f"({', '.join('?' * 10)})"
+    return f"INSERT OR REPLACE INTO jobs ({_PLAIN}) VALUES {', '.join([row] * k)}"
+
+
+@functools.cache
+def _update_done_rows(k: int) -> str:
+    """(A job appears once in an entry's rows: with two, UPDATE FROM would take either.)"""
+    row = f"({', '.join('?' * (len(_DONE) + 1))})"
+    sets = ", ".join(f"{c} = v.column{i}" for i, c in enumerate(_DONE, 1))
+    return (f"UPDATE jobs SET {sets} FROM (VALUES {', '.join([row] * k)}) AS v "
+            f"WHERE jobs.id = v.column{len(_DONE) + 1}")  # fmt: skip
 
 
 def _wal(path: Path) -> Path:

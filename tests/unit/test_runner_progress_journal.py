@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from scheduler.board import Board
 from scheduler.job import JobSpec, State
 from scheduler.journal import Journal
@@ -326,3 +328,32 @@ def test_the_writer_thread_wakes_only_for_what_nobody_waits_for(tmp_path):
     assert journal.fetch(late.id) is not None
     assert writers[-2:] == ["waiter", "journal"]
     journal.close()
+
+
+@pytest.mark.parametrize("update_from", [True, False])
+def test_many_jobs_written_many_rows_a_statement_each_keep_their_own_values(
+    tmp_path, monkeypatch, update_from
+):
+    """Plain submits and plain finishes are written 64, 16, 4 and 1 rows a statement (and
+    without UPDATE ... FROM on an SQLite before 3.33): 150 jobs, each its own result."""
+    import scheduler.journal as journal_module
+    from scheduler.protocol import Outcome
+
+    monkeypatch.setattr(journal_module, "_UPDATE_FROM", update_from)
+    journal, board = Journal(tmp_path), Board()
+    board.register("w")
+    jobs = board.submit([JobSpec("python", ("d1", f"args{i}".encode())) for i in range(150)])
+    journal.wait(journal.append(board.take_dirty(), {"d1": b"body"}))
+    leased = board.lease("w", 150)
+    board.complete("w", [Outcome(j.id, j.lease, True, f"result{j.id}".encode()) for j in leased])
+    journal.wait(journal.append(board.take_dirty()))
+    journal.close()
+    again = Journal(tmp_path)
+    loaded = {j.id: j for j in again.load(keep_finished=1000)[0]}
+    again.close()
+    assert sorted(loaded) == [j.id for j in jobs]
+    for job in jobs:
+        got = loaded[job.id]
+        assert got.state is State.SUCCEEDED and got.worker == "w" and got.lease == job.lease
+        assert got.payload == ("d1", f"args{job.id - 1}".encode())
+        assert got.result == f"result{job.id}".encode()
