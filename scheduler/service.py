@@ -265,7 +265,7 @@ class Service:
 
     def collect(self, session: str, timeout: float = 1.0) -> list[tuple] | None:
         """Outcomes finished for ``session`` since the last call; None if the session is unknown."""
-        wait = min(max(timeout, 0.0), MAX_WAIT)
+        wait = _bounded(timeout)
         answer = answer_later() or _Inline()
         with self._lock:
             box = self._outboxes.get(session)
@@ -488,7 +488,7 @@ class Service:
     ) -> Any:
         """``lease``, answered through ``finish``: now, or once work comes or ``wait`` ends
         (parked: returns DEFERRED over the wire; in-process the caller waits here)."""
-        n, wait = max(0, int(n)), min(max(wait, 0.0), MAX_WAIT)
+        n, wait = max(0, int(n)), _bounded(wait)
         with self._lock:
             now = self._clock()
             # a slave asks once at a time: one parked before is of a connection it lost
@@ -975,6 +975,11 @@ class Service:
                         ready.add(one)
         for one in ready:
             self._serve_collect(one)
+
+
+def _bounded(wait: float) -> float:
+    """A long-poll's wait in seconds, from 0 to MAX_WAIT (NaN, from a broken peer: MAX_WAIT)."""
+    return min(max(float(wait), 0.0), MAX_WAIT) if wait == wait else MAX_WAIT
 
 
 def _check_array(specs: list[tuple[Any, ...]]) -> None:

@@ -266,3 +266,19 @@ def test_a_poll_ends_empty_when_its_time_is_up_and_one_of_a_vanished_peer_is_har
     assert svc._board.jobs[first].state is State.QUEUED
     again = call_in_thread(slave.lease, "w", 1, 10.0)
     assert [Lease._make(t).job_id for t in again().leases] == [first]
+
+
+@pytest.mark.parametrize("wait", [float("nan"), float("inf"), -1.0, 1e300])
+def test_a_poll_waits_at_most_max_wait_whatever_it_asks(served, wait):
+    svc, connect = served
+    slave = connect()
+    slave.register("w", "h", 1, 1, (), VERSION)
+    lease = call_in_thread(slave.lease, "w", 1, wait)
+    if wait == -1.0:
+        assert lease().leases == []  # no wait at all
+        return
+    parked(svc, "lease", "w")
+    assert svc._leasing["w"].deadline == pytest.approx(time.time() + service_module.MAX_WAIT, abs=5)
+    svc._leasing["w"].deadline = time.time()  # as if MAX_WAIT passed: the next tick ends it
+    svc.tick()
+    assert lease().leases == []
