@@ -500,14 +500,15 @@ class Journal:
             self._cond.acquire()
         self._writing = False
         self._cond.notify_all()
-        self._kick_if_unattended()
         if error is not None:
             self._failures += 1
             if self._error is None:
                 log.error("journal %s: write failed, retrying: %s", self.path, error)
             self._error = f"{type(error).__name__}: {error}"
             self._pending[:0], self._in_flight = self._in_flight, []
+            self._kick_if_unattended()  # the writer thread retries it
             return False
+        self._kick_if_unattended()
         if self._error is not None:
             log.warning("journal %s: writing again after %d failed attempt(s)",
                         self.path, self._failures)  # fmt: skip

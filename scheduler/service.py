@@ -458,6 +458,9 @@ class Service:
             # master must know every slave that may run a job the journal never saw
             roster, self._board.roster = self._board.roster, []
             ticket = self._journal.append(self._board.take_dirty(), roster=roster, wake=False)
+            old = self._leasing.pop(worker, None)  # of a process of this name that is gone
+            if old is not None:
+                self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
             self._serve_leases()
             kept = len(record.held)
         self._flush()
@@ -525,8 +528,10 @@ class Service:
 
     def _dispatch(self, jobs: list[Job], worker: str, finish: Callable[[Any], None],
                   leased: protocol.Leased) -> None:  # fmt: skip
-        self._progress.dispatched(jobs, worker)
-        finish(leased)
+        try:
+            self._progress.dispatched(jobs, worker)
+        finally:
+            finish(leased)
 
     def _serve_leases(self) -> None:
         """Hand what is in line to the parked leases, oldest first, while anything is in
@@ -537,15 +542,25 @@ class Service:
         for key, poll in list(self._leasing.items()):
             if not self._board.in_line():
                 return
-            if self._settle_lease(poll, now):
+            if self._settled(poll, now):
                 del self._leasing[key]
 
     def _serve_lease_of(self, worker: str) -> None:
         """Settle ``worker``'s parked lease if its own state says so now (it drains, or the
         board forgot it), besides any work. Under the lock (then _flush)."""
         poll = self._leasing.get(worker)
-        if poll is not None and self._settle_lease(poll, self._clock()):
+        if poll is not None and self._settled(poll, self._clock()):
             del self._leasing[worker]
+
+    def _settled(self, poll: _Poll, now: float) -> bool:
+        """_settle_lease for a poll parked by another call: a failure there (the journal
+        unreadable for a function body) ends that poll empty, never the call serving it."""
+        try:
+            return self._settle_lease(poll, now)
+        except Exception:
+            log.exception("handing work to slave %s failed; it will ask again", poll.key)
+            self._outgoing.append(functools.partial(poll.finish, protocol.Leased([], {})))
+            return True
 
     def _serve_collect(self, session: str) -> None:
         """Answer ``session``'s parked collect with its outbox, if it has one parked."""
@@ -570,7 +585,7 @@ class Service:
             record = workers.get(key)
             due = (now >= poll.deadline or self._closing or record is None
                    or not record.registered or record.draining)  # fmt: skip
-            if due and self._settle_lease(poll, now):
+            if due and self._settled(poll, now):
                 del self._leasing[key]
 
     def _flush(self) -> None:
@@ -747,22 +762,22 @@ class Service:
     def tick(self) -> None:
         """Expire silent slaves, journal what changed, log progress, drop stale sessions."""
         with self._lock:
-            held_back = bool(self._board.awaited)
-            if self._board.release_due():  # backoffs that ended: the jobs go first in line
-                self._serve_leases()
+            self._board.release_due()  # backoffs that ended: the jobs go first in line
             changed = self._board.expire()
             back = [j.label for j in changed if j.state is State.QUEUED]
             gone = [j for j in changed if j.state.terminal]
             gone += self._board.cascaded  # cancelled: a job they come after failed
             self._board.cascaded = []
-            if changed or (held_back and not self._board.holding_back()):
-                self._serve_leases()
-            self._expire_polls()
             roster, self._board.roster = self._board.roster, []
             ticket = self._journal.append(self._board.take_dirty(started=True), roster=roster)
             self._saved_marks.append((ticket, self._board.finished_total))
             if self._reserving and self._journal.saved(self._reserving[0]):
                 self._board.lease_ceiling, self._reserving = self._reserving[1], None
+            # whatever came in line since (released backoffs, expired slaves' jobs, a
+            # restart's hold ended, room under a raised lease ceiling, retries whose
+            # backoff passed while they were saved): to the parked slaves
+            self._serve_leases()
+            self._expire_polls()
             self._evict()
             counts, total = dict(self._board.counts), self._board.total
             finished = self._board.finished_total

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -36,6 +37,9 @@ EXPOSED = (
     "mark", "marks", "chaos", "refuse", "prune",
 )  # fmt: skip
 HANDSHAKE_SECONDS = 5.0  # a peer that has not authenticated by then is dropped
+# a peer that takes none of an answer for this long is cut off: answers to parked polls are
+# sent by whichever thread has the work (a client's submit, the tick), never held up by it
+SEND_SECONDS = 5.0
 # the TLS handshake ends first: a silent peer is then told, in plain text, that TLS is needed
 TLS_HANDSHAKE_SECONDS = HANDSHAKE_SECONDS - 1.0
 MAX_UNAUTHENTICATED = 64  # connections in their handshake at once; more are closed at once
@@ -54,12 +58,13 @@ class Answer:
     ``answer.fail(exc)``), once. A long-poll (``lease``, ``collect``) parks its Answer and
     returns DEFERRED; the thread that has the work or the outcome sends it itself: no
     hand-off to the waiting thread (a wake-up, and a fight for the GIL) on the path of
-    every job. A peer gone meanwhile is not an error here: its connection's thread ends."""
+    every job. A peer gone meanwhile, or that takes nothing for SEND_SECONDS, is not an
+    error here: its connection is shut down, and its own thread ends."""
 
-    __slots__ = ("_send", "_lock", "sent")
+    __slots__ = ("_conn", "_lock", "sent")
 
-    def __init__(self, send: Callable[[Any], None]) -> None:
-        self._send = send
+    def __init__(self, conn: connection.Connection) -> None:
+        self._conn = conn
         self._lock = threading.Lock()
         self.sent = False
 
@@ -69,16 +74,24 @@ class Answer:
     def fail(self, exc: Exception) -> None:
         self._reply(("#ERROR", exc))
 
-    def _reply(self, msg: tuple[str, Any]) -> None:
+    def _reply(self, msg: tuple[str, Any]) -> bool:
+        """Send ``msg`` unless an answer went already; False if the connection broke."""
         with self._lock:
             if self.sent:
-                return
+                return True
             self.sent = True
             try:
-                self._send(msg)
-            except Exception:  # gone, or a value that does not pickle (a bug: say so)
-                with contextlib.suppress(Exception):
-                    self._send(("#TRACEBACK", traceback.format_exc()))
+                self._conn.send(msg)  # pickles first: nothing is sent if that fails
+            except OSError:  # gone, or stalled (SEND_SECONDS): maybe half sent, so cut
+                _cut(self._conn)
+                return False
+            except Exception:  # a value that does not pickle (a bug: say so)
+                try:
+                    self._conn.send(("#TRACEBACK", traceback.format_exc()))
+                except OSError:
+                    _cut(self._conn)
+                    return False
+            return True
 
 
 def answer_later() -> Answer | None:
@@ -86,6 +99,21 @@ def answer_later() -> Answer | None:
     thread; the method then returns DEFERRED. None when called in-process (tests, the
     master itself): the method answers by returning, as usual."""
     return getattr(_serving, "answer", None)
+
+
+def _cut(conn: connection.Connection) -> None:
+    """Shut a connection down under whoever uses it: its reader sees end of file."""
+    with contextlib.suppress(OSError, ValueError), socket.socket(
+        fileno=os.dup(conn.fileno())
+    ) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _send_timeout(conn: connection.Connection, seconds: float) -> None:
+    """A send that can place no byte for ``seconds`` fails (OSError) instead of blocking."""
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _nodelay(conn: connection.Connection) -> None:
@@ -338,6 +366,8 @@ class _Server(managers.Server):
             try:
                 c = self.listener.accept()  # type: ignore[attr-defined]
                 _nodelay(c)
+                if self.tls is None:  # (over TLS each answer is sent by its own thread)
+                    _send_timeout(c, SEND_SECONDS)
                 deadline = _Deadline(c, HANDSHAKE_SECONDS)
             except OSError:
                 continue
@@ -365,12 +395,14 @@ class _Server(managers.Server):
         id_to_obj = self.id_to_obj  # type: ignore[attr-defined]
         while not self.stop_event.is_set():  # type: ignore[attr-defined]
             methodname = obj = None
-            answer = Answer(conn.send)
+            answer = Answer(conn)
             msg: tuple[str, Any]
             try:
                 request = recv()
                 ident, methodname, args, kwds = request
-                obj, exposed, _ = id_to_obj[ident]  # a KeyError names id_to_obj: Link's _stale
+                if ident not in id_to_obj:  # a proxy of an earlier master: Link._stale
+                    raise KeyError(f"{ident!r} not in id_to_obj")
+                obj, exposed, _ = id_to_obj[ident]
                 if methodname not in exposed:
                     raise AttributeError(f"method {methodname!r} of {type(obj)!r} is not "
                                          f"in exposed={exposed!r}")  # fmt: skip
@@ -394,11 +426,12 @@ class _Server(managers.Server):
                     msg = ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds))
                 except Exception:
                     msg = ("#TRACEBACK", traceback.format_exc())
-            except EOFError:
+            except (EOFError, OSError):  # closed, or broken: as the stdlib, this thread ends
                 sys.exit(0)
             except Exception:
                 msg = ("#TRACEBACK", traceback.format_exc())
-            answer._reply(msg)
+            if not answer._reply(msg):
+                sys.exit(0)
 
     def _handle_request(self, c: connection.Connection, deadline: _Deadline) -> None:  # type: ignore[override]
         # Same as the stdlib's, except for the handshake's deadline, and that a failed one

@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from scheduler.board import Board
+from scheduler.errors import JournalError
 from scheduler.job import JobSpec, State
 from scheduler.journal import Journal
 from scheduler.progress import Progress, RateLimit
@@ -327,6 +328,16 @@ def test_the_writer_thread_wakes_only_for_what_nobody_waits_for(tmp_path):
         time.sleep(0.01)  # not wait(): that would write it in this thread
     assert journal.fetch(late.id) is not None
     assert writers[-2:] == ["waiter", "journal"]
+
+    journal._db.execute("PRAGMA query_only = ON")  # a write a waiter makes fails:
+    board.submit([JobSpec("shell", (["fails"], False))])
+    failing = journal.append(board.take_dirty(), wake=False)
+    kicked = len(kicks)
+    with pytest.raises(JournalError):
+        journal.wait(failing, give_up=True)
+    assert len(kicks) > kicked  # the writer thread retries it now, not in a second
+    journal._db.execute("PRAGMA query_only = OFF")
+    assert journal.wait(failing, timeout=10)
     journal.close()
 
 

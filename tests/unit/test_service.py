@@ -282,3 +282,50 @@ def test_a_poll_waits_at_most_max_wait_whatever_it_asks(served, wait):
     svc._leasing["w"].deadline = time.time()  # as if MAX_WAIT passed: the next tick ends it
     svc.tick()
     assert lease().leases == []
+
+
+def test_a_slave_that_stops_reading_holds_up_no_other_call(served, monkeypatch):
+    """The answer to a parked lease is sent by the call that brings the work: a slave that
+    takes none of it for SEND_SECONDS is cut off, and that call (here a submit) returns."""
+    from scheduler import transport
+
+    monkeypatch.setattr(transport, "SEND_SECONDS", 0.5)
+    svc, connect = served
+    slave, client = connect(), connect()
+    slave.register("w", "h", 1, 1, (), VERSION)
+    raw = connect(raw=True)  # accepted after the patch: its sends time out at 0.5 s
+    raw.send((slave._token.id, "lease", ("w", 1, 10.0), {}))
+    parked(svc, "lease", "w")
+    big = ("python", ("d1", b"x" * (64 << 20)), "f", None, None, None, None, None, None, None,
+           None, None)  # fmt: skip
+    submit = call_in_thread(client.submit, [big], {"d1": b"body"}, "s1")
+    first, count = submit(timeout=60)  # without the cut: blocked in the send for good
+    assert count == 1 and client.ping()["protocol"] == VERSION
+    with pytest.raises((EOFError, OSError)):
+        for _ in range(1000):  # the slave reads at last: what came is cut short
+            raw.recv_bytes()
+    raw.close()
+
+
+def test_a_slave_registering_again_ends_the_poll_its_earlier_process_left(served):
+    svc, connect = served
+    gone, again = connect(), connect()
+    gone.register("w", "h", 1, 1, (), VERSION)
+    lease = call_in_thread(gone.lease, "w", 1, 10.0)
+    parked(svc, "lease", "w")
+    again.register("w", "h", 2, 1, (), VERSION)  # a new process under the same name
+    assert lease(timeout=5).leases == []
+    first, _ = again.submit([tuple(shell("true"))], {}, "s1")
+    got = call_in_thread(again.lease, "w", 1, 10.0)
+    assert [Lease._make(t).job_id for t in got().leases] == [first]
+
+
+def test_a_call_for_an_object_of_an_earlier_master_names_id_to_obj(served):
+    """transport.Link tells a proxy from before a master restart by "id_to_obj" in the
+    error; the message says it, not only the source line a traceback may lack."""
+    svc, connect = served
+    raw = connect(raw=True)
+    raw.send(("7f0000000000", "ping", (), {}))
+    kind, text = raw.recv()
+    raw.close()
+    assert kind == "#TRACEBACK" and "id_to_obj" in text.strip().splitlines()[-1]

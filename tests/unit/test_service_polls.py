@@ -5,7 +5,7 @@ call that brings work or an outcome answers it. What could go wrong is a lost wa
 parked slave idle while work it could run waits in line, or a client not told of an
 outcome it waits for), an answer sent twice or never, or a poll left behind. Hypothesis
 drives three slaves (one with ``gpu=1``) and a client through random interleavings of
-submits (with placement and dependencies), leases, reports (with the next lease in the
+submits (with placement, dependencies and retries), leases, reports (with the next lease in the
 same call, as idle slots do), heartbeats (draining), goodbyes, cancels and ticks of a fake
 clock (deadlines, silent slaves expiring), against the real service and journal. Calls
 are made as the transport makes them (``transport.answer_later``), without sockets.
@@ -150,10 +150,13 @@ class PollModel(RuleBasedStateMachine):
             return
         rec(got)
 
-    @rule(n=st.integers(1, 3), gpu=st.booleans(), after=st.booleans())
-    def submit(self, n: int, gpu: bool, after: bool) -> None:
+    @rule(n=st.integers(1, 3), gpu=st.booleans(), after=st.booleans(), retry=st.booleans())
+    def submit(self, n: int, gpu: bool, after: bool, retry: bool) -> None:
+        """``retry``: a failed run goes back in line after a backoff (released by a tick,
+        or by a lease that finds it due)."""
         deps = (self.submitted[-1],) if after and self.submitted else None
-        spec = ("shell", (["true"], False), "", None, None, None, None, None, deps, None,
+        tries, backoff = (2, 0.5) if retry else (None, None)
+        spec = ("shell", (["true"], False), "", None, None, None, tries, backoff, deps, None,
                 {"gpu": "1"} if gpu else None, None)  # fmt: skip
         try:
             first, count = self.svc.submit([spec] * n, {}, SESSION)
@@ -269,6 +272,51 @@ class PollModel(RuleBasedStateMachine):
             if job.state is State.RUNNING and self.known.get(job.worker or ""):
                 assert self.held[job.worker].get(job.id) == job.lease, (  # type: ignore[index]
                     f"job {job.id} runs on {job.worker} (lease {job.lease}), which never got it")
+
+
+class _First:
+    """A draw that takes the lowest job id a slave holds (for the fixed stories below)."""
+
+    def __init__(self, model: PollModel, worker: str) -> None:
+        self._model, self._worker = model, worker
+
+    def draw(self, _: object) -> int:
+        return min(self._model.held[self._worker])
+
+
+def story(steps: Any) -> None:
+    """Run ``steps(model)`` on a fresh model, checking every invariant after each step."""
+    model = PollModel()
+    checks = [model.parked_polls_are_the_unanswered_ones, model.no_wake_up_is_lost,
+              model.no_parked_lease_of_a_draining_or_forgotten_slave,
+              model.every_run_handed_out_reached_its_slave]  # fmt: skip
+    try:
+        for step in steps(model):
+            step()
+            for check in checks:
+                check()
+    finally:
+        model.teardown()
+
+
+def test_a_retry_whose_backoff_ends_at_a_tick_goes_to_a_parked_slave():
+    story(lambda m: [
+        lambda: m.submit(n=1, gpu=False, after=False, retry=True),
+        lambda: m.lease(worker="w0", n=1, wait=0, again=False),
+        lambda: m.report(worker="w0", ok=False, ask=False, data=_First(m, "w0")),
+        lambda: m.lease(worker="w1", n=1, wait=5, again=False),
+        lambda: m.tick(dt=1.0),
+    ])  # fmt: skip
+
+
+def test_a_dependent_freed_by_a_saved_report_goes_to_a_parked_slave():
+    story(lambda m: [
+        lambda: m.submit(n=1, gpu=False, after=False, retry=False),
+        lambda: m.submit(n=1, gpu=False, after=True, retry=False),
+        lambda: m.lease(worker="w0", n=1, wait=0, again=False),
+        lambda: m.lease(worker="w1", n=1, wait=5, again=False),
+        lambda: m.report(worker="w0", ok=True, ask=False, data=_First(m, "w0")),
+    ])  # fmt: skip
 
 
 PollModel.TestCase.settings = settings(
