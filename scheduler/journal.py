@@ -264,9 +264,10 @@ class Journal:
         waiting = [_row_job(r, shared) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND after IS NOT NULL"
         )]  # fmt: skip
-        unfinished = queued + waiting + [_row_job(r, shared) for r in self._db.execute(
+        running = [_row_job(r, shared) for r in self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'running'"
         )]  # fmt: skip
+        unfinished = queued + waiting + running
         finished = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ('queued', 'running') "
             "ORDER BY id DESC LIMIT ?",
@@ -287,7 +288,9 @@ class Journal:
         max_lease = max([max_lease, *(v for (v,) in reserved)])
         slaves = tuple(n for (n,) in self._db.execute("SELECT name FROM slaves"))
         loaded = {j.id for j in jobs}
-        deps = {d for j in waiting for d in j.after or () if d not in loaded}
+        # (a running one too: handed out by a master that saw them succeed before this
+        # journal did, it waits for them again if its run is lost; see Board._requeue)
+        deps = {d for j in (*waiting, *running) for d in j.after or () if d not in loaded}
         stored = Journaled(sum(counts.values()), counts, max_id, max_lease, slaves, cold,
                            self.states(deps))  # fmt: skip
         return jobs, funcs, stored

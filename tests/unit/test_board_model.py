@@ -282,7 +282,8 @@ class BoardModel(RuleBasedStateMachine):
         loaded = [j for j in rows if j.state is State.RUNNING] + queued[:WINDOW] + waiting
         loaded += finished[:KEEP_LOADED]
         here = {j.id for j in loaded}
-        deps = {d for j in waiting for d in j.after or () if d not in here}
+        deps = {d for j in rows if j.state is State.RUNNING or j in waiting
+                for d in j.after or () if d not in here}  # fmt: skip
         max_lease = max([self.journal_ceiling, *(j.lease for j in rows)])
         stored = Journaled(
             len(rows),

@@ -368,3 +368,21 @@ def test_many_jobs_written_many_rows_a_statement_each_keep_their_own_values(
         assert got.state is State.SUCCEEDED and got.worker == "w" and got.lease == job.lease
         assert got.payload == ("d1", f"args{job.id - 1}".encode())
         assert got.result == f"result{job.id}".encode()
+
+
+def test_the_load_reads_the_states_of_what_running_jobs_come_after(tmp_path):
+    """A job saved running after a job the journal still has queued (a master that saw it
+    succeed died before saving that): the load says that job's state even when it stays
+    cold, so the restored job waits for it again if its own run is lost."""
+    from scheduler.job import Job
+
+    journal, board = Journal(tmp_path), Board()
+    a, b, c = board.submit([JobSpec("shell", ([x], False)) for x in "abc"])
+    journal.wait(journal.append(board.take_dirty()))
+    running = Job(4, "shell", (["d"], False), state=State.RUNNING, worker="w", lease=7,
+                  attempts=1, after=(c.id,))  # fmt: skip
+    journal.wait(journal.append([running]))
+    jobs, _, stored = journal.load(keep_finished=10, queue_window=1)
+    journal.close()
+    assert {j.id for j in jobs} == {a.id, running.id}  # b and c stay cold
+    assert stored.dep_states == {c.id: "queued"}
