@@ -7,7 +7,9 @@ hop by hop: every process of a cluster records when the job crosses each point (
 bench/tracing/sitecustomize.py; one monotonic clock for all processes on the machine),
 and the table gives the median time of each hop, client -> master -> journal -> slave ->
 job process -> back. Tracing adds a few microseconds a point; its total is shown beside
-the untraced median.
+the untraced median. Third, what each process spends per job on that path: CPU and
+context switches (a wake-up costs tens of microseconds of CPU on a VM; these counts found
+the hand-offs the master no longer makes).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from scheduler.protocol import Lease
 from scheduler.runner import Abort, PythonSlot
 
 from .ours import Cluster
-from .procs import Procs
+from .procs import Procs, cpu_seconds, descendants
 from .workloads import noop
 
 CALLS = 400
@@ -168,12 +170,56 @@ def traced_path(tmp: Path, calls: int = 300) -> tuple[list[tuple[str, float]], f
     return medians, whole
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far of every thread of ``pid``."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text().splitlines()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
+def per_process(tmp: Path, calls: int = 2000) -> list[tuple[str, float, float, float]]:
+    """(process, CPU us, voluntary and involuntary switches) per sequential job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+    env["SCHEDULER_AUTHKEY"] = secrets.token_urlsafe(24)
+    env["SCHEDULER_HTTP"] = ""
+    procs = Procs(tmp, env)
+    cluster = Cluster(procs, tmp)
+    try:
+        client = cluster.start_master("master-counted")
+        cluster.start_slaves(1, 1)
+        cluster.warm_up(100)
+        assert cluster.master is not None
+        slave = cluster.slaves[0].pid
+        who = [("client (this process)", os.getpid()), ("master", cluster.master.pid),
+               ("slave", slave), *(("job process", p) for p in descendants(slave))]  # fmt: skip
+        before = [(cpu_seconds([pid]), switches(pid)) for _, pid in who]
+        for i in range(calls):
+            client.apply_async(noop, (i,)).get(10)
+        after = [(cpu_seconds([pid]), switches(pid)) for _, pid in who]
+    finally:
+        cluster.stop()
+        procs.close()
+    return [(name, (c1 - c0) / calls * 1e6, (s1[0] - s0[0]) / calls, (s1[1] - s0[1]) / calls)
+            for (name, _), (c0, s0), (c1, s1) in zip(who, before, after, strict=True)
+            if c1 > c0 or s1 != s0]  # fmt: skip
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-hops-") as tmp:
         commit = journal_commit(Path(tmp))
         child = child_round_trip()
         hops = cluster_hops(Path(tmp))
         traced, traced_whole = traced_path(Path(tmp))
+        counted = per_process(Path(tmp))
     rpc = hops["ping"]
     rows = [
         ("client -> master -> client, one call (ping)", rpc),
@@ -195,6 +241,11 @@ def main() -> int:
     print(f"  {'sum of the hops':<52} {sum(v for _, v in traced):7.0f}")
     print(f"  {'whole path, traced (median)':<52} {traced_whole:7.0f}")
     print(f"  {'whole path, untraced (median, above)':<52} {hops['whole'] * 1000:7.0f}")
+    print("\nper job on that path, by process (2,000 sequential jobs): CPU (us), context "
+          "switches (voluntary, involuntary)")  # fmt: skip
+    for name, cpu, voluntary, involuntary in counted:
+        print(f"  {name:<34} {cpu:7.0f} us {voluntary:7.1f} {involuntary:7.1f}")
+    print(f"  {'all of them':<34} {sum(c for _, c, _, _ in counted):7.0f} us")
     return 0
 
 
