@@ -14,6 +14,7 @@ the hand-offs the master no longer makes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import statistics
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scheduler.board import Board
@@ -93,13 +94,22 @@ def child_round_trip() -> float:
         slot.close()
 
 
-def cluster_hops(tmp: Path) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
-    env["SCHEDULER_AUTHKEY"] = secrets.token_urlsafe(24)
-    env["SCHEDULER_HTTP"] = ""
-    procs = Procs(tmp, env)
+@contextlib.contextmanager
+def cluster_of(tmp: Path, **env: str) -> Iterator[Cluster]:
+    """A cluster of our own (a fresh key, no web server, ``env`` added), stopped after."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+    environ.update(SCHEDULER_AUTHKEY=secrets.token_urlsafe(24), SCHEDULER_HTTP="", **env)
+    procs = Procs(tmp, environ)
     cluster = Cluster(procs, tmp)
     try:
+        yield cluster
+    finally:
+        cluster.stop()
+        procs.close()
+
+
+def cluster_hops(tmp: Path) -> dict[str, float]:
+    with cluster_of(tmp) as cluster:
         client = cluster.start_master()
         ping = median_ms(client.ping)
         submit = median_ms(lambda: client.submit_shell(["true"]).id)  # waits for the commit
@@ -107,9 +117,6 @@ def cluster_hops(tmp: Path) -> dict[str, float]:
         cluster.warm_up(50)
         whole = median_ms(lambda: client.apply_async(noop, (1,)).get(10))
         return {"ping": ping, "submit": submit, "whole": whole}
-    finally:
-        cluster.stop()
-        procs.close()
 
 
 def traced_path(tmp: Path, calls: int = 300) -> tuple[list[tuple[str, float]], float]:
@@ -121,14 +128,9 @@ def traced_path(tmp: Path, calls: int = 300) -> tuple[list[tuple[str, float]], f
     trace_dir.mkdir()
     tracer = importlib.import_module("bench.tracing.sitecustomize")
     tracer.patch()  # this process, the client
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
-    env.update(SCHEDULER_AUTHKEY=secrets.token_urlsafe(24), SCHEDULER_HTTP="",
-               BENCH_TRACE_DIR=str(trace_dir),
-               PYTHONPATH=os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]))  # fmt: skip
-    procs = Procs(tmp, env)
-    cluster = Cluster(procs, tmp)
     windows = []
-    try:
+    path = os.pathsep.join([str(TRACING), os.environ.get("PYTHONPATH", "")])
+    with cluster_of(tmp, BENCH_TRACE_DIR=str(trace_dir), PYTHONPATH=path) as cluster:
         client = cluster.start_master("master-traced")
         cluster.start_slaves(1, 1)
         cluster.warm_up(100)
@@ -137,9 +139,6 @@ def traced_path(tmp: Path, calls: int = 300) -> tuple[list[tuple[str, float]], f
             started = time.monotonic_ns()
             client.apply_async(noop, (i,)).get(10)
             windows.append((started, time.monotonic_ns()))
-    finally:
-        cluster.stop()
-        procs.close()
     events = list(tracer.events)
     for f in trace_dir.glob("*.txt"):
         lines = (line.split() for line in f.read_text().splitlines())
@@ -188,12 +187,7 @@ def switches(pid: int) -> tuple[int, int]:
 
 def per_process(tmp: Path, calls: int = 2000) -> list[tuple[str, float, float, float]]:
     """(process, CPU us, voluntary and involuntary switches) per sequential job."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
-    env["SCHEDULER_AUTHKEY"] = secrets.token_urlsafe(24)
-    env["SCHEDULER_HTTP"] = ""
-    procs = Procs(tmp, env)
-    cluster = Cluster(procs, tmp)
-    try:
+    with cluster_of(tmp) as cluster:
         client = cluster.start_master("master-counted")
         cluster.start_slaves(1, 1)
         cluster.warm_up(100)
@@ -205,9 +199,6 @@ def per_process(tmp: Path, calls: int = 2000) -> list[tuple[str, float, float, f
         for i in range(calls):
             client.apply_async(noop, (i,)).get(10)
         after = [(cpu_seconds([pid]), switches(pid)) for _, pid in who]
-    finally:
-        cluster.stop()
-        procs.close()
     return [(name, (c1 - c0) / calls * 1e6, (s1[0] - s0[0]) / calls, (s1[1] - s0[1]) / calls)
             for (name, _), (c0, s0), (c1, s1) in zip(who, before, after, strict=True)
             if c1 > c0 or s1 != s0]  # fmt: skip

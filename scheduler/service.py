@@ -278,7 +278,7 @@ class Service:
                 return box
             old = self._collecting.pop(session, None)  # a client asks once at a time
             if old is not None:
-                self._outgoing.append(functools.partial(old.finish, []))
+                self._answer(old, [])
             poll = self._collecting[session] = _Poll(session, now + wait, answer)
         self._flush()
         return self._answered(answer, poll, wait)
@@ -458,9 +458,7 @@ class Service:
             # master must know every slave that may run a job the journal never saw
             roster, self._board.roster = self._board.roster, []
             ticket = self._journal.append(self._board.take_dirty(), roster=roster, wake=False)
-            old = self._leasing.pop(worker, None)  # of a process of this name that is gone
-            if old is not None:
-                self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
+            self._end_lease_of(worker)  # of a process of this name that is gone
             self._serve_leases()
             kept = len(record.held)
         self._flush()
@@ -494,10 +492,7 @@ class Service:
         n, wait = max(0, int(n)), _bounded(wait)
         with self._lock:
             now = self._clock()
-            # a slave asks once at a time: one parked before is of a connection it lost
-            old = self._leasing.pop(worker, None)
-            if old is not None:
-                self._outgoing.append(functools.partial(old.finish, protocol.Leased([], {})))
+            self._end_lease_of(worker)  # a slave asks once at a time: that connection is lost
             poll = _Poll(worker, now + wait, finish, n, seq)
             if not self._settle_lease(poll, now):
                 self._leasing[worker] = poll
@@ -511,7 +506,7 @@ class Service:
         worker = poll.key
         record = self._board.workers.get(worker)
         if record is None or not record.registered:  # gone, or expected back: unknown now
-            self._outgoing.append(functools.partial(poll.finish, None))
+            self._answer(poll, None)
             return True
         if (room := self._board.lease_room()) is not None and room < LEASE_BLOCK // 2:
             self._reserve_leases()
@@ -559,7 +554,7 @@ class Service:
             return self._settle_lease(poll, now)
         except Exception:
             log.exception("handing work to slave %s failed; it will ask again", poll.key)
-            self._outgoing.append(functools.partial(poll.finish, protocol.Leased([], {})))
+            self._answer(poll, protocol.Leased([], {}))
             return True
 
     def _serve_collect(self, session: str) -> None:
@@ -569,7 +564,7 @@ class Service:
             box = self._outboxes.get(session)  # None: the session was dropped (as collect)
             if box:
                 self._outboxes[session] = []
-            self._outgoing.append(functools.partial(poll.finish, box))
+            self._answer(poll, box)
 
     def _expire_polls(self) -> None:
         """Answer the long-polls whose time is up (empty), or all when closing, and the
@@ -579,7 +574,7 @@ class Service:
         for session, poll in list(self._collecting.items()):
             if now >= poll.deadline or self._closing:
                 del self._collecting[session]
-                self._outgoing.append(functools.partial(poll.finish, []))
+                self._answer(poll, [])
         workers = self._board.workers
         for key, poll in list(self._leasing.items()):
             record = workers.get(key)
@@ -588,11 +583,22 @@ class Service:
             if due and self._settled(poll, now):
                 del self._leasing[key]
 
+    def _answer(self, poll: _Poll, value: Any) -> None:
+        """Settle ``poll`` with ``value``: sent by the next _flush. Under the lock."""
+        self._outgoing.append(functools.partial(poll.finish, value))
+
+    def _end_lease_of(self, worker: str) -> None:
+        """End ``worker``'s parked lease, if any, empty: a slave asks once at a time, so a
+        new call (or a new process of that name) means its connection is gone."""
+        old = self._leasing.pop(worker, None)
+        if old is not None:
+            self._answer(old, protocol.Leased([], {}))
+
     def _flush(self) -> None:
         """Send the answers settled under the lock; never under it (a peer that does not
         read must not stall the master)."""
         out = self._outgoing
-        while True:
+        while out:
             try:
                 send = out.popleft()
             except IndexError:
@@ -669,12 +675,13 @@ class Service:
         self._metrics.finished(followers, ran=False)
         self._flush()  # the clients' outcomes, before the journal is waited for
         self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
-        with self._lock:
-            if retried:  # their failures are saved: the retries may go in line
-                self._board.schedule(retried)
-            if finished and self._leasing:  # their dependents, now that their ends are saved
-                self._serve_leases()
-        self._flush()
+        if retried or (finished and self._leasing):
+            with self._lock:
+                if retried:  # their failures are saved: the retries may go in line
+                    self._board.schedule(retried)
+                if finished:  # their dependents, now that their ends are saved
+                    self._serve_leases()
+            self._flush()
         done = len(finished)
         if lease is None:
             return protocol.Reported(done, rejected, give_back, yield_to=yield_to)
