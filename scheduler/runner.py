@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from .protocol import Lease, Outcome
+from .protocol import Lease, Outcome, plain
 
 
 class Tail:
@@ -76,8 +76,11 @@ class _TextTail:
 
 
 def _killpg(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    """Kill ``pid`` and its process group (whatever the job started); the process itself
+    too: a slot's child killed before its first step (os.setsid) has no group yet."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 class Abort:
@@ -173,6 +176,7 @@ def _child_main(conn: Any, limit: int, result_limit: int) -> None:
     parent knows which bodies to send without asking.
     """
     os.setsid()  # its own process group, so a kill takes whatever the job started
+    conn = plain(conn)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -326,7 +330,7 @@ class PythonSlot:
         )
         self._proc.start()
         child.close()
-        self._conn, self._sent = parent, OrderedDict()
+        self._conn, self._sent = plain(parent), OrderedDict()
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.pid:

@@ -27,6 +27,7 @@ from typing import Any
 
 from . import tls
 from .errors import AuthError, ConnectError, Forbidden
+from .protocol import plain
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _nodelay(conn: connection.Connection) -> None:
 
 
 def _client(address: tuple[str, int], authkey: bytes | None = None) -> connection.Connection:
-    conn = connection.Client(address, authkey=authkey)
+    conn = plain(connection.Client(address, authkey=authkey))
     _nodelay(conn)
     return conn
 
@@ -367,7 +368,7 @@ class _Server(managers.Server):
                 c = self.listener.accept()  # type: ignore[attr-defined]
                 _nodelay(c)
                 if self.tls is None:  # (over TLS each answer is sent by its own thread)
-                    _send_timeout(c, SEND_SECONDS)
+                    _send_timeout(plain(c), SEND_SECONDS)
                 deadline = _Deadline(c, HANDSHAKE_SECONDS)
             except OSError:
                 continue

@@ -283,6 +283,51 @@ def test_a_long_call_ends_its_batch_and_the_rest_comes_back_unstarted():
         slot.close()
 
 
+def test_a_slot_child_killed_before_it_made_its_process_group_dies():
+    """A timeout or cancel right after a child was (re)started, before its first step
+    (os.setsid): killing only the group missed it, and it ran the job on regardless."""
+    import os
+    import signal
+
+    from scheduler.runner import PythonSlot
+
+    slot = PythonSlot(1024, 1 << 20)
+    slot._ensure()
+    proc = slot._proc
+    try:
+        slot.kill()  # at once: a spawned child takes a good 50 ms to get there
+        proc.join(5)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(5)
+        slot._conn.close()
+
+
+def test_a_slot_sends_its_child_work_with_plain_pickle(monkeypatch):
+    """The pipe to the job process pickles plainly (protocol.PlainConnection): the
+    stdlib's ForkingPickler costs five times more per message, twice a job."""
+    import pickle
+    from multiprocessing import reduction
+
+    from scheduler.protocol import Lease
+    from scheduler.runner import Abort, PythonSlot
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a message went through ForkingPickler")
+
+    slot = PythonSlot(1024, 1 << 20)
+    try:
+        monkeypatch.setattr(reduction.ForkingPickler, "dumps", classmethod(forbidden))
+        done: list = []
+        lease = Lease(1, 1, "python", ("abs", pickle.dumps(((-3,), {}))), None)
+        assert slot.run([lease], {"abs": pickle.dumps(abs)}, Abort(), done.append) == []
+        assert [(o.ok, pickle.loads(o.result)) for o in done] == [(True, 3)]
+    finally:
+        slot.close()
+
+
 def test_the_writer_thread_wakes_only_for_what_nobody_waits_for(tmp_path):
     """Commits a caller waits for are written in the caller's thread and wake nobody else
     (a wake-up of the writer thread at each was two context switches per commit); an entry

@@ -329,3 +329,34 @@ def test_a_call_for_an_object_of_an_earlier_master_names_id_to_obj(served):
     kind, text = raw.recv()
     raw.close()
     assert kind == "#TRACEBACK" and "id_to_obj" in text.strip().splitlines()[-1]
+
+
+def test_calls_and_parked_answers_are_pickled_plainly_and_a_stdlib_peer_is_served(
+    served, monkeypatch
+):
+    """Every connection of the wire sends with plain pickle (protocol.PlainConnection):
+    the stdlib's ForkingPickler costs five times more per message. A peer still on the
+    stdlib's connection (an older slave) is served all the same."""
+    from multiprocessing import connection, reduction
+
+    from scheduler.protocol import PlainConnection
+
+    svc, connect = served
+    slave, client, raw = connect(), connect(), connect(raw=True)
+    assert isinstance(raw, PlainConnection)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a message went through ForkingPickler")
+
+    monkeypatch.setattr(reduction.ForkingPickler, "dumps", classmethod(forbidden))
+    slave.register("w", "h", 1, 1, (), VERSION)
+    lease = call_in_thread(slave.lease, "w", 1, 10.0)
+    parked(svc, "lease", "w")
+    first, _ = client.submit([tuple(shell("true"))], {}, None)
+    assert [t[0] for t in lease()[0]] == [first]  # answered by the submit's thread
+    monkeypatch.undo()
+    raw.__class__ = connection.Connection
+    raw.send((slave._token.id, "ping", (), {}))
+    kind, answer = raw.recv()
+    assert kind == "#RETURN" and answer["protocol"] == VERSION
+    raw.close()
