@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
 from scheduler.board import Board
 from scheduler.errors import JournalError
-from scheduler.job import JobSpec, State
+from scheduler.job import Job, JobSpec, State
 from scheduler.journal import Journal
 from scheduler.progress import Progress, RateLimit
 from scheduler.runner import Tail
@@ -431,3 +432,72 @@ def test_the_load_reads_the_states_of_what_running_jobs_come_after(tmp_path):
     journal.close()
     assert {j.id for j in jobs} == {a.id, running.id}  # b and c stay cold
     assert stored.dep_states == {c.id: "queued"}
+
+
+# -- the WAL checkpoint, off the path of commits -------------------------------------------
+
+
+def _fat_jobs(first: int, n: int) -> list[Job]:
+    """Finished jobs of about a page each (their output): n commits of them fill n pages."""
+    return [Job(i, "shell", (["true"], False), state=State.SUCCEEDED, ended=1.0,
+                stdout="x" * 3000) for i in range(first, first + n)]  # fmt: skip
+
+
+def _commit_one_by_one(journal: Journal, jobs: list[Job]) -> None:
+    for job in jobs:
+        assert journal.wait(journal.append([job], wake=False), timeout=30)
+
+
+def test_no_commit_copies_the_wal_into_the_database_itself(tmp_path, monkeypatch):
+    """SQLite's own checkpoint ran inside the commit that crossed 1,000 WAL pages, fsyncs
+    and all, with every other writer (a submit) waiting; the checkpointer thread does it."""
+    from scheduler import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "CHECKPOINT_SECONDS", 3600.0)
+    monkeypatch.setattr(journal_module, "CHECKPOINT_COMMITS", 10**9)
+    journal = Journal(tmp_path)
+    try:
+        _commit_one_by_one(journal, _fat_jobs(1, 1500))
+        wal = journal.path.with_name(journal.path.name + "-wal")
+        # with a checkpoint at 1,000 pages the WAL starts over and stays near 4 MB
+        assert wal.stat().st_size > 1400 * 4096
+        assert journal.path.stat().st_size < 100 * 4096 and journal.checkpoints == 0
+    finally:
+        journal.close()
+    assert not wal.exists()  # the last connection to close copies it all
+    again = Journal(tmp_path)
+    try:
+        assert len(again.select(None, 10_000, None)) == 1500
+    finally:
+        again.close()
+
+
+def test_the_checkpointer_copies_the_wal_a_while_after_commits_or_after_many(
+    tmp_path, monkeypatch
+):
+    from scheduler import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "CHECKPOINT_SECONDS", 0.05)
+    journal = Journal(tmp_path)
+    try:
+        _commit_one_by_one(journal, _fat_jobs(1, 300))
+        deadline = time.monotonic() + 10
+        while journal.path.stat().st_size < 300 * 3000 or not journal.checkpoints:
+            assert time.monotonic() < deadline, "the WAL was never copied in"
+            time.sleep(0.01)
+    finally:
+        journal.close()
+    monkeypatch.setattr(journal_module, "CHECKPOINT_SECONDS", 3600.0)
+    monkeypatch.setattr(journal_module, "CHECKPOINT_COMMITS", 50)
+    journal = Journal(tmp_path)
+    try:
+        _commit_one_by_one(journal, _fat_jobs(301, 49))
+        time.sleep(0.2)
+        assert journal.checkpoints == 0  # neither due yet
+        _commit_one_by_one(journal, _fat_jobs(350, 1))
+        deadline = time.monotonic() + 10
+        while journal.checkpoints == 0:
+            assert time.monotonic() < deadline, "no checkpoint after CHECKPOINT_COMMITS"
+            time.sleep(0.01)
+    finally:
+        journal.close()
