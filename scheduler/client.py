@@ -363,11 +363,15 @@ class Client:
         return self._send_array(specs, {}, None)
 
     def result(self, job_id: int) -> AsyncResult:
-        """A handle on an existing job, by id."""
-        handle = AsyncResult(self)
-        handle._id = job_id
+        """A handle on an existing job, by id: the one that already waits for it, if any
+        (outcomes find their handle by job id: a second one would take the first's place
+        in ``_pending``, and the first would never resolve)."""
         with self._lock:
-            self._pending[job_id] = handle
+            handle = self._pending.get(job_id)
+            if handle is not None:
+                return handle
+            handle = self._pending[job_id] = AsyncResult(self)
+            handle._id = job_id
             self._lock.notify_all()  # the collector may sleep with nothing pending
         if not self._link.call("watch", self._session, [job_id]):
             with self._lock:
@@ -380,8 +384,12 @@ class Client:
         """Wait until the given jobs (default: every job not finished) end; return them."""
         self.flush()
         if ids is None:
-            ids = [j["id"] for s in ("queued", "running") for j in self.iter_jobs(state=s)]
-        handles = [self.result(i) for i in ids]
+            # jobs move while the pages are read: one that starts between the listings is
+            # in two (queued, then running), one requeued (running, then queued: its slave
+            # came back without it) in neither of queued-then-running
+            states = ("running", "queued", "running")
+            ids = [j["id"] for s in states for j in self.iter_jobs(state=s)]
+        handles = [self.result(i) for i in dict.fromkeys(ids)]  # each job once
         for handle in handles:
             if not handle.wait(timeout):
                 raise TimeoutError(f"job {handle._id} not finished after {timeout}s")

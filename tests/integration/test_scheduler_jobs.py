@@ -239,6 +239,17 @@ def test_a_handle_on_a_finished_job_resolves_after_the_collector_went_idle(busy)
             assert client.result(first.id).get(timeout=10) == "s1"
 
 
+def test_two_handles_on_one_running_job_both_resolve(busy):
+    """``result(id)`` while a handle already waits for the job (as ``wait()`` did for a
+    job that started between its listings of queued and running jobs, listed twice)."""
+    with busy.client() as client:
+        job = client.apply_async(jobs.nap, (1.0,))
+        again = client.result(job.id)
+        assert again.get(timeout=10) == job.get(timeout=10) == "s1"
+        late = client.apply_async(jobs.nap, (1.0,))
+        assert [j["state"] for j in client.wait([late.id, late.id], timeout=10)] == ["succeeded"]
+
+
 def test_scheduler_jobs_says_why_a_queued_job_waits(cluster):
     env = cluster.env()
 
