@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("scheduler.master")
 TICK = 0.1
 CUT_SECONDS = 2.0  # how often open connections are checked against the revocation list
+# The master makes and drops job records by the ten thousand. At the collector's default
+# (a pass each 700 objects more than freed) it went over a burst's records again and again:
+# 1.1-1.8 us of the master's 13-14 per job. Now fewer passes, of a few ms each.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(cfg: settings.Settings, stop: threading.Event) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)
     journal = Journal(cfg.state_dir)
     # memory holds no more finished jobs than the journal keeps (what `jobs` shows stays there)
     keep = min(cfg.keep_finished, cfg.retain_count or cfg.keep_finished)
