@@ -400,7 +400,12 @@ class Journal:
         Call it under the lock that orders the changes: rows are taken now. ``wake=False``
         when the caller waits for it next: it then writes it itself, with no hand-off,
         unless a write is under way (the writer thread would race it for no gain).
+        Nothing to write (the tick of an idle master): no entry, and the ticket of the
+        newest one, saved once everything queued so far is.
         """
+        if not (jobs or funcs or meta or marks or roster):
+            with self._cond:
+                return self._queued_seq
         new, fresh, plain, changed, done = [], [], [], [], []
         for j in jobs:
             if j.journaled:

@@ -329,6 +329,26 @@ def test_a_slot_sends_its_child_work_with_plain_pickle(monkeypatch):
         slot.close()
 
 
+def test_an_empty_append_queues_nothing_and_its_ticket_follows_the_queue(tmp_path):
+    """The tick appends what changed ten times a second; on an idle master that is nothing,
+    and each woke the writer thread for an empty transaction."""
+    journal = Journal(tmp_path)
+    try:
+        kicks, writes = [], []
+        notify, write = journal._kick.notify, journal._write
+        journal._kick.notify = lambda n=1: (kicks.append(n), notify(n))  # type: ignore
+        journal._write = lambda entries: (writes.append(len(entries)), write(entries))  # type: ignore
+        assert journal.saved(journal.append([])) and kicks == [] and writes == []
+        board = Board()
+        board.submit([JobSpec("shell", (["true"], False))])
+        held = journal.append(board.take_dirty(), wake=False)  # queued, not written yet
+        empty = journal.append([], roster=[])
+        assert empty == held and not journal.saved(empty) and kicks == []
+        assert journal.wait(empty) and journal.saved(held) and writes == [1]
+    finally:
+        journal.close()
+
+
 def test_the_writer_thread_wakes_only_for_what_nobody_waits_for(tmp_path):
     """Commits a caller waits for are written in the caller's thread and wake nobody else
     (a wake-up of the writer thread at each was two context switches per commit); an entry
