@@ -174,6 +174,8 @@ class Board:
         self._rng = rng or random.Random()  # the jitter of retry delays
         self._delayed: list[tuple[float, int]] = []  # (not before, job id): backing off
         self.retried: list[Job] = []  # failed runs put back since the service last looked
+        # retries that also waited for other jobs, done meanwhile: for schedule() once saved
+        self.released: list[Job] = []
         # dependencies: a job waits, queued but not in line, until every job it comes
         # after succeeded; if one fails or is cancelled, it is cancelled too (and so on)
         self._waiting_on: dict[int, set[int]] = {}  # job -> the jobs it still waits for
@@ -559,8 +561,10 @@ class Board:
                     unmet.discard(dep.id)
                     if not unmet:
                         del self._waiting_on[job_id]
-                        if job.state is State.QUEUED:
+                        if job.state is State.QUEUED and job.not_before is None:
                             self._enter_line(job)
+                        elif job.state is State.QUEUED:  # a retry: its failure may be unsaved
+                            self.released.append(job)
                     continue
                 del self._waiting_on[job_id]
                 self._drop_run(job)

@@ -653,6 +653,7 @@ class Service:
             self._warm(o.job_id for o in outs)
             finished, rejected = self._board.complete(worker, outs)
             retried, self._board.retried = self._board.retried, []
+            released, self._board.released = self._board.released, []
             followers = self._cascaded()  # cancelled: a job they come after failed
             ticket = self._journal.append(self._board.take_dirty(), wake=False)
             give_back = self._board.give_back(worker)
@@ -675,10 +676,10 @@ class Service:
         self._metrics.finished(followers, ran=False)
         self._flush()  # the clients' outcomes, before the journal is waited for
         self._journal.wait(ticket)  # before a long-poll: the journal is free for the next submit
-        if retried or (finished and self._leasing):
+        if retried or released or (finished and self._leasing):
             with self._lock:
-                if retried:  # their failures are saved: the retries may go in line
-                    self._board.schedule(retried)
+                if retried or released:  # their failures are saved: the retries may go in line
+                    self._board.schedule([*retried, *released])
                 if finished:  # their dependents, now that their ends are saved
                     self._serve_leases()
             self._flush()

@@ -707,6 +707,26 @@ def test_an_adopted_run_of_a_waiting_job_follows_what_it_comes_after(clock):
             assert board.heartbeat("w1", claims(b)).cancelled == (b.id,)
 
 
+def test_a_retry_freed_by_what_it_comes_after_goes_in_line_only_once_saved(clock):
+    """w1's adopted run of b fails (a retry left) while a runs again; a's success then
+    frees b's retry: it goes in line once the service says what came before is saved,
+    as any retry (a crash that lost b's failure would let it run beside w1's report)."""
+    board = adopted_before_what_it_comes_after(clock, claim_a=False)
+    b = board.jobs[2]
+    b.retries = 1
+    (again,) = take(board, "w2", 5)
+    assert board.complete("w1", [Outcome(b.id, b.lease, False, error="boom")]) == ([], 0)
+    assert board.retried == [b] and b.state is State.QUEUED and b.not_before is not None
+    board.schedule(board.retried)  # saved; but b still waits for a: not in line yet
+    board.retried = []
+    board.complete("w2", [ok(again)])
+    assert board.released == [b] and board.waits_for(b.id) == set()
+    clock.now = b.not_before + 1  # its backoff is over, but a's success is not saved yet
+    assert board.release_due() == 0 and take(board, "w2", 5) == []
+    board.schedule(board.released)  # the service says it is saved
+    assert board.release_due() == 1 and take(board, "w2", 5) == [b]
+
+
 # -- priorities, arrays, placement -------------------------------------------------------
 
 

@@ -561,6 +561,7 @@ class BoardModel(RuleBasedStateMachine):
         before = {o.job_id: self._where(o.job_id) for o in outs}
         finished, rejected = self.board.complete(s.name, outs)
         retried, self.board.retried = {j.id: j for j in self.board.retried}, []
+        released, self.board.released = self.board.released, []
         self._heard(s)
         done = {j.id: j for j in finished}
         assert len(done) == len(finished), f"a job finished twice in one report: {finished}"
@@ -584,7 +585,7 @@ class BoardModel(RuleBasedStateMachine):
                 assert job.state is (State.SUCCEEDED if out.ok else State.FAILED)
                 self.applied[out.job_id] = self.applied_here[out.job_id] = (s.name, out.lease)
                 self.client_saw.setdefault(out.job_id, job.state)
-        self.unscheduled += retried.values()  # in line once saved (see Board.schedule)
+        self.unscheduled += [*retried.values(), *released]  # in line once saved (schedule)
         if save:
             self._save()
         if ack:  # only once the master has saved them does the slave forget them
