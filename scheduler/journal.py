@@ -41,6 +41,7 @@ RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0)  # backoff between attempts at a failing wr
 # disk), while every other writer, a submit among them, waited.
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_COMMITS = 1_000
+WAL_KEEP_BYTES = 16 << 20  # a WAL that grew past this (a burst) shrinks back when it restarts
 PRUNE_CHUNK = 1_000  # rows one pruning transaction deletes: the writer waits at most that long
 _FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
 _FIXED = (
@@ -201,6 +202,7 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_SECONDS
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self._check_schema()
         # lookups of jobs evicted from memory run beside the writer (WAL allows it)
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
@@ -213,6 +215,7 @@ class Journal:
         self._checkpoint = threading.Condition(lock)  # the checkpointer waits here
         self._uncopied = 0  # commits since the last checkpoint
         self.checkpoints = 0  # checkpoints run (tests and benchmarks read it)
+        self._checkpoint_db = sqlite3.connect(self.path, check_same_thread=False)
         self._pending: list[_Entry] = []
         self._in_flight: list[_Entry] = []
         self._queued_seq = 0
@@ -220,6 +223,7 @@ class Journal:
         self._error: str | None = None  # why the last write failed, until one succeeds
         self._failures = 0  # failed attempts in a row
         self._writing = False  # a transaction is under way (one writer at a time)
+        self._turn_wanted = False  # the checkpointer waits for the writers' turn: none starts
         self._closing = False
         self.on_commit: Callable[[float], None] | None = None  # seconds a transaction took
         self._prune_lock = threading.Lock()  # one pruning pass at a time
@@ -400,10 +404,11 @@ class Journal:
         Call it under the lock that orders the changes: rows are taken now. ``wake=False``
         when the caller waits for it next: it then writes it itself, with no hand-off,
         unless a write is under way (the writer thread would race it for no gain).
-        Nothing to write (the tick of an idle master): no entry, and the ticket of the
-        newest one, saved once everything queued so far is.
+        Nothing to write for the writer thread (the tick of an idle master): no entry, and
+        the ticket of the newest one, saved once everything queued so far is. (Not for a
+        caller that waits: it may abandon() its ticket, which must then be its own.)
         """
-        if not (jobs or funcs or meta or marks or roster):
+        if wake and not (jobs or funcs or meta or marks or roster):
             with self._cond:
                 return self._queued_seq
         new, fresh, plain, changed, done = [], [], [], [], []
@@ -452,7 +457,8 @@ class Journal:
             while self._done_seq < ticket:
                 if give_up and self._error is not None:
                     raise JournalError(f"the journal cannot write ({self._error})")
-                if self._pending and not self._writing and self._error is None:
+                if (self._pending and not self._writing and not self._turn_wanted
+                        and self._error is None):  # fmt: skip
                     self._write_locked()  # retries, if it fails, are the writer thread's
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
@@ -486,12 +492,13 @@ class Journal:
     def _run(self) -> None:  # the writer thread: what nobody waits for, and retries
         with self._cond:
             while True:
-                while (not self._pending or self._writing) and not self._closing:
+                while (not self._pending or self._writing or self._turn_wanted
+                       ) and not self._closing:  # fmt: skip
                     if (not self._kick.wait(1.0) and self._error is not None
                             and not self._pending and not self._writing):  # fmt: skip
                         # nothing to write, but a failure to clear: probe with an empty one
                         self._pending.append(_Entry(self._queued_seq))
-                while self._writing:
+                while self._writing or self._turn_wanted:
                     self._cond.wait()
                 if not self._pending:
                     return
@@ -554,11 +561,12 @@ class Journal:
 
     def _checkpoint_loop(self) -> None:
         """The checkpointer thread: copy what the WAL holds into the database file, off the
-        path of every commit (CHECKPOINT_SECONDS). PASSIVE: it waits for no reader or
-        writer, and none waits for it; what it cannot copy yet, the next one does. Idle
-        while nothing is committed."""
-        db = sqlite3.connect(self.path, check_same_thread=False)  # its own connection
-        failing = False
+        path of every commit (CHECKPOINT_SECONDS). First beside the writers (PASSIVE: it
+        waits for none, none waits for it; the bulk of the copying and the fsyncs), then
+        once more in the writers' turn, for what they added meanwhile: only a WAL copied to
+        its end starts over at the next write, so under steady writes it grew for good.
+        Idle while nothing is committed."""
+        db, failing = self._checkpoint_db, False
         try:
             with self._cond:
                 while True:
@@ -570,22 +578,42 @@ class Journal:
                     if self._closing:  # the last connection to close checkpoints
                         return
                     self._uncopied = 0
-                    self._cond.release()
-                    try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                        if failing:
-                            log.warning("journal %s: checkpoints work again", self.path)
-                        failing = False
-                    except sqlite3.Error as exc:  # disk full...: the WAL keeps it all
-                        if not failing:
-                            log.warning("journal %s: checkpoint failed, will try again: %s",
-                                        self.path, exc)  # fmt: skip
-                        failing = True
-                    finally:
-                        self._cond.acquire()
+                    failing = self._checkpoint_once(db, failing)
+                    if not failing:
+                        self._turn_wanted = True
+                        while self._writing and not self._closing:
+                            self._cond.wait()
+                        if self._closing:
+                            return  # (the turn is let go below)
+                        self._turn_wanted, self._writing = False, True
+                        try:
+                            failing = self._checkpoint_once(db, failing)
+                        finally:
+                            self._writing = False
+                            self._cond.notify_all()
+                            self._kick_if_unattended()
                     self.checkpoints += 1
-        finally:
+        finally:  # whatever ended it, no writer waits for a turn that never comes
+            with self._cond:
+                self._turn_wanted = False
+                self._cond.notify_all()
+                self._kick_if_unattended()
             db.close()
+
+    def _checkpoint_once(self, db: sqlite3.Connection, failing: bool) -> bool:
+        """One PASSIVE checkpoint, ``_cond`` let go meanwhile; whether it failed."""
+        self._cond.release()
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if failing:
+                log.warning("journal %s: checkpoints work again", self.path)
+            return False
+        except sqlite3.Error as exc:  # disk full...: the WAL keeps it all meanwhile
+            if not failing:
+                log.warning("journal %s: checkpoint failed, will try again: %s", self.path, exc)
+            return True
+        finally:
+            self._cond.acquire()
 
     def _kick_if_unattended(self) -> None:
         """After a write: wake the writer thread if what is left needs it (nobody waits
@@ -769,9 +797,10 @@ class Journal:
                     raise JournalError(f"journal {self.path} is closing")
                 if self._error is not None:
                     raise JournalError(f"the journal cannot write ({self._error})")
-                if not self._writing and not (self._pending and self._pending[0].seq <= ticket):
+                free = not (self._writing or self._turn_wanted)
+                if free and not (self._pending and self._pending[0].seq <= ticket):
                     break
-                if not self._writing:
+                if free:
                     self._write_locked()
                 else:
                     self._cond.wait(1.0)

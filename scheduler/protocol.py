@@ -193,5 +193,7 @@ class PlainConnection(connection.Connection):
 
 def plain(conn: connection.Connection) -> PlainConnection:
     """``conn`` (a stdlib connection: a socket or a pipe), sending with plain pickle."""
+    if type(conn) is not connection.Connection:  # a TLS one would write past its TLS
+        raise TypeError(f"plain() takes a multiprocessing Connection, not {type(conn)!r}")
     conn.__class__ = PlainConnection  # the same object: only ``send`` differs
     return conn  # type: ignore[return-value]

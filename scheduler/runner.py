@@ -76,11 +76,8 @@ class _TextTail:
 
 
 def _killpg(pid: int) -> None:
-    """Kill ``pid`` and its process group (whatever the job started); the process itself
-    too: a slot's child killed before its first step (os.setsid) has no group yet."""
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class Abort:
@@ -333,8 +330,9 @@ class PythonSlot:
         self._conn, self._sent = plain(parent), OrderedDict()
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.pid:
-            _killpg(self._proc.pid)
+        if self._proc is not None and self._proc.pid and self._proc.exitcode is None:
+            _killpg(self._proc.pid)  # what the job started, in the child's group
+            self._proc.kill()  # and the child, which has none before its first step (setsid)
 
     def close(self) -> None:
         self.kill()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -520,4 +521,42 @@ def test_the_checkpointer_copies_the_wal_a_while_after_commits_or_after_many(
             assert time.monotonic() < deadline, "no checkpoint after CHECKPOINT_COMMITS"
             time.sleep(0.01)
     finally:
+        journal.close()
+
+
+def test_the_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
+    """Only a WAL copied to its end starts over; copied beside writers that never pause,
+    it never was, and grew for as long as they wrote (1 GB in 10 s). The checkpointer
+    copies the rest in the writers' turn."""
+    import threading
+
+    from scheduler import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "CHECKPOINT_SECONDS", 0.02)
+    monkeypatch.setattr(journal_module, "CHECKPOINT_COMMITS", 500)
+    journal = Journal(tmp_path)
+    wal = journal.path.with_name(journal.path.name + "-wal")
+    stop, biggest = threading.Event(), [0]
+
+    def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                biggest[0] = max(biggest[0], wal.stat().st_size)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        writers = [threading.Thread(target=_commit_one_by_one,
+                                    args=(journal, _fat_jobs(1 + k * 3000, 3000)))
+                   for k in range(3)]  # fmt: skip
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        assert journal.checkpoints >= 2
+        assert biggest[0] < 6000 * 4096  # 9,000 commits of a page or more: it started over
+    finally:
+        stop.set()
+        watcher.join()
         journal.close()

@@ -63,6 +63,44 @@ def test_a_submit_the_journal_cannot_save_is_refused_and_leaves_nothing(journal)
     assert svc.submit([shell("true")]) == (2, 1)  # ids may skip; nothing came back
 
 
+def test_an_empty_submit_refused_by_a_failing_journal_drops_nothing_of_another_caller(
+    journal,
+):
+    """An empty submit (``map(f, [])``) that meets a failing journal abandons its own entry
+    only: given the ticket of a report in flight, it had dropped that report's outcome,
+    whose slave was then told it was saved."""
+    import threading
+
+    from scheduler.errors import JournalError
+
+    svc = make(journal)
+    svc.register("w", version=VERSION)
+    svc.submit([tuple(JobSpec("shell", (["true"], False)))])
+    (wire,), _ = svc.lease("w", 1)
+    lease = Lease._make(wire)
+    write, entered = journal._write, threading.Event()
+
+    def slow_write(entries):  # the report's write is under way when the submit comes
+        entered.set()
+        time.sleep(0.3)
+        return write(entries)
+
+    journal._write = slow_write  # type: ignore[method-assign]
+    journal._db.execute("PRAGMA query_only = ON")  # and it fails (the disk is full)
+    replies: list = []
+    reporter = threading.Thread(
+        target=lambda: replies.append(svc.report("w", [(lease.job_id, lease.lease, True)])))
+    reporter.start()
+    assert entered.wait(10)
+    with pytest.raises((SubmitError, JournalError)):
+        svc.submit([], {})
+    journal._write = write  # type: ignore[method-assign]
+    journal._db.execute("PRAGMA query_only = OFF")  # room again: the retry saves it
+    reporter.join(15)
+    assert replies and replies[0].accepted == 1
+    assert journal.fetch(lease.job_id).state is State.SUCCEEDED
+
+
 def test_a_client_refuses_a_master_of_another_protocol_in_one_line():
     from scheduler.client import _check_protocol
     from scheduler.errors import ConnectError
@@ -339,11 +377,13 @@ def test_calls_and_parked_answers_are_pickled_plainly_and_a_stdlib_peer_is_serve
     stdlib's connection (an older slave) is served all the same."""
     from multiprocessing import connection, reduction
 
-    from scheduler.protocol import PlainConnection
+    from scheduler.protocol import PlainConnection, plain
 
     svc, connect = served
     slave, client, raw = connect(), connect(), connect(raw=True)
     assert isinstance(raw, PlainConnection)
+    with pytest.raises(TypeError):  # only a stdlib Connection (never a TLS one) is changed
+        plain(raw)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a message went through ForkingPickler")
