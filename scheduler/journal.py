@@ -214,7 +214,7 @@ class Journal:
         self._kick = threading.Condition(lock)
         self._checkpoint = threading.Condition(lock)  # the checkpointer waits here
         self._uncopied = 0  # commits since the last checkpoint
-        self.checkpoints = 0  # checkpoints run (tests and benchmarks read it)
+        self.checkpoints = 0  # checkpoints run (tests read it)
         self._checkpoint_db = sqlite3.connect(self.path, check_same_thread=False)
         self._pending: list[_Entry] = []
         self._in_flight: list[_Entry] = []

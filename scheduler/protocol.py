@@ -172,7 +172,6 @@ class Registered(NamedTuple):
     reply: tuple  # a Reply, as a plain tuple
 
 
-
 # -- the connections they travel on ---------------------------------------------------
 
 

@@ -368,7 +368,8 @@ class _Server(managers.Server):
                 c = self.listener.accept()  # type: ignore[attr-defined]
                 _nodelay(c)
                 if self.tls is None:  # (over TLS each answer is sent by its own thread)
-                    _send_timeout(plain(c), SEND_SECONDS)
+                    c = plain(c)  # the same object, sending with plain pickle
+                    _send_timeout(c, SEND_SECONDS)
                 deadline = _Deadline(c, HANDSHAKE_SECONDS)
             except OSError:
                 continue
